@@ -1,0 +1,139 @@
+//! Admin API on 127.0.0.1:15000 (JSON views of the node for the CLI) and readiness on :15021.
+
+pub mod views;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{info, warn};
+
+pub use self::views::AdminState;
+
+type Body = Full<Bytes>;
+
+/// An HTTP/1.1 listener serving one of the two routers below.
+pub struct Server {
+    name: &'static str,
+    listener: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {name} server on {addr}: {source}")]
+pub struct BindError {
+    name: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// A bound socket not yet tied to a runtime, so binding can happen (and fail) before the
+/// admin runtime's thread starts.
+pub struct Bound {
+    name: &'static str,
+    listener: std::net::TcpListener,
+}
+
+impl Bound {
+    pub fn new(name: &'static str, addr: SocketAddr) -> Result<Self, BindError> {
+        let err = |source| BindError { name, addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        Ok(Self { name, listener })
+    }
+
+    /// Must be called within the runtime that will serve it.
+    pub fn into_server(self) -> std::io::Result<Server> {
+        Ok(Server { name: self.name, listener: TcpListener::from_std(self.listener)? })
+    }
+}
+
+impl Server {
+
+    pub fn address(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves the admin API until `shutdown` turns true.
+    pub async fn run_admin(self, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
+        self.run(shutdown, move |req| admin_route(&state, req)).await
+    }
+
+    /// Serves `/healthz/ready`: 200 while `ready` is true, else 503.
+    pub async fn run_readiness(self, ready: watch::Receiver<bool>, shutdown: watch::Receiver<bool>) {
+        self.run(shutdown, move |req| {
+            if req.uri().path() != "/healthz/ready" {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            }
+            if *ready.borrow() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        })
+        .await
+    }
+
+    async fn run<F>(self, mut shutdown: watch::Receiver<bool>, route: F)
+    where
+        F: Fn(Request<hyper::body::Incoming>) -> Response<Body> + Send + Sync + Clone + 'static,
+    {
+        if let Ok(addr) = self.address() {
+            info!(component = self.name, address = %addr, "listener established");
+        }
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = crate::shutdown::requested(&mut shutdown) => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(component = self.name, error = %e, "accept failed");
+                        continue;
+                    }
+                },
+            };
+            let route = route.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = route(req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    let view = match req.uri().path() {
+        "/status" => serde_json::to_value(state.status()),
+        "/workloads" => serde_json::to_value(state.workloads()),
+        "/connections" => serde_json::to_value(state.connections.view()),
+        "/bpf" => serde_json::to_value(state.bpf()),
+        "/config_dump" => serde_json::to_value(state.config_dump()),
+        "/" => Ok(serde_json::json!({
+            "endpoints": ["/status", "/workloads", "/connections", "/bpf", "/config_dump"]
+        })),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    match view.and_then(|v| serde_json::to_vec_pretty(&v)) {
+        Ok(body) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,26 @@
+//! Agent configuration: a plain struct, logged at start-up and served by `/config_dump`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Kubernetes node name this agent serves (pods' `spec.nodeName`).
+    pub node: String,
+    /// Directory or file of Kubernetes YAML (the local state source).
+    pub state_path: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    /// How long open connections may take to finish on shutdown.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    /// Data-plane worker threads.
+    pub worker_threads: usize,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}

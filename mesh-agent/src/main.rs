@@ -1,0 +1,146 @@
+//! The `mesh-agent` binary: runs the node agent, or inspects/cleans the one on this node.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use mesh_agent::{
+    app,
+    cli::{self, Output, View},
+    cleanup,
+    config::Config,
+};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Sidecarless service mesh node agent")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent for this node.
+    Run {
+        /// Kubernetes node name this agent serves.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Directory or file of Kubernetes YAML (Namespace, Pod, Service).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        #[arg(long, default_value = "0.0.0.0:15021")]
+        readiness_addr: SocketAddr,
+        /// Seconds open connections get to finish on SIGTERM.
+        #[arg(long, default_value_t = 5.0)]
+        drain_timeout: f64,
+        /// Data-plane worker threads.
+        #[arg(long, default_value_t = 2)]
+        worker_threads: usize,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Agent summary: readiness, state source, capture, connections.
+    Status(Inspect),
+    /// Workloads known to the agent, with enrollment and capture.
+    Workloads(Inspect),
+    /// Open and recently closed proxied connections.
+    Connections(Inspect),
+    /// eBPF programs, attachments, map contents and counters.
+    Bpf(Inspect),
+    /// Remove what a crashed agent left behind (policy route, pinned objects).
+    Cleanup {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(clap::Args)]
+struct Inspect {
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+    /// Admin API address of the agent.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Run { node, state, admin_addr, readiness_addr, drain_timeout, worker_threads, log_json } => {
+            init_logging(log_json);
+            let drain_timeout = Duration::try_from_secs_f64(drain_timeout).unwrap_or(Duration::from_secs(5));
+            app::run(Config { node, state_path: state, admin_addr, readiness_addr, drain_timeout, worker_threads })
+        }
+        Command::Status(i) => inspect(View::Status, i),
+        Command::Workloads(i) => inspect(View::Workloads, i),
+        Command::Connections(i) => inspect(View::Connections, i),
+        Command::Bpf(i) => inspect(View::Bpf, i),
+        Command::Cleanup { output } => run_cleanup(output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn inspect(view: View, args: Inspect) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let text = runtime.block_on(cli::show(args.admin_addr, view, args.output))?;
+    print!("{text}");
+    Ok(())
+}
+
+fn run_cleanup(output: Output) -> anyhow::Result<()> {
+    let report = cleanup::cleanup()?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => {
+            println!(
+                "policy route: {}",
+                if report.removed_capture_route { "removed" } else { "not present" }
+            );
+            println!("pinned objects removed: {}", report.removed_pins.len());
+            for pin in &report.removed_pins {
+                println!("  {pin}");
+            }
+            if report.still_attached.is_empty() {
+                println!("capture programs attached: none");
+            } else {
+                println!("capture programs still attached (a live agent holds them):");
+                for a in &report.still_attached {
+                    println!("  {a}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line, skipping causes the message already includes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}

@@ -1,0 +1,63 @@
+//! Sockets of the node proxy: transparent listeners that accept captured connections for any
+//! destination, and upstream connections that keep the original client address.
+//!
+//! Every socket carries `SO_MARK = PROXY_MARK`, which the capture programs never touch, so the
+//! proxy's own traffic is not captured again.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
+};
+
+use mesh_common::PROXY_MARK;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A listener on `0.0.0.0:port` that accepts connections addressed to any IP (`IP_TRANSPARENT`):
+/// `bpf_sk_assign` hands it SYNs whose destination is the original one.
+pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Connects to `destination` from `source`'s IP (a pod's address, not one of the node's), so
+/// the destination sees the real client. The port is chosen by the kernel at connect time.
+pub async fn connect_as(source: Ipv4Addr, destination: SocketAddrV4) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_ip_transparent_v4(true)?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    set_bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket.connect(SocketAddr::V4(destination)).await
+}
+
+/// Lets many connections share a source IP: the port is picked per 4-tuple at `connect`.
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd, option value is a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Closes with RST instead of FIN, to pass a reset on to the other side.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}

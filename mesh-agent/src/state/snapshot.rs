@@ -1,0 +1,401 @@
+//! One consistent view of the cluster for this node, built from Kubernetes objects, and the lookups on it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1 as k8s;
+use serde::Serialize;
+
+use super::document::{Object, Sourced};
+use super::error::StateErrors;
+use super::namespace::Namespace;
+use super::service::Service;
+use super::validate;
+use super::workload::Workload;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods that have an IP, sorted by (namespace, name).
+    pub workloads: Vec<Workload>,
+    /// Sorted by (namespace, name).
+    pub services: Vec<Service>,
+    /// The files the snapshot was read from.
+    pub files: Vec<PathBuf>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from objects of any source (files now, the Kubernetes API later).
+    /// Fails with every problem found; a snapshot is only ever whole.
+    pub fn build(
+        objects: Vec<Sourced<Object>>,
+        files: Vec<PathBuf>,
+    ) -> Result<Snapshot, StateErrors> {
+        let mut errors = Vec::new();
+        let (mut k8s_namespaces, mut pods, mut services) = (Vec::new(), Vec::new(), Vec::new());
+        for Sourced { origin, object } in objects {
+            match object {
+                Object::Namespace(object) => k8s_namespaces.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::Pod(object) => pods.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::Service(object) => services.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+            }
+        }
+
+        let namespaces: BTreeMap<String, Namespace> =
+            validate::named::<k8s::Namespace>(&k8s_namespaces, false, &mut errors)
+                .into_iter()
+                .map(|named| {
+                    let namespace = Namespace::from_k8s(named.object);
+                    (namespace.name.clone(), namespace)
+                })
+                .collect();
+
+        let pods = validate::named::<k8s::Pod>(&pods, true, &mut errors);
+        validate::namespaces_exist(&pods, &namespaces, &mut errors);
+        let no_labels = BTreeMap::new();
+        let mut workloads = Vec::new();
+        for pod in &pods {
+            let namespace_labels = pod
+                .namespace
+                .and_then(|namespace| namespaces.get(namespace))
+                .map_or(&no_labels, |namespace| &namespace.labels);
+            match Workload::from_pod(pod.object, namespace_labels) {
+                Ok(Some(workload)) => workloads.push((workload, pod)),
+                Ok(None) => tracing::debug!(pod = %pod.label, "skipping pod without status.podIP"),
+                Err(problems) => errors.extend(
+                    problems
+                        .into_iter()
+                        .map(|problem| pod.error(Some(problem.field()), problem)),
+                ),
+            }
+        }
+        validate::unique_ips(&workloads, &mut errors);
+
+        let services = validate::named::<k8s::Service>(&services, true, &mut errors);
+        validate::namespaces_exist(&services, &namespaces, &mut errors);
+        let services: Vec<Service> = services
+            .iter()
+            .filter_map(|service| {
+                Service::from_k8s(service.object)
+                    .map_err(|problems| {
+                        errors.extend(problems.into_iter().map(|problem| {
+                            let field = problem.field();
+                            service.error(Some(&field), problem)
+                        }))
+                    })
+                    .ok()
+            })
+            .collect();
+
+        if !errors.is_empty() {
+            return Err(StateErrors(errors));
+        }
+        Ok(Snapshot::new(
+            namespaces,
+            workloads
+                .into_iter()
+                .map(|(workload, _)| workload)
+                .collect(),
+            services,
+            files,
+        ))
+    }
+
+    /// Assembles a snapshot, sorting workloads and services so equal states compare equal.
+    pub fn new(
+        namespaces: BTreeMap<String, Namespace>,
+        mut workloads: Vec<Workload>,
+        mut services: Vec<Service>,
+        mut files: Vec<PathBuf>,
+    ) -> Snapshot {
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        files.sort();
+        Snapshot {
+            namespaces,
+            workloads,
+            services,
+            files,
+        }
+    }
+
+    /// The pod that has this IP; never a hostNetwork pod (the IP is the node's) nor a finished one.
+    /// A linear scan: callers on a hot path keep their own index per snapshot.
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
+        self.workloads
+            .iter()
+            .find(|workload| workload.ip == ip && workload.owns_ip())
+    }
+
+    /// Every workload scheduled on `node`, enrolled or not.
+    pub fn workloads_on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |workload| workload.node == node)
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads
+            .iter()
+            .find(|workload| workload.namespace == namespace && workload.name == name)
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|service| service.namespace == namespace && service.name == name)
+    }
+
+    /// The service whose cluster IP this is.
+    pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|service| service.cluster_ip == Some(ip))
+    }
+
+    /// The workloads a service sends traffic to (running pods its selector matches).
+    pub fn endpoints<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |workload| workload.owns_ip() && service.selects(workload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::document::{Format, parse};
+    use std::path::Path;
+
+    const NAMESPACES: &str = "---
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {mesh-agent.dev/mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+";
+
+    fn pod(namespace: &str, name: &str, node: &str, ip: &str, extra_spec: &str) -> String {
+        format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec: {{nodeName: {node}{extra_spec}}}
+status: {{podIP: \"{ip}\", phase: Running}}
+"
+        )
+    }
+
+    fn build(text: &str) -> Result<Snapshot, StateErrors> {
+        let parsed = parse(Path::new("s.yaml"), text, Format::Yaml);
+        StateErrors::check(parsed.errors)?;
+        Snapshot::build(parsed.objects, vec!["s.yaml".into()])
+    }
+
+    fn messages(result: Result<Snapshot, StateErrors>) -> Vec<String> {
+        result
+            .expect_err("must be rejected")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn builds_sorted_workloads_and_lookups() {
+        let text = format!(
+            "{NAMESPACES}{}{}{}{}",
+            pod("plain", "b", "node-a", "10.0.0.2", ""),
+            pod("demo", "z", "node-b", "10.0.0.3", ""),
+            pod("demo", "a", "node-a", "10.0.0.1", ""),
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending, namespace: demo}\nspec: {}\n",
+        );
+        let snapshot = build(&text).expect("must succeed");
+        let names: Vec<&str> = snapshot.workloads.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a", "z", "b"]);
+        assert_eq!(
+            snapshot
+                .workload_by_ip(Ipv4Addr::new(10, 0, 0, 3))
+                .expect("must succeed")
+                .name,
+            "z"
+        );
+        assert!(
+            snapshot
+                .workload_by_ip(Ipv4Addr::new(10, 0, 0, 9))
+                .is_none()
+        );
+        let on_a: Vec<&str> = snapshot
+            .workloads_on_node("node-a")
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(on_a, ["a", "b"]);
+        assert!(
+            snapshot
+                .workload("demo", "a")
+                .expect("must succeed")
+                .is_enrolled()
+        );
+        assert!(
+            !snapshot
+                .workload("plain", "b")
+                .expect("must succeed")
+                .is_enrolled()
+        );
+        assert!(snapshot.workload("demo", "pending").is_none());
+    }
+
+    #[test]
+    fn host_network_and_terminal_pods_may_share_ips() {
+        let text = format!(
+            "{NAMESPACES}{}{}{}",
+            pod(
+                "demo",
+                "host-1",
+                "node-a",
+                "192.168.1.10",
+                ", hostNetwork: true"
+            ),
+            pod(
+                "demo",
+                "host-2",
+                "node-a",
+                "192.168.1.10",
+                ", hostNetwork: true"
+            ),
+            pod("demo", "web", "node-a", "10.0.0.1", ""),
+        ) + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: done, namespace: demo}\nspec: {nodeName: node-a}\nstatus: {podIP: 10.0.0.1, phase: Succeeded}\n";
+        let snapshot = build(&text).expect("must succeed");
+        assert_eq!(snapshot.workloads.len(), 4);
+        assert!(
+            snapshot
+                .workload_by_ip(Ipv4Addr::new(192, 168, 1, 10))
+                .is_none()
+        );
+        assert_eq!(
+            snapshot
+                .workload_by_ip(Ipv4Addr::new(10, 0, 0, 1))
+                .expect("must succeed")
+                .name,
+            "web"
+        );
+        let host = snapshot.workload("demo", "host-1").expect("must succeed");
+        assert_eq!(host.enrollment.reason(), "pod uses hostNetwork");
+    }
+
+    #[test]
+    fn rejects_pod_in_unknown_namespace() {
+        let text = format!(
+            "{NAMESPACES}{}",
+            pod("ghost", "client", "n", "10.0.0.1", "")
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: Pod ghost/client: metadata.namespace: namespace \"ghost\" has no Namespace object"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_objects() {
+        let text = format!(
+            "{NAMESPACES}{NAMESPACES}{}{}",
+            pod("demo", "client", "n", "10.0.0.1", ""),
+            pod("demo", "client", "n", "10.0.0.2", ""),
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: Namespace demo: defined more than once: first in s.yaml (document 1)",
+                "s.yaml: Namespace plain: defined more than once: first in s.yaml (document 2)",
+                "s.yaml: Pod demo/client: defined more than once: first in s.yaml (document 5)",
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_two_running_pods_with_one_ip() {
+        let text = format!(
+            "{NAMESPACES}{}{}",
+            pod("demo", "a", "n", "10.0.0.1", ""),
+            pod("plain", "b", "n", "10.0.0.1", ""),
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: Pod plain/b: status.podIP: 10.0.0.1 is also the IP of Pod demo/a in s.yaml (document 3)"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_missing_name() {
+        let text = format!(
+            "{NAMESPACES}---\napiVersion: v1\nkind: Service\nmetadata: {{namespace: demo}}\n"
+        );
+        assert_eq!(
+            messages(build(&text)),
+            ["s.yaml: document 3: metadata.name: is required for a Service"]
+        );
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let text = format!(
+            "{NAMESPACES}{}{}{}",
+            pod("demo", "client", "n", "10.0.0.x", ""),
+            pod("demo", "v6", "n", "fd00::1", ""),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 0}]}\n",
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: Pod demo/client: status.podIP: \"10.0.0.x\" is not an IPv4 address",
+                "s.yaml: Pod demo/v6: status.podIP: fd00::1 is an IPv6 address; only IPv4 is supported for now",
+                "s.yaml: Service demo/web: spec.clusterIP: \"10.96.0.999\" is not an IPv4 address (nor \"None\")",
+                "s.yaml: Service demo/web: spec.ports[0].port: 0 is out of range 1-65535",
+            ]
+        );
+    }
+
+    #[test]
+    fn services_and_endpoints() {
+        let text = format!(
+            "{NAMESPACES}{}{}",
+            pod("demo", "web", "n", "10.0.0.1", ""),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n",
+        );
+        let snapshot = build(&text).expect("must succeed");
+        let service = snapshot
+            .service_by_ip(Ipv4Addr::new(10, 96, 0, 10))
+            .expect("must succeed");
+        assert_eq!(
+            service,
+            snapshot.service("demo", "web").expect("must succeed")
+        );
+        let endpoints: Vec<&str> = snapshot
+            .endpoints(service)
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(endpoints, ["web"]);
+    }
+}

@@ -1,0 +1,117 @@
+//! Types and constants shared by the mesh-agent (userspace) and its eBPF programs (kernel).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so both sides agree on the layout;
+//! flags are `u32` bit sets rather than `bool`s or enums.
+#![no_std]
+
+/// Node proxy listener for connections leaving an enrolled pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Node proxy listener for plain TCP arriving for an enrolled pod.
+pub const INBOUND_PORT: u16 = 15006;
+/// Reserved for the HBONE tunnel (HTTP/2 CONNECT over mutual TLS).
+pub const TUNNEL_PORT: u16 = 15008;
+/// Admin API (127.0.0.1 only).
+pub const ADMIN_PORT: u16 = 15000;
+/// Readiness probe (`/healthz/ready`).
+pub const READINESS_PORT: u16 = 15021;
+
+/// Packet mark set by the capture programs; a policy route sends marked packets to the local stack.
+pub const CAPTURE_MARK: u32 = 0x200;
+/// Bits of the mark the capture rule owns.
+pub const CAPTURE_MARK_MASK: u32 = 0xf00;
+/// `SO_MARK` of every socket the proxy opens, so its own traffic is never captured again.
+/// Same value as Istio's ztunnel uses for the same purpose.
+pub const PROXY_MARK: u32 = 0x539;
+/// Bits compared against [`PROXY_MARK`].
+pub const PROXY_MARK_MASK: u32 = 0xfff;
+/// Routing table holding `local 0.0.0.0/0 dev lo` for captured packets.
+pub const CAPTURE_ROUTE_TABLE: u32 = 2004;
+/// Priority of the `fwmark` rule that selects [`CAPTURE_ROUTE_TABLE`].
+pub const CAPTURE_RULE_PRIORITY: u32 = 2004;
+
+/// [`Workload::flags`]: the pod is enrolled in the mesh; capture its traffic.
+pub const WORKLOAD_ENROLLED: u32 = 1 << 0;
+
+/// Value of the `WORKLOADS` map, keyed by the pod's IPv4 address (network byte order `u32`).
+///
+/// Only pods on this node that are enrolled are present.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// `WORKLOAD_*` bits.
+    pub flags: u32,
+    /// Host-side veth of the pod.
+    pub ifindex: u32,
+}
+
+/// Value of the single-entry `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub capture_mark: u32,
+    pub proxy_mark: u32,
+    pub proxy_mark_mask: u32,
+}
+
+impl CaptureConfig {
+    pub const fn default_ports() -> Self {
+        Self {
+            outbound_port: OUTBOUND_PORT,
+            inbound_port: INBOUND_PORT,
+            capture_mark: CAPTURE_MARK,
+            proxy_mark: PROXY_MARK,
+            proxy_mark_mask: PROXY_MARK_MASK,
+        }
+    }
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Outbound SYN from an enrolled pod assigned to the outbound listener.
+    pub const OUTBOUND_CAPTURED: u32 = 0;
+    /// Inbound SYN for an enrolled pod assigned to the inbound listener.
+    pub const INBOUND_CAPTURED: u32 = 1;
+    /// Non-SYN packet of a proxied connection delivered to the proxy's socket.
+    pub const PROXIED_SEGMENTS: u32 = 2;
+    /// Packet for an enrolled pod turned back from the veth's egress to its ingress.
+    pub const INBOUND_REDIRECTED: u32 = 3;
+    /// Packet of an enrolled pod left alone (not TCP, or a connection older than the enrollment).
+    pub const PASSED: u32 = 4;
+    /// SYN that should have been captured but the listener was missing (agent not ready).
+    pub const NO_LISTENER: u32 = 5;
+    /// `bpf_sk_assign` failed.
+    pub const ASSIGN_FAILED: u32 = 6;
+    /// Packet from the proxy itself (its mark), never captured.
+    pub const PROXY_OWN: u32 = 7;
+    /// TCP connection of an enrolled pod established (sock_ops).
+    pub const SOCKOPS_ESTABLISHED: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+
+    /// Names, in index order, as shown by `mesh-agent bpf`.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "outbound_captured",
+        "inbound_captured",
+        "proxied_segments",
+        "inbound_redirected",
+        "passed",
+        "no_listener",
+        "assign_failed",
+        "proxy_own",
+        "sockops_established",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    const _: () = assert!(core::mem::size_of::<Workload>() == 8);
+    const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 16);
+    // SAFETY: plain old data, no padding holes (checked above), every bit pattern valid.
+    unsafe impl aya::Pod for Workload {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CaptureConfig {}
+}
