@@ -1,0 +1,95 @@
+//! Shared pieces of the end-to-end tests: a running two-node mesh and queries of the agents.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use mesh_tests::{Agent, Cluster, ClusterSpec};
+use serde_json::Value;
+
+pub const PORT: u16 = 8080;
+
+/// The demo cluster (`shop` enrolled, `legacy` not; `web-N`, `batch-N` on node N-1) with an
+/// agent on each node. `None` (after a loud skip message) when not root.
+pub async fn mesh() -> Result<Option<(Cluster, Vec<Agent>)>> {
+    if !mesh_tests::require_root() {
+        return Ok(None);
+    }
+    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    cluster.write_state()?;
+    let agents = vec![cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    Ok(Some((cluster, agents)))
+}
+
+/// Every connection record (open and recently closed) of a node's proxy.
+pub fn connections(cluster: &Cluster, node: usize) -> Result<Vec<Value>> {
+    let view = cluster.cli_json(node, &["connections", "-o", "json"])?;
+    let mut all = Vec::new();
+    for list in ["open", "recent"] {
+        all.extend(view[list].as_array().cloned().unwrap_or_default());
+    }
+    Ok(all)
+}
+
+/// Closed connection records of `direction` to `destination` on a node.
+pub fn records_to(cluster: &Cluster, node: usize, direction: &str, destination: SocketAddr) -> Result<Vec<Value>> {
+    Ok(connections(cluster, node)?
+        .into_iter()
+        .filter(|c| c["direction"] == direction && c["original_destination"] == destination.to_string())
+        .filter(|c| !c["duration_ms"].is_null())
+        .collect())
+}
+
+/// Waits until the node has recorded `count` finished `direction` connections to `destination`.
+pub async fn wait_records(
+    cluster: &Cluster,
+    node: usize,
+    direction: &str,
+    destination: SocketAddr,
+    count: usize,
+) -> Result<Vec<Value>> {
+    let mut last = Vec::new();
+    for _ in 0..50 {
+        last = records_to(cluster, node, direction, destination)?;
+        if last.len() >= count {
+            return Ok(last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "node {node}: expected {count} {direction} connection(s) to {destination}, found {}: {last:#?}",
+        last.len()
+    )
+}
+
+/// A kernel counter of a node's capture programs.
+pub fn counter(cluster: &Cluster, node: usize, name: &str) -> Result<u64> {
+    let bpf = cluster.cli_json(node, &["bpf", "-o", "json"])?;
+    bpf["counters"][name].as_u64().with_context(|| format!("counter {name} missing in {bpf}"))
+}
+
+/// The capture device the agent reports for a pod, `None` when it is not captured.
+pub fn capture_device(cluster: &Cluster, node: usize, namespace: &str, name: &str) -> Result<Option<String>> {
+    let workloads = cluster.cli_json(node, &["workloads", "-o", "json"])?;
+    let w = workloads
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["namespace"] == namespace && w["name"] == name)
+        .with_context(|| format!("{namespace}/{name} not in workloads: {workloads}"))?;
+    Ok(w["capture_device"].as_str().map(str::to_string))
+}
+
+/// Polls `f` every 100 ms for up to `timeout` until it returns true.
+pub async fn eventually<F: FnMut() -> Result<bool>>(timeout: Duration, what: &str, mut f: F) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,81 @@
+//! End to end, as root: a bad state document is rejected with a clear message and the agent
+//! keeps serving the last good state.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use common::{PORT, eventually, mesh, wait_records};
+use mesh_tests::AgentOptions;
+
+const BROKEN: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: intruder
+  namespace: shop
+spec:
+  nodeName: nowhere
+status:
+  podIP: 10.0.0.300
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()> {
+    let Some((cluster, mut agents)) = mesh().await? else { return Ok(()) };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+
+    cluster.write_state_file("zz-broken.yaml", BROKEN)?;
+    let logged = agents[0].wait_for_log("zz-broken.yaml", Duration::from_secs(3)).await?;
+    ensure!(logged.contains("intruder") && logged.contains("podIP"), "log line lacks object or field: {logged}");
+    let status = cluster.cli_json(0, &["status", "-o", "json"])?;
+    let error = status["state"]["status"]["last_error"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        error.contains("zz-broken.yaml") && error.contains("Pod shop/intruder") && error.contains("status.podIP"),
+        "status does not name file, object and field: {status}"
+    );
+    let text = cluster.cli(0, &["status"])?;
+    ensure!(text.contains("zz-broken.yaml"), "status table hides the error:\n{text}");
+
+    // Still enrolled and captured from the last good state.
+    web1.send_and_verify(web2.addr(PORT), 64 * 1024).await?;
+    wait_records(&cluster, 0, "outbound", web2.addr(PORT), 1).await?;
+
+    // A contradiction: a second pod claiming web-2's address.
+    cluster.remove_state_file("zz-broken.yaml")?;
+    let twin = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: twin, namespace: shop}}\nspec: {{nodeName: {}}}\nstatus: {{podIP: {}, phase: Running}}\n",
+        cluster.node(1).name,
+        web2.ip
+    );
+    cluster.write_state_file("zz-twin.yaml", &twin)?;
+    eventually(Duration::from_secs(3), "duplicate IP reported", || {
+        let status = cluster.cli_json(1, &["status", "-o", "json"])?;
+        let error = status["state"]["status"]["last_error"].as_str().unwrap_or_default().to_string();
+        Ok(error.contains("zz-twin.yaml") && error.contains(&web2.ip.to_string()))
+    })
+    .await?;
+    web1.send_and_verify(web2.addr(PORT), 1024).await?;
+    wait_records(&cluster, 1, "inbound", web2.addr(PORT), 2).await?;
+
+    // Fixed: the error clears.
+    cluster.remove_state_file("zz-twin.yaml")?;
+    eventually(Duration::from_secs(3), "error cleared", || {
+        let status = cluster.cli_json(1, &["status", "-o", "json"])?;
+        Ok(status["state"]["status"]["last_error"].is_null())
+    })
+    .await?;
+
+    // An agent started on a broken state refuses to start and says why.
+    cluster.write_state_file("zz-broken.yaml", BROKEN)?;
+    let mut fresh = cluster
+        .start_agent_with(0, AgentOptions::default().no_wait().arg("--admin-addr").arg("127.0.0.1:15100").arg("--readiness-addr").arg("127.0.0.1:15121"))
+        .await?;
+    let exit = fresh.wait_exit(Duration::from_secs(10)).await?;
+    ensure!(!exit.success(), "agent started on a broken state");
+    let log = fresh.log();
+    ensure!(log.contains("zz-broken.yaml") && log.contains("status.podIP"), "start-up error is unclear: {log}");
+    Ok(())
+}
