@@ -38,6 +38,8 @@ async fn enrolled_to_enrolled_across_nodes_goes_through_both_proxies() -> Result
     ensure!(counter(&cluster, 0, "outbound_captured")? >= SIZES.len() as u64);
     ensure!(counter(&cluster, 1, "inbound_captured")? >= SIZES.len() as u64);
     ensure!(counter(&cluster, 0, "sockops_established")? >= SIZES.len() as u64);
+    // The node 1 proxy's own connections to web-2 pass the capture untouched (SO_MARK).
+    ensure!(counter(&cluster, 1, "proxy_own")? > 0);
 
     // The application sees the real client address.
     let _peer = web2.peer_server(PORT + 1).await?;
