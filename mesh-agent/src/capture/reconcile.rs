@@ -27,10 +27,10 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
         .collect();
     for (ip, ifname, ifindex) in current {
         let moved = routing::ifindex(&ifname) != Some(ifindex);
-        if !desired.contains(&ip) || moved {
-            if let Err(e) = capture.release(ip) {
-                warn!(pod_ip = %ip, error = %e, "releasing pod from capture failed");
-            }
+        if (!desired.contains(&ip) || moved)
+            && let Err(e) = capture.release(ip)
+        {
+            warn!(pod_ip = %ip, error = %e, "releasing pod from capture failed");
         }
     }
     pending.retain(|ip, _| desired.contains(ip));
