@@ -19,7 +19,7 @@ pub struct Config {
     pub worker_threads: usize,
 }
 
-mod secs {
+pub mod secs {
     pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }

@@ -50,16 +50,27 @@ pub struct Workload {
 pub struct CaptureConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// Listener for HBONE: inbound connections to a pod's port 15008 go here.
+    pub tunnel_port: u16,
+    pub _pad: u16,
     pub capture_mark: u32,
     pub proxy_mark: u32,
     pub proxy_mark_mask: u32,
 }
 
 impl CaptureConfig {
+    /// The listener for a connection arriving for a pod's `port` (host byte order): HBONE
+    /// (pod port 15008) goes to the tunnel listener, everything else to plain inbound.
+    pub const fn inbound_listener(&self, port: u16) -> u16 {
+        if port == TUNNEL_PORT { self.tunnel_port } else { self.inbound_port }
+    }
+
     pub const fn default_ports() -> Self {
         Self {
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
+            tunnel_port: TUNNEL_PORT,
+            _pad: 0,
             capture_mark: CAPTURE_MARK,
             proxy_mark: PROXY_MARK,
             proxy_mark_mask: PROXY_MARK_MASK,
@@ -109,7 +120,7 @@ mod user {
     use super::*;
 
     const _: () = assert!(core::mem::size_of::<Workload>() == 8);
-    const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 16);
+    const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 20);
     // SAFETY: plain old data, no padding holes (checked above), every bit pattern valid.
     unsafe impl aya::Pod for Workload {}
     // SAFETY: as above.

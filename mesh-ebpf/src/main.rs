@@ -106,7 +106,7 @@ fn try_capture_ingress(ctx: &TcContext) -> Result<i32, i64> {
     }
     let port = match direction {
         Direction::Outbound => cfg.outbound_port,
-        Direction::Inbound => cfg.inbound_port,
+        Direction::Inbound => cfg.inbound_listener(u16::from_be(tcp.dport)),
     };
     set_dport(&mut tuple, port);
     // SAFETY: the tuple is a valid, initialised ipv4 tuple on the stack.
@@ -154,7 +154,7 @@ fn try_capture_egress(ctx: &TcContext) -> Result<i32, i64> {
     let capture = match lookup(ctx, &mut tuple) {
         Some(SocketState::Connected) => true,
         Some(SocketState::Listening) | None if tcp.is_syn() => {
-            set_dport(&mut tuple, cfg.inbound_port);
+            set_dport(&mut tuple, cfg.inbound_listener(u16::from_be(tcp.dport)));
             matches!(lookup(ctx, &mut tuple), Some(SocketState::Listening))
         }
         _ => false,

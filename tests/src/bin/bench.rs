@@ -1,0 +1,250 @@
+//! `cargo xtask bench`: what the mesh costs. On the demo's cluster, measures cross-node
+//! single-stream throughput, 1 KiB request/response latency and new connections per second,
+//! first between two pods of the unenrolled `legacy` namespace with no agent running (the
+//! baseline), then between two pods of the enrolled `shop` namespace with an agent per node.
+
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use mesh_tests::{Cluster, ClusterSpec, Pod, Server, is_root};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const COUNTER_PORT: u16 = 9000;
+const ECHO_PORT: u16 = 9001;
+const THROUGHPUT_FOR: Duration = Duration::from_secs(5);
+const ROUND_TRIPS: usize = 5000;
+const WARMUP_ROUND_TRIPS: usize = 200;
+const MESSAGE: usize = 1024;
+const CONNECTIONS_FOR: Duration = Duration::from_secs(3);
+
+#[derive(Default, Clone, Copy)]
+struct Results {
+    gbit_per_s: Option<f64>,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    conns_per_s: Option<f64>,
+}
+
+// One thread runs both clients and servers: no cross-thread wake-ups in the latency numbers,
+// and the second core stays free for the agents and the kernel's softirq work.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    if !is_root() {
+        eprintln!("bench: needs root (network namespaces, eBPF); run it as root or with sudo");
+        return ExitCode::FAILURE;
+    }
+    match run().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<bool> {
+    let started = Instant::now();
+    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    // Many short connections: widen the port range and reuse TIME_WAIT ports everywhere,
+    // so the connection-rate phase measures setup cost rather than port exhaustion.
+    let namespaces = cluster
+        .pods()
+        .iter()
+        .map(|p| p.netns())
+        .chain(cluster.nodes().iter().map(|n| n.netns()));
+    for netns in namespaces {
+        netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    let mut servers: Vec<Server> = Vec::new();
+    for pod in cluster.pods() {
+        servers.push(pod.counter_server(COUNTER_PORT).await?);
+        servers.push(pod.echo_server(ECHO_PORT).await?);
+    }
+
+    let (batch1, batch2) = (
+        cluster.pod("legacy", "batch-1"),
+        cluster.pod("legacy", "batch-2"),
+    );
+    println!(
+        "no mesh: {} -> {} (cross-node, no agent running)",
+        batch1.id(),
+        batch2.id()
+    );
+    let plain = measure(batch1, batch2).await;
+
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let mut agents = Vec::new();
+    for node in cluster.nodes() {
+        agents.push(
+            cluster
+                .start_agent(node.index)
+                .await
+                .with_context(|| format!("starting the agent on {}", node.name))?,
+        );
+    }
+    println!(
+        "mesh:    {} -> {} (cross-node, agents on both nodes)",
+        web1.id(),
+        web2.id()
+    );
+    let mesh = measure(web1, web2).await;
+
+    let rss: Vec<String> = agents
+        .iter()
+        .map(|a| {
+            let mib = |kib: Option<u64>| {
+                kib.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+            };
+            format!(
+                "{} {} (peak {})",
+                a.node_name(),
+                mib(a.rss_kib()),
+                mib(a.peak_rss_kib())
+            )
+        })
+        .collect();
+    for agent in &mut agents {
+        if let Err(e) = agent.terminate().await {
+            eprintln!("bench: {e:#}");
+        }
+    }
+
+    println!();
+    println!(
+        "{:<28} {:>12} {:>12} {:>11}",
+        "", "no mesh", "mesh", "mesh/plain"
+    );
+    row("throughput, Gbit/s", plain.gbit_per_s, mesh.gbit_per_s, 2);
+    row("latency p50, µs (1 KiB)", plain.p50_us, mesh.p50_us, 1);
+    row("latency p99, µs (1 KiB)", plain.p99_us, mesh.p99_us, 1);
+    row("new connections/s", plain.conns_per_s, mesh.conns_per_s, 0);
+    println!("agent RSS: {}", rss.join(", "));
+    println!("bench took {:.0} s", started.elapsed().as_secs_f64());
+
+    let complete = [plain, mesh]
+        .iter()
+        .all(|r| r.gbit_per_s.is_some() && r.p50_us.is_some() && r.conns_per_s.is_some());
+    Ok(complete)
+}
+
+fn row(name: &str, plain: Option<f64>, mesh: Option<f64>, decimals: usize) {
+    let show = |v: Option<f64>| v.map_or("failed".to_owned(), |v| format!("{v:.decimals$}"));
+    let ratio = match (plain, mesh) {
+        (Some(p), Some(m)) if p > 0.0 => format!("{:.2}", m / p),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "{name:<28} {:>12} {:>12} {ratio:>11}",
+        show(plain),
+        show(mesh)
+    );
+}
+
+/// Runs the three measurements from `client` to `server`; a failed one is reported and skipped.
+async fn measure(client: &Pod, server: &Pod) -> Results {
+    let mut results = Results::default();
+    match throughput(client, server).await {
+        Ok(gbit) => {
+            println!("  throughput: {gbit:.2} Gbit/s");
+            results.gbit_per_s = Some(gbit);
+        }
+        Err(e) => println!("  throughput: FAILED: {e:#}"),
+    }
+    match latency(client, server).await {
+        Ok((p50, p99)) => {
+            println!("  latency:    p50 {p50:.1} µs, p99 {p99:.1} µs");
+            (results.p50_us, results.p99_us) = (Some(p50), Some(p99));
+        }
+        Err(e) => println!("  latency:    FAILED: {e:#}"),
+    }
+    match connection_rate(client, server).await {
+        Ok(rate) => {
+            println!("  connections: {rate:.0}/s");
+            results.conns_per_s = Some(rate);
+        }
+        Err(e) => println!("  connections: FAILED: {e:#}"),
+    }
+    results
+}
+
+/// One stream for [`THROUGHPUT_FOR`] into a counting sink; the sink's count must match.
+async fn throughput(client: &Pod, server: &Pod) -> Result<f64> {
+    let mut stream = client.connect(server.addr(COUNTER_PORT)).await?;
+    let chunk = mesh_tests::traffic::pattern(1, 256 * 1024);
+    let run = async {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < THROUGHPUT_FOR {
+            stream.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+        }
+        stream.shutdown().await?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await?;
+        anyhow::Ok((sent, reply, start.elapsed()))
+    };
+    let (sent, reply, elapsed) =
+        tokio::time::timeout(THROUGHPUT_FOR + Duration::from_secs(20), run)
+            .await
+            .context("throughput run timed out")??;
+    ensure!(
+        reply.trim() == sent.to_string(),
+        "sent {sent} bytes, the sink counted {:?}",
+        reply.trim()
+    );
+    Ok(sent as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
+}
+
+/// [`ROUND_TRIPS`] 1 KiB echoes over one connection; returns (p50, p99) in µs.
+async fn latency(client: &Pod, server: &Pod) -> Result<(f64, f64)> {
+    let mut stream = client.connect(server.addr(ECHO_PORT)).await?;
+    stream.set_nodelay(true)?;
+    let request = mesh_tests::traffic::pattern(2, MESSAGE);
+    let mut reply = vec![0u8; MESSAGE];
+    let run = async {
+        let mut samples = Vec::with_capacity(ROUND_TRIPS);
+        for i in 0..WARMUP_ROUND_TRIPS + ROUND_TRIPS {
+            let start = Instant::now();
+            stream.write_all(&request).await?;
+            stream.read_exact(&mut reply).await?;
+            if i >= WARMUP_ROUND_TRIPS {
+                samples.push(start.elapsed());
+            }
+            ensure!(reply == request, "echo {i} came back different");
+        }
+        anyhow::Ok(samples)
+    };
+    let mut samples = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .context("latency run timed out")??;
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Ok((at(0.50), at(0.99)))
+}
+
+/// Sequential connect + 1-byte echo + close for [`CONNECTIONS_FOR`]; returns connections/s.
+async fn connection_rate(client: &Pod, server: &Pod) -> Result<f64> {
+    let to = server.addr(ECHO_PORT);
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < CONNECTIONS_FOR {
+        let mut stream = client.connect(to).await?;
+        let exchange = async {
+            stream.write_all(b"x").await?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            anyhow::Ok(byte)
+        };
+        let byte = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .with_context(|| format!("connection {done}: no echo within 5 s"))??;
+        ensure!(&byte == b"x", "connection {done}: wrong echo");
+        done += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}

@@ -1,0 +1,89 @@
+//! Test harness for mesh-agent: a two-node cluster simulated in network namespaces and wired the
+//! way a routed CNI (Calico) wires pods, real `mesh-agent` processes on its nodes, and async
+//! traffic helpers whose every wait is bounded, so a broken data path fails in seconds.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use mesh_tests::{Cluster, ClusterSpec, PodSpec, require_root};
+//! if !require_root() {
+//!     return Ok(());
+//! }
+//! let cluster = Cluster::new(
+//!     ClusterSpec::new()
+//!         .namespace("shop", &[("mesh-agent.dev/mode", "ambient")])
+//!         .pod(PodSpec::new("shop", "web-1", 0))
+//!         .pod(PodSpec::new("shop", "web-2", 1)),
+//! )?;
+//! let _agents = (cluster.start_agent(0).await?, cluster.start_agent(1).await?);
+//! let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+//! let _server = web2.echo_server(8080).await?;
+//! web1.send_and_verify(web2.addr(8080), 64 * 1024).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Node indices are 0-based: node 0 is the namespace `mt<id>-n1` with link address
+//! `192.168.X.1`, pod CIDR `10.X.1.0/24`.
+
+#[macro_use]
+mod macros {
+    /// `eprintln!` that cannot panic: cleanup code runs in `Drop`, often while unwinding, where
+    /// a second panic (say, stderr is a closed pipe) would abort and skip the rest of the cleanup.
+    macro_rules! warn {
+        ($($arg:tt)*) => {{
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+        }};
+    }
+}
+
+pub mod agent;
+mod command;
+pub mod netns;
+pub mod state_yaml;
+pub mod topology;
+pub mod traffic;
+
+pub use agent::{Agent, AgentOptions, agent_binary};
+pub use netns::Netns;
+pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec};
+pub use traffic::{FlowReport, HttpResponse, PeerReport, Server};
+
+/// The label that enrolls a namespace (or a pod) into the mesh.
+pub const MODE_LABEL: &str = "mesh-agent.dev/mode";
+/// The value of [`MODE_LABEL`] that enrolls.
+pub const MODE_AMBIENT: &str = "ambient";
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `true` when the caller may go on; otherwise prints a loud `SKIPPED` line and returns `false`:
+///
+/// ```no_run
+/// if !mesh_tests::require_root() {
+///     return;
+/// }
+/// ```
+pub fn require_root() -> bool {
+    if is_root() {
+        true
+    } else {
+        skip("needs root (network namespaces, veth pairs, eBPF)");
+        false
+    }
+}
+
+/// Prints the `SKIPPED: <reason>` line that marks a test which returned early. It goes straight
+/// to the process's stderr, past libtest's output capture, so it shows even when the test passes.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current()
+        .name()
+        .map(|n| format!(" [{n}]"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "==== SKIPPED: {reason}{test} ===="
+    );
+}

@@ -1,0 +1,155 @@
+//! `cargo xtask`: installs what the project needs, then builds, tests, demonstrates and benchmarks it.
+//!
+//! It builds with the machine's default stable toolchain and uses only std, because it is the
+//! command that installs the pinned toolchains (see ../shared/TOOLCHAIN.md: with
+//! `RUSTUP_AUTO_INSTALL=0`, nothing pinned may be needed before it runs).
+#![forbid(unsafe_code)]
+
+mod process;
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use process::{Failure, run};
+
+/// The toolchain that builds and tests the userspace crates (aya 0.16 needs rustc 1.98).
+pub const USER_TOOLCHAIN: &str = "1.98.0";
+/// The toolchain mesh-agent's build.rs uses for the eBPF crate; its LLVM must match bpf-linker's.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-02";
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  setup              install missing apt packages, bpf-linker and the pinned toolchains (root)
+  build              setup, then build every binary in release mode
+  test [ARGS]        setup, build, then run every test; ARGS go to `cargo test`
+                     (e.g. `cargo xtask test -p mesh-tests --test topology -- --nocapture`)
+  demo               setup, build, then run the two-node demo
+  bench              setup, build, then run the mesh vs. no-mesh benchmark
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "setup" => no_args(command, rest).and_then(|()| setup::run()),
+        "build" => no_args(command, rest).and_then(|()| build()),
+        "test" => test(rest),
+        "demo" => no_args(command, rest).and_then(|()| run_binary("demo")),
+        "bench" => no_args(command, rest).and_then(|()| run_binary("bench")),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(Failure::usage(format!(
+            "unknown command `{other}`\n\n{USAGE}"
+        ))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("xtask: {failure}");
+            failure.exit_code()
+        }
+    }
+}
+
+fn no_args(command: &str, rest: &[String]) -> Result<(), Failure> {
+    match rest.first() {
+        None => Ok(()),
+        Some(arg) => Err(Failure::usage(format!(
+            "`{command}` takes no arguments (got `{arg}`)"
+        ))),
+    }
+}
+
+/// `cargo +1.98.0 build --release` of every host binary.
+fn build() -> Result<(), Failure> {
+    setup::run()?;
+    println!("xtask: building release binaries with {USER_TOOLCHAIN}");
+    let mut args = vec![
+        format!("+{USER_TOOLCHAIN}"),
+        "build".into(),
+        "--release".into(),
+    ];
+    args.extend(workspace_selection());
+    args.push("--bins".into());
+    run(process::cargo(&args).current_dir(repo_root()))
+}
+
+/// Runs every test of the workspace against the freshly built agent binary.
+fn test(extra: &[String]) -> Result<(), Failure> {
+    build()?;
+    // --no-fail-fast: one CI run reports every failing test binary, not only the first.
+    let mut args = vec![
+        format!("+{USER_TOOLCHAIN}"),
+        "test".into(),
+        "--release".into(),
+        "--no-fail-fast".into(),
+    ];
+    // `--workspace` and `-p` cannot be combined: a package selection in ARGS replaces ours.
+    let cargo_part = extra.split(|a| a == "--").next().unwrap_or_default();
+    let selects_packages = cargo_part
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p"));
+    if !selects_packages {
+        args.extend(workspace_selection());
+    }
+    args.extend(extra.iter().cloned());
+    println!("xtask: cargo {}", args.join(" "));
+    run(process::cargo(&args)
+        .current_dir(repo_root())
+        .env("MESH_AGENT_BIN", agent_binary()))
+}
+
+/// Runs one of the harness binaries (`demo`, `bench`) built by [`build`].
+fn run_binary(name: &str) -> Result<(), Failure> {
+    build()?;
+    let binary = target_dir().join("release").join(name);
+    println!("xtask: running {}", binary.display());
+    run(process::command(&binary)
+        .current_dir(repo_root())
+        .env("MESH_AGENT_BIN", agent_binary()))
+}
+
+/// Every member that builds for the host: `mesh-ebpf` only builds for the bpf target,
+/// through mesh-agent's build.rs, and `--workspace` alone would build it for the host too.
+fn workspace_selection() -> Vec<String> {
+    ["--workspace", "--exclude", "mesh-ebpf"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn repo_root() -> PathBuf {
+    // xtask/ sits at the root of the workspace.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                repo_root().join(dir)
+            }
+        }
+        None => repo_root().join("target"),
+    }
+}
+
+fn agent_binary() -> PathBuf {
+    target_dir().join("release").join("mesh-agent")
+}
