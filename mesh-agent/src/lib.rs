@@ -9,6 +9,7 @@ pub mod capture;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;
