@@ -1,5 +1,6 @@
-//! The inspection commands (`status`, `workloads`, `connections`, `bpf`): fetch a view from the
-//! admin API and print it as a table, or as the same JSON with `-o json`.
+//! The inspection commands (`status`, `workloads`, `connections`, `certs`, `policies`,
+//! `explain`, `bpf`): fetch a view from the admin API and print it as a table, or as the same
+//! JSON with `-o json`.
 
 pub mod client;
 pub mod table;
@@ -16,33 +17,52 @@ pub enum Output {
     Json,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum View {
     Status,
     Workloads,
     Connections,
+    Certs,
+    Policies,
+    Explain { from: String, to: String },
     Bpf,
 }
 
 impl View {
-    fn path(self) -> &'static str {
+    fn path(&self) -> String {
         match self {
-            View::Status => "/status",
-            View::Workloads => "/workloads",
-            View::Connections => "/connections",
-            View::Bpf => "/bpf",
+            View::Status => "/status".into(),
+            View::Workloads => "/workloads".into(),
+            View::Connections => "/connections".into(),
+            View::Certs => "/certs".into(),
+            View::Policies => "/policies".into(),
+            View::Explain { from, to } => format!("/explain?from={}&to={}", encode(from), encode(to)),
+            View::Bpf => "/bpf".into(),
         }
     }
 }
 
+/// Percent-encodes everything but unreserved characters (pod names, addresses).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 pub async fn show(admin: SocketAddr, view: View, output: Output) -> anyhow::Result<String> {
-    let value = client::get(admin, view.path()).await?;
+    let value = client::get(admin, &view.path()).await?;
     Ok(match output {
         Output::Json => format!("{}\n", serde_json::to_string_pretty(&value)?),
         Output::Table => match view {
             View::Status => status(&value),
             View::Workloads => workloads(&value),
             View::Connections => connections(&value),
+            View::Certs => certs(&value),
+            View::Policies => policies(&value),
+            View::Explain { .. } => explain(&value),
             View::Bpf => bpf(&value),
         },
     })
@@ -71,6 +91,15 @@ fn status(v: &Value) -> String {
     line("State error:", s(&state["status"]["last_error"]));
     line("Namespaces:", s(&state["namespaces"]));
     line("Workloads:", s(&state["workloads"]));
+    line("Services:", s(&state["services"]));
+    line(
+        "Policies:",
+        format!(
+            "{} AuthorizationPolicy, {} PeerAuthentication",
+            s(&state["authorization_policies"]),
+            s(&state["peer_authentications"])
+        ),
+    );
     line("Capture active:", s(&capture["active"]));
     line(
         "Enrolled on node:",
@@ -81,15 +110,19 @@ fn status(v: &Value) -> String {
             line("Pending:", format!("{ip}: {}", s(reason)));
         }
     }
+    line("Trust domain:", s(&v["trust_domain"]));
+    line("Certificates:", s(&v["certificates"]));
     line("Open connections:", s(&v["connections"]["open"]));
+    line("Tunnels:", s(&v["connections"]["tunnels"]));
     line(
         "Connections total:",
         format!(
-            "{} outbound, {} inbound, {} closed, {} failed",
+            "{} outbound, {} inbound, {} closed, {} failed, {} denied",
             s(&totals["outbound_opened"]),
             s(&totals["inbound_opened"]),
             s(&totals["closed"]),
-            s(&totals["failed"])
+            s(&totals["failed"]),
+            s(&totals["denied"])
         ),
     );
     out
@@ -114,18 +147,25 @@ fn workloads(v: &Value) -> String {
 
 fn connection_rows(t: &mut Table, list: &Value, state: &str) {
     for c in list.as_array().into_iter().flatten() {
-        let state = match (&c["error"], state) {
-            (Value::String(e), _) => format!("failed: {e}"),
-            (_, state) => state.to_string(),
+        let state = match (&c["error"], c["verdict"].as_str(), state) {
+            (Value::String(e), _, _) => format!("failed: {e}"),
+            (_, Some(verdict), _) if verdict != "allow" => verdict.to_string(),
+            (_, _, state) => state.to_string(),
+        };
+        let destination = match c["original_destination"] == c["destination"] {
+            true => s(&c["destination"]),
+            false => format!("{} -> {}", s(&c["original_destination"]), s(&c["destination"])),
         };
         t.row(vec![
             s(&c["id"]),
             s(&c["direction"]),
             s(&c["source"]),
             s(&c["source_workload"]),
-            s(&c["original_destination"]),
+            s(&c["source_identity"]),
+            destination,
             s(&c["destination_workload"]),
             s(&c["route"]),
+            s(&c["security"]),
             s(&c["bytes_sent"]),
             s(&c["bytes_received"]),
             state,
@@ -135,22 +175,112 @@ fn connection_rows(t: &mut Table, list: &Value, state: &str) {
 
 fn connections(v: &Value) -> String {
     let mut t = Table::new(&[
-        "ID", "DIRECTION", "SOURCE", "SOURCE-WORKLOAD", "DESTINATION", "DESTINATION-WORKLOAD", "ROUTE", "SENT",
-        "RECEIVED", "STATE",
+        "ID", "DIRECTION", "SOURCE", "SOURCE-WORKLOAD", "SOURCE-IDENTITY", "DESTINATION", "DESTINATION-WORKLOAD",
+        "ROUTE", "SECURITY", "SENT", "RECEIVED", "STATE",
     ]);
     connection_rows(&mut t, &v["open"], "open");
     connection_rows(&mut t, &v["recent"], "closed");
+    let mut tunnels = Table::new(&["TUNNEL", "SOURCE-IDENTITY", "DESTINATION-IDENTITY", "ADDRESS", "LOCAL", "STREAMS", "TOTAL"]);
+    for c in v["tunnels"].as_array().into_iter().flatten() {
+        tunnels.row(vec![
+            s(&c["id"]),
+            s(&c["source_identity"]),
+            s(&c["destination_identity"]),
+            s(&c["address"]),
+            s(&c["local_address"]),
+            s(&c["active_streams"]),
+            s(&c["total_streams"]),
+        ]);
+    }
     let totals = &v["totals"];
     format!(
-        "{}\n{} outbound, {} inbound opened; {} closed ({} failed); {} bytes sent, {} received\n",
+        "{}\n{} outbound, {} inbound opened; {} closed ({} failed); {} denied; {} bytes sent, {} received\n\nTunnels (pooled HBONE connections opened by this node):\n{}",
         t.render(),
         s(&totals["outbound_opened"]),
         s(&totals["inbound_opened"]),
         s(&totals["closed"]),
         s(&totals["failed"]),
+        s(&totals["denied"]),
         s(&totals["bytes_sent"]),
         s(&totals["bytes_received"]),
+        tunnels.render(),
     )
+}
+
+fn certs(v: &Value) -> String {
+    let mut t = Table::new(&["IDENTITY", "SERIAL", "NOT-BEFORE", "NOT-AFTER", "CHAIN"]);
+    for c in v.as_array().into_iter().flatten() {
+        let chain: Vec<String> = c["chain"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{} (serial {}, until {})", s(&e["subject"]), s(&e["serial"]), s(&e["not_after"])))
+            .collect();
+        t.row(vec![s(&c["identity"]), s(&c["serial"]), s(&c["not_before"]), s(&c["not_after"]), chain.join(" <- ")]);
+    }
+    t.render()
+}
+
+fn policies(v: &Value) -> String {
+    let mut t = Table::new(&["WORKLOAD", "IDENTITY", "PLAINTEXT", "POLICY", "ACTION", "SCOPE", "RULES", "DRY-RUN"]);
+    for w in v.as_array().into_iter().flatten() {
+        let list = w["policies"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            t.row(vec![s(&w["workload"]), s(&w["identity"]), s(&w["mtls_mode"]), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()]);
+        }
+        for p in list {
+            t.row(vec![
+                s(&w["workload"]),
+                s(&w["identity"]),
+                s(&w["mtls_mode"]),
+                format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
+                s(&p["action"]),
+                s(&p["scope"]),
+                s(&p["rules"]),
+                s(&p["dry_run"]),
+            ]);
+        }
+    }
+    t.render()
+}
+
+fn explain(v: &Value) -> String {
+    let source = &v["source"];
+    let mut out = format!(
+        "From:    {} ({}{})\nTo:      {}{}\nVerdict: {}\n",
+        s(&source["ip"]),
+        s(&source["workload"]),
+        match source["identity"].as_str() {
+            Some(id) => format!(", {id}"),
+            None => ", not in the mesh".into(),
+        },
+        s(&v["destination"]),
+        match v["service"].as_str() {
+            Some(svc) => format!(" (service {svc})"),
+            None => String::new(),
+        },
+        s(&v["summary"]),
+    );
+    let mut t = Table::new(&["ENDPOINT", "WORKLOAD", "ROUTE", "PLAINTEXT-MODE", "VERDICT", "POLICY", "RULE", "REASON"]);
+    for p in v["paths"].as_array().into_iter().flatten() {
+        t.row(vec![
+            s(&p["endpoint"]),
+            s(&p["workload"]),
+            s(&p["route"]),
+            s(&p["mtls_mode"]),
+            if p["allowed"] == Value::Bool(true) { "ALLOW".into() } else { "DENY".into() },
+            s(&p["decision"]["policy"]),
+            s(&p["decision"]["rule"]),
+            s(&p["reason"]),
+        ]);
+    }
+    out.push_str(&t.render());
+    for p in v["paths"].as_array().into_iter().flatten() {
+        for note in p["decision"]["dry_run"].as_array().into_iter().flatten() {
+            out.push_str(&format!("dry-run: {}\n", s(note)));
+        }
+    }
+    out
 }
 
 fn bpf(v: &Value) -> String {

@@ -49,6 +49,21 @@ enum Command {
     Workloads(Inspect),
     /// Open and recently closed proxied connections.
     Connections(Inspect),
+    /// Workload certificates held by this node: identity, serial, validity, chain.
+    Certs(Inspect),
+    /// Authorization and PeerAuthentication policies of each enrolled workload of this node.
+    Policies(Inspect),
+    /// What would happen to a connection, and which policy (and rule) decides it.
+    Explain {
+        /// Source pod (`namespace/name`) or IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination `ip:port` (a pod or a Service address).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        inspect: Inspect,
+    },
     /// eBPF programs, attachments, map contents and counters.
     Bpf(Inspect),
     /// Remove what a crashed agent left behind (policy route, pinned objects).
@@ -76,6 +91,9 @@ fn main() -> ExitCode {
             app::run(Config { node, state_path: state, admin_addr, readiness_addr, drain_timeout, worker_threads })
         }
         Command::Status(i) => inspect(View::Status, i),
+        Command::Certs(i) => inspect(View::Certs, i),
+        Command::Policies(i) => inspect(View::Policies, i),
+        Command::Explain { from, to, inspect: i } => inspect(View::Explain { from, to }, i),
         Command::Workloads(i) => inspect(View::Workloads, i),
         Command::Connections(i) => inspect(View::Connections, i),
         Command::Bpf(i) => inspect(View::Bpf, i),
