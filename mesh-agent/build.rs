@@ -10,7 +10,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow::anyhow!("mesh-agent has no parent directory"))?
         .join("mesh-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     println!("cargo::rerun-if-changed=../mesh-common/src");
     if std::env::var_os("AYA_BUILD_SKIP").is_some() {
         // Quick host-only checks: an empty object lets the crate compile; loading it at run

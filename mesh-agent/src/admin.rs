@@ -1,4 +1,5 @@
-//! Admin API on 127.0.0.1:15000 (JSON views of the node for the CLI) and readiness on :15021.
+//! Admin API on 127.0.0.1:15000 (JSON views of the node for the CLI), readiness on :15021 and
+//! Prometheus metrics on :15020.
 
 pub mod views;
 
@@ -46,23 +47,54 @@ impl Bound {
 
     /// Must be called within the runtime that will serve it.
     pub fn into_server(self) -> std::io::Result<Server> {
-        Ok(Server { name: self.name, listener: TcpListener::from_std(self.listener)? })
+        Ok(Server {
+            name: self.name,
+            listener: TcpListener::from_std(self.listener)?,
+        })
     }
 }
 
 impl Server {
-
     pub fn address(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves the admin API until `shutdown` turns true.
     pub async fn run_admin(self, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
-        self.run(shutdown, move |req| admin_route(&state, req)).await
+        self.run(shutdown, move |req| admin_route(&state, req))
+            .await
+    }
+
+    /// Serves `/metrics` (Prometheus text format).
+    pub async fn run_metrics(
+        self,
+        metrics: Arc<crate::metrics::Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        self.run(shutdown, move |req| {
+            if req.uri().path() != "/metrics" {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            }
+            match metrics.encode() {
+                Ok(body) => Response::builder()
+                    .header(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        })
+        .await
     }
 
     /// Serves `/healthz/ready`: 200 while `ready` is true, else 503.
-    pub async fn run_readiness(self, ready: watch::Receiver<bool>, shutdown: watch::Receiver<bool>) {
+    pub async fn run_readiness(
+        self,
+        ready: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+    ) {
         self.run(shutdown, move |req| {
             if req.uri().path() != "/healthz/ready" {
                 return text(StatusCode::NOT_FOUND, "not found\n");
@@ -115,11 +147,26 @@ fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
     let view = match req.uri().path() {
         "/status" => serde_json::to_value(state.status()),
         "/workloads" => serde_json::to_value(state.workloads()),
-        "/connections" => serde_json::to_value(state.connections.view()),
+        "/connections" => serde_json::to_value(state.connections()),
+        "/certs" => serde_json::to_value(state.certificates()),
+        "/policies" => serde_json::to_value(state.policies()),
+        "/explain" => {
+            let query = query_pairs(req.uri().query().unwrap_or_default());
+            let (Some(from), Some(to)) = (query.get("from"), query.get("to")) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "explain needs ?from=<pod|ip>&to=<ip:port>\n",
+                );
+            };
+            match state.explain(from, to) {
+                Ok(explanation) => serde_json::to_value(explanation),
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            }
+        }
         "/bpf" => serde_json::to_value(state.bpf()),
         "/config_dump" => serde_json::to_value(state.config_dump()),
         "/" => Ok(serde_json::json!({
-            "endpoints": ["/status", "/workloads", "/connections", "/bpf", "/config_dump"]
+            "endpoints": ["/status", "/workloads", "/connections", "/certs", "/policies", "/explain", "/bpf", "/config_dump"]
         })),
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -136,4 +183,61 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
+}
+
+/// `a=1&b=x%2Fy` as a map, percent-decoded (values here are pod names and addresses).
+fn query_pairs(query: &str) -> std::collections::HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_queries() {
+        let q = query_pairs("from=shop%2Fweb-1&to=10.0.2.10%3A8080&x");
+        assert_eq!(q["from"], "shop/web-1");
+        assert_eq!(q["to"], "10.0.2.10:8080");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
 }

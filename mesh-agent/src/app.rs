@@ -1,4 +1,5 @@
-//! Wires the agent together: state source, capture, proxy listeners, admin; and tears it down.
+//! Wires the agent together: state source, identities, capture, proxy listeners, admin; and
+//! tears it down.
 //!
 //! Two runtimes, as in ztunnel: the data plane runs on a multi-threaded worker runtime, the
 //! admin and readiness servers on a small runtime of their own so inspection never competes
@@ -17,7 +18,9 @@ use crate::{
     admin::{self, AdminState},
     capture::{Capture, kernel, reconcile},
     config::Config,
-    proxy::{self, Listener, ProxyContext, connections::Connections},
+    identity::{CertificateAuthority, CertificateManager},
+    metrics::Metrics,
+    proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
     state,
 };
 
@@ -37,47 +40,70 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {
-    let watcher = state::Watcher::new(config.state_path.clone())
-        .map_err(|errors| anyhow::anyhow!("the state at {} is invalid:\n{errors}", config.state_path.display()))?;
+    let watcher = state::Watcher::new(config.state_path.clone()).map_err(|errors| {
+        anyhow::anyhow!(
+            "the state at {} is invalid:\n{errors}",
+            config.state_path.display()
+        )
+    })?;
     let snapshot = watcher.snapshot();
     let state_status = watcher.status();
     tokio::spawn(watcher.run());
 
+    let ca = CertificateAuthority::load_or_create(
+        &config.identity.ca_dir,
+        &config.identity.trust_domain,
+    )
+    .with_context(|| {
+        format!(
+            "certificate authority in {}",
+            config.identity.ca_dir.display()
+        )
+    })?;
+    let certs = CertificateManager::new(Arc::new(ca), config.identity.cert_ttl);
+    let metrics = Arc::new(Metrics::new());
+
     // Listeners first: capture must never steer a SYN to a port nobody listens on.
     let outbound = Listener::bind("outbound", mesh_common::OUTBOUND_PORT)?;
     let inbound = Listener::bind("inbound", mesh_common::INBOUND_PORT)?;
+    let tunnel = Listener::bind("tunnel", mesh_common::TUNNEL_PORT)?;
     let capture = Arc::new(Mutex::new(Some(Capture::load(features)?)));
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);
     let pending = Arc::new(Mutex::new(reconcile::Pending::new()));
-    let connections = Connections::default();
+    let connections = Connections::new(metrics.clone());
+    let ctx = Arc::new(ProxyContext {
+        node: config.node.clone(),
+        mesh: config.mesh.clone(),
+        state: snapshot.clone(),
+        connections: connections.clone(),
+        certs: certs.clone(),
+        pool: Pool::new(config.pool.clone(), certs.clone()),
+        metrics: metrics.clone(),
+        services: Default::default(),
+    });
 
     let result = async {
         let admin_state = Arc::new(AdminState {
             config: config.clone(),
             started: Instant::now(),
-            snapshot: snapshot.clone(),
             state_status,
             capture: capture.clone(),
             pending: pending.clone(),
-            connections: connections.clone(),
+            proxy: ctx.clone(),
             ready: ready.clone(),
         });
-        let admin_thread = spawn_admin(&config, admin_state, ready.clone(), shutdown.clone())?;
+        let admin_thread = spawn_admin(&config, admin_state, metrics.clone(), ready.clone(), shutdown.clone())?;
 
-        apply_state(&capture, &snapshot.borrow(), &config.node, &pending);
-        let reconciler = tokio::spawn(reconcile_loop(
-            capture.clone(),
-            snapshot.clone(),
-            config.node.clone(),
-            pending.clone(),
-            shutdown.clone(),
-        ));
+        apply_state(&capture, &ctx, &pending);
+        let reconciler = tokio::spawn(reconcile_loop(capture.clone(), ctx.clone(), pending.clone(), shutdown.clone()));
+        let rotation = tokio::spawn(certs.clone().run(shutdown.clone()));
+        let reaper = tokio::spawn(ctx.pool.clone().run_reaper(shutdown.clone()));
 
-        let ctx = Arc::new(ProxyContext { node: config.node.clone(), state: snapshot.clone(), connections: connections.clone() });
         let mut outbound = tokio::spawn(outbound.run(ctx.clone(), shutdown.clone(), proxy::outbound::handle));
-        let mut inbound = tokio::spawn(inbound.run(ctx, shutdown.clone(), proxy::inbound::handle));
+        let mut inbound = tokio::spawn(inbound.run(ctx.clone(), shutdown.clone(), proxy::inbound::handle));
+        let mut tunnel = tokio::spawn(tunnel.run(ctx.clone(), shutdown.clone(), proxy::hbone::server::handle));
         let _ = ready_tx.send(true);
         info!(node = %config.node, "mesh-agent ready");
 
@@ -89,6 +115,7 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
         let drained = tokio::time::timeout(config.drain_timeout, async {
             let _ = (&mut outbound).await;
             let _ = (&mut inbound).await;
+            let _ = (&mut tunnel).await;
         })
         .await;
         if drained.is_err() {
@@ -96,8 +123,11 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             // Aborting a listener task drops its connection tasks, closing their sockets.
             outbound.abort();
             inbound.abort();
+            tunnel.abort();
         }
         let _ = reconciler.await;
+        let _ = rotation.await;
+        let _ = reaper.await;
         let _ = admin_thread.join();
         anyhow::Ok(())
     }
@@ -114,26 +144,36 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
     result
 }
 
+/// Brings capture and certificates in line with the current state.
 fn apply_state(
     capture: &Mutex<Option<Capture>>,
-    snapshot: &state::Snapshot,
-    node: &str,
+    ctx: &ProxyContext,
     pending: &Mutex<reconcile::Pending>,
 ) {
-    let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
-    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(capture) = capture.as_mut() {
-        reconcile::reconcile(capture, snapshot, node, &mut pending);
+    let snapshot = ctx.snapshot();
+    {
+        let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(capture) = capture.as_mut() {
+            reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending);
+        }
     }
+    // Certificates for exactly the identities of this node's enrolled pods, issued ahead of use.
+    let wanted = snapshot
+        .workloads_on_node(&ctx.node)
+        .filter(|w| w.is_enrolled())
+        .filter_map(|w| ctx.identity_of(w))
+        .collect();
+    ctx.certs.set_wanted(wanted);
 }
 
 async fn reconcile_loop(
     capture: Arc<Mutex<Option<Capture>>>,
-    mut snapshot: watch::Receiver<Arc<state::Snapshot>>,
-    node: String,
+    ctx: Arc<ProxyContext>,
     pending: Arc<Mutex<reconcile::Pending>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut snapshot = ctx.state.clone();
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         tokio::select! {
@@ -141,16 +181,17 @@ async fn reconcile_loop(
             changed = snapshot.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
         }
-        let current = snapshot.borrow_and_update().clone();
-        let (capture, pending, node) = (capture.clone(), pending.clone(), node.clone());
+        snapshot.borrow_and_update();
+        let (capture, ctx, pending) = (capture.clone(), ctx.clone(), pending.clone());
         // Netlink and bpf syscalls block briefly; keep them off the data-plane workers.
-        let _ = tokio::task::spawn_blocking(move || apply_state(&capture, &current, &node, &pending)).await;
+        let _ = tokio::task::spawn_blocking(move || apply_state(&capture, &ctx, &pending)).await;
     }
 }
 
 fn spawn_admin(
     config: &Config,
     state: Arc<AdminState>,
+    metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -160,20 +201,27 @@ fn spawn_admin(
         .context("starting the admin runtime")?;
     let admin = admin::Bound::new("admin", config.admin_addr)?;
     let readiness = admin::Bound::new("readiness", config.readiness_addr)?;
+    let metrics_server = admin::Bound::new("metrics", config.metrics_addr)?;
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let (admin, readiness) = match (admin.into_server(), readiness.into_server()) {
-                    (Ok(a), Ok(r)) => (a, r),
-                    (Err(e), _) | (_, Err(e)) => {
+                let servers = (
+                    admin.into_server(),
+                    readiness.into_server(),
+                    metrics_server.into_server(),
+                );
+                let (admin, readiness, metrics_server) = match servers {
+                    (Ok(a), Ok(r), Ok(m)) => (a, r, m),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         error!(error = %e, "admin servers could not start");
                         return;
                     }
                 };
                 tokio::join!(
                     admin.run_admin(state, shutdown.clone()),
-                    readiness.run_readiness(ready, shutdown),
+                    readiness.run_readiness(ready, shutdown.clone()),
+                    metrics_server.run_metrics(metrics, shutdown),
                 );
             })
         })

@@ -69,7 +69,10 @@ pub enum CaptureError {
 /// Turns a program error into one readable line; the verifier log goes to debug output only.
 fn program_error(name: &'static str, err: ProgramError) -> CaptureError {
     let summary = match &err {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             debug!(program = name, log = %verifier_log, "verifier log");
             format!(
                 "the kernel refused to load it ({io_error}); the kernel may be too old or lack a feature (run with RUST_LOG=debug for the verifier log)"
@@ -146,7 +149,10 @@ impl Capture {
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         config
             .set(0, &CaptureConfig::default_ports(), 0)
-            .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+            .map_err(|source| CaptureError::Map {
+                name: "CONFIG",
+                source,
+            })?;
         let workloads = take_map(&mut ebpf, "WORKLOADS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
 
@@ -195,7 +201,10 @@ impl Capture {
             // The pod's veth changed (pod recreated): start over on the new one.
             self.release(ip)?;
         }
-        let stale = self.devices.get(&link.ifname).is_some_and(|d| d.ifindex != link.ifindex);
+        let stale = self
+            .devices
+            .get(&link.ifname)
+            .is_some_and(|d| d.ifindex != link.ifindex);
         if stale {
             self.detach_device(&link.ifname);
         }
@@ -211,13 +220,24 @@ impl Capture {
             };
             self.devices.insert(
                 link.ifname.clone(),
-                DeviceLinks { ifindex: link.ifindex, ingress, egress, pods: BTreeSet::new() },
+                DeviceLinks {
+                    ifindex: link.ifindex,
+                    ingress,
+                    egress,
+                    pods: BTreeSet::new(),
+                },
             );
         }
-        let entry = Workload { flags: WORKLOAD_ENROLLED, ifindex: link.ifindex };
+        let entry = Workload {
+            flags: WORKLOAD_ENROLLED,
+            ifindex: link.ifindex,
+        };
         self.workloads
             .insert(&key(ip), &entry, 0)
-            .map_err(|source| CaptureError::Map { name: "WORKLOADS", source })?;
+            .map_err(|source| CaptureError::Map {
+                name: "WORKLOADS",
+                source,
+            })?;
         if let Some(device) = self.devices.get_mut(&link.ifname) {
             device.pods.insert(ip);
         }
@@ -233,7 +253,12 @@ impl Capture {
         };
         match self.workloads.remove(&key(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(CaptureError::Map { name: "WORKLOADS", source }),
+            Err(source) => {
+                return Err(CaptureError::Map {
+                    name: "WORKLOADS",
+                    source,
+                });
+            }
         }
         let unused = self.devices.get_mut(&link.ifname).is_some_and(|d| {
             d.pods.remove(&ip);
@@ -258,7 +283,8 @@ impl Capture {
         direction: TcAttachType,
     ) -> Result<SchedClassifierLinkId, CaptureError> {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        prog.attach(ifindex, direction).map_err(|e| program_error(name, e))
+        prog.attach(ifindex, direction)
+            .map_err(|e| program_error(name, e))
     }
 
     fn detach_device(&mut self, ifname: &str) {
@@ -293,9 +319,11 @@ impl Capture {
 
     pub fn status(&self) -> CaptureStatus {
         let mut programs = Vec::new();
-        for (name, kind) in
-            [(PROG_INGRESS, "tc ingress (tcx)"), (PROG_EGRESS, "tc egress (tcx)"), (PROG_SOCKOPS, "sock_ops")]
-        {
+        for (name, kind) in [
+            (PROG_INGRESS, "tc ingress (tcx)"),
+            (PROG_EGRESS, "tc egress (tcx)"),
+            (PROG_SOCKOPS, "sock_ops"),
+        ] {
             let id = self
                 .ebpf
                 .program(name)
@@ -309,10 +337,18 @@ impl Capture {
             } else {
                 self.devices.keys().cloned().collect()
             };
-            programs.push(ProgramStatus { name: name.into(), kind: kind.into(), id, attached_to });
+            programs.push(ProgramStatus {
+                name: name.into(),
+                kind: kind.into(),
+                id,
+                attached_to,
+            });
         }
-        let names: BTreeMap<u32, &str> =
-            self.pods.values().map(|l| (l.ifindex, l.ifname.as_str())).collect();
+        let names: BTreeMap<u32, &str> = self
+            .pods
+            .values()
+            .map(|l| (l.ifindex, l.ifname.as_str()))
+            .collect();
         let workloads_map = self
             .workloads
             .iter()
@@ -350,7 +386,11 @@ impl Capture {
             let _ = p.detach(link);
         }
         let route = routing::remove_capture_route();
-        let demux = self.early_demux.take().map(sysctl::Changed::restore).transpose();
+        let demux = self
+            .early_demux
+            .take()
+            .map(sysctl::Changed::restore)
+            .transpose();
         drop(self.ebpf);
         route?;
         demux?;

@@ -39,7 +39,10 @@ pub enum CleanupError {
 }
 
 pub fn cleanup() -> Result<CleanupReport, CleanupError> {
-    let mut report = CleanupReport { removed_capture_route: routing::remove_capture_route()?, ..Default::default() };
+    let mut report = CleanupReport {
+        removed_capture_route: routing::remove_capture_route()?,
+        ..Default::default()
+    };
     // Only when our route was there, i.e. an agent died here: then early demux is off because
     // of it, and the kernel default (on) is the value to go back to.
     if report.removed_capture_route && sysctl::get(sysctl::EARLY_DEMUX)? == "0" {
@@ -49,15 +52,19 @@ pub fn cleanup() -> Result<CleanupReport, CleanupError> {
     let root = Path::new(PIN_ROOT);
     if root.exists() {
         collect(root, &mut report.removed_pins);
-        std::fs::remove_dir_all(root)
-            .map_err(|source| CleanupError::Pins { path: PIN_ROOT.into(), source })?;
+        std::fs::remove_dir_all(root).map_err(|source| CleanupError::Pins {
+            path: PIN_ROOT.into(),
+            source,
+        })?;
     }
     report.still_attached = attached_capture_programs();
     Ok(report)
 }
 
 fn collect(dir: &Path, out: &mut Vec<String>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -71,10 +78,17 @@ fn collect(dir: &Path, out: &mut Vec<String>) {
 /// `<device> <ingress|egress> <program>` for every capture program attached in this namespace.
 pub fn attached_capture_programs() -> Vec<String> {
     let mut found = Vec::new();
-    let Ok(interfaces) = nix::net::if_::if_nameindex() else { return found };
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return found;
+    };
     for iface in interfaces.iter() {
-        let Ok(name) = iface.name().to_str() else { continue };
-        for (direction, label) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+        let Ok(name) = iface.name().to_str() else {
+            continue;
+        };
+        for (direction, label) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
             let Ok((_, programs)) = SchedClassifier::query_tcx(iface.index(), direction) else {
                 continue;
             };

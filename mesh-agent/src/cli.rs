@@ -36,7 +36,9 @@ impl View {
             View::Connections => "/connections".into(),
             View::Certs => "/certs".into(),
             View::Policies => "/policies".into(),
-            View::Explain { from, to } => format!("/explain?from={}&to={}", encode(from), encode(to)),
+            View::Explain { from, to } => {
+                format!("/explain?from={}&to={}", encode(from), encode(to))
+            }
             View::Bpf => "/bpf".into(),
         }
     }
@@ -46,7 +48,9 @@ impl View {
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             other => format!("%{other:02X}"),
         })
         .collect()
@@ -103,7 +107,11 @@ fn status(v: &Value) -> String {
     line("Capture active:", s(&capture["active"]));
     line(
         "Enrolled on node:",
-        format!("{} ({} captured)", s(&capture["enrolled_on_node"]), s(&capture["captured"])),
+        format!(
+            "{} ({} captured)",
+            s(&capture["enrolled_on_node"]),
+            s(&capture["captured"])
+        ),
     );
     if let Some(pending) = capture["pending"].as_object() {
         for (ip, reason) in pending {
@@ -129,7 +137,16 @@ fn status(v: &Value) -> String {
 }
 
 fn workloads(v: &Value) -> String {
-    let mut t = Table::new(&["NAMESPACE", "NAME", "NODE", "IP", "SERVICE-ACCOUNT", "ENROLLED", "CAPTURE", "REASON"]);
+    let mut t = Table::new(&[
+        "NAMESPACE",
+        "NAME",
+        "NODE",
+        "IP",
+        "SERVICE-ACCOUNT",
+        "ENROLLED",
+        "CAPTURE",
+        "REASON",
+    ]);
     for w in v.as_array().into_iter().flatten() {
         t.row(vec![
             s(&w["namespace"]),
@@ -137,7 +154,11 @@ fn workloads(v: &Value) -> String {
             s(&w["node"]),
             s(&w["ip"]),
             s(&w["service_account"]),
-            if w["enrolled"] == Value::Bool(true) { "yes".into() } else { "no".into() },
+            if w["enrolled"] == Value::Bool(true) {
+                "yes".into()
+            } else {
+                "no".into()
+            },
             s(&w["capture_device"]),
             s(&w["reason"]),
         ]);
@@ -154,7 +175,11 @@ fn connection_rows(t: &mut Table, list: &Value, state: &str) {
         };
         let destination = match c["original_destination"] == c["destination"] {
             true => s(&c["destination"]),
-            false => format!("{} -> {}", s(&c["original_destination"]), s(&c["destination"])),
+            false => format!(
+                "{} -> {}",
+                s(&c["original_destination"]),
+                s(&c["destination"])
+            ),
         };
         t.row(vec![
             s(&c["id"]),
@@ -175,12 +200,30 @@ fn connection_rows(t: &mut Table, list: &Value, state: &str) {
 
 fn connections(v: &Value) -> String {
     let mut t = Table::new(&[
-        "ID", "DIRECTION", "SOURCE", "SOURCE-WORKLOAD", "SOURCE-IDENTITY", "DESTINATION", "DESTINATION-WORKLOAD",
-        "ROUTE", "SECURITY", "SENT", "RECEIVED", "STATE",
+        "ID",
+        "DIRECTION",
+        "SOURCE",
+        "SOURCE-WORKLOAD",
+        "SOURCE-IDENTITY",
+        "DESTINATION",
+        "DESTINATION-WORKLOAD",
+        "ROUTE",
+        "SECURITY",
+        "SENT",
+        "RECEIVED",
+        "STATE",
     ]);
     connection_rows(&mut t, &v["open"], "open");
     connection_rows(&mut t, &v["recent"], "closed");
-    let mut tunnels = Table::new(&["TUNNEL", "SOURCE-IDENTITY", "DESTINATION-IDENTITY", "ADDRESS", "LOCAL", "STREAMS", "TOTAL"]);
+    let mut tunnels = Table::new(&[
+        "TUNNEL",
+        "SOURCE-IDENTITY",
+        "DESTINATION-IDENTITY",
+        "ADDRESS",
+        "LOCAL",
+        "STREAMS",
+        "TOTAL",
+    ]);
     for c in v["tunnels"].as_array().into_iter().flatten() {
         tunnels.row(vec![
             s(&c["id"]),
@@ -214,19 +257,50 @@ fn certs(v: &Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|e| format!("{} (serial {}, until {})", s(&e["subject"]), s(&e["serial"]), s(&e["not_after"])))
+            .map(|e| {
+                format!(
+                    "{} (serial {}, until {})",
+                    s(&e["subject"]),
+                    s(&e["serial"]),
+                    s(&e["not_after"])
+                )
+            })
             .collect();
-        t.row(vec![s(&c["identity"]), s(&c["serial"]), s(&c["not_before"]), s(&c["not_after"]), chain.join(" <- ")]);
+        t.row(vec![
+            s(&c["identity"]),
+            s(&c["serial"]),
+            s(&c["not_before"]),
+            s(&c["not_after"]),
+            chain.join(" <- "),
+        ]);
     }
     t.render()
 }
 
 fn policies(v: &Value) -> String {
-    let mut t = Table::new(&["WORKLOAD", "IDENTITY", "PLAINTEXT", "POLICY", "ACTION", "SCOPE", "RULES", "DRY-RUN"]);
+    let mut t = Table::new(&[
+        "WORKLOAD",
+        "IDENTITY",
+        "PLAINTEXT",
+        "POLICY",
+        "ACTION",
+        "SCOPE",
+        "RULES",
+        "DRY-RUN",
+    ]);
     for w in v.as_array().into_iter().flatten() {
         let list = w["policies"].as_array().cloned().unwrap_or_default();
         if list.is_empty() {
-            t.row(vec![s(&w["workload"]), s(&w["identity"]), s(&w["mtls_mode"]), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()]);
+            t.row(vec![
+                s(&w["workload"]),
+                s(&w["identity"]),
+                s(&w["mtls_mode"]),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
         }
         for p in list {
             t.row(vec![
@@ -261,14 +335,27 @@ fn explain(v: &Value) -> String {
         },
         s(&v["summary"]),
     );
-    let mut t = Table::new(&["ENDPOINT", "WORKLOAD", "ROUTE", "PLAINTEXT-MODE", "VERDICT", "POLICY", "RULE", "REASON"]);
+    let mut t = Table::new(&[
+        "ENDPOINT",
+        "WORKLOAD",
+        "ROUTE",
+        "PLAINTEXT-MODE",
+        "VERDICT",
+        "POLICY",
+        "RULE",
+        "REASON",
+    ]);
     for p in v["paths"].as_array().into_iter().flatten() {
         t.row(vec![
             s(&p["endpoint"]),
             s(&p["workload"]),
             s(&p["route"]),
             s(&p["mtls_mode"]),
-            if p["allowed"] == Value::Bool(true) { "ALLOW".into() } else { "DENY".into() },
+            if p["allowed"] == Value::Bool(true) {
+                "ALLOW".into()
+            } else {
+                "DENY".into()
+            },
             s(&p["decision"]["policy"]),
             s(&p["decision"]["rule"]),
             s(&p["reason"]),
@@ -289,18 +376,31 @@ fn bpf(v: &Value) -> String {
     }
     let mut programs = Table::new(&["PROGRAM", "KIND", "ID", "ATTACHED-TO"]);
     for p in v["programs"].as_array().into_iter().flatten() {
-        let attached: Vec<String> =
-            p["attached_to"].as_array().into_iter().flatten().map(s).collect();
+        let attached: Vec<String> = p["attached_to"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
         programs.row(vec![
             s(&p["name"]),
             s(&p["kind"]),
             s(&p["id"]),
-            if attached.is_empty() { "-".into() } else { attached.join(",") },
+            if attached.is_empty() {
+                "-".into()
+            } else {
+                attached.join(",")
+            },
         ]);
     }
     let mut map = Table::new(&["POD-IP", "IFINDEX", "DEVICE", "ENROLLED"]);
     for w in v["workloads_map"].as_array().into_iter().flatten() {
-        map.row(vec![s(&w["ip"]), s(&w["ifindex"]), s(&w["ifname"]), s(&w["enrolled"])]);
+        map.row(vec![
+            s(&w["ip"]),
+            s(&w["ifindex"]),
+            s(&w["ifname"]),
+            s(&w["enrolled"]),
+        ]);
     }
     let mut counters = Table::new(&["COUNTER", "VALUE"]);
     for (name, value) in v["counters"].as_object().into_iter().flatten() {

@@ -4,6 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 
+use crate::{
+    identity::IdentityConfig,
+    proxy::{MeshConfig, hbone::pool::PoolSettings},
+};
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// Kubernetes node name this agent serves (pods' `spec.nodeName`).
@@ -12,15 +17,22 @@ pub struct Config {
     pub state_path: PathBuf,
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// How long open connections may take to finish on shutdown.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
     /// Data-plane worker threads.
     pub worker_threads: usize,
+    pub identity: IdentityConfig,
+    pub mesh: MeshConfig,
+    pub pool: PoolSettings,
 }
 
 pub mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }

@@ -1,6 +1,7 @@
 //! mesh-agent: the node agent of a sidecarless service mesh. It captures enrolled pods' TCP
-//! in the kernel (eBPF), carries it through one node proxy, and explains what it does through
-//! an admin API and CLI.
+//! in the kernel (eBPF), carries it between nodes in HBONE tunnels (HTTP/2 CONNECT over mutual
+//! TLS, as Istio's ztunnel), enforces Istio's L4 policy, and explains what it does through an
+//! admin API and CLI.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admin;
@@ -9,7 +10,10 @@ pub mod capture;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod identity;
+pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;

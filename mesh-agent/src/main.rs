@@ -4,14 +4,19 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    app,
+    app, cleanup,
     cli::{self, Output, View},
-    cleanup,
     config::Config,
+    identity::IdentityConfig,
+    proxy::{MeshConfig, hbone::pool::PoolSettings},
 };
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version, about = "Sidecarless service mesh node agent")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Sidecarless service mesh node agent"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +36,28 @@ enum Command {
         admin_addr: SocketAddr,
         #[arg(long, default_value = "0.0.0.0:15021")]
         readiness_addr: SocketAddr,
+        /// Prometheus metrics (`/metrics`).
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics_addr: SocketAddr,
+        /// SPIFFE trust domain of the mesh.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// CA directory: Istio plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem,
+        /// cert-chain.pem), or where a generated root is kept for every agent to share.
+        #[arg(long, default_value = "/var/lib/mesh-agent/ca")]
+        ca_dir: PathBuf,
+        /// Lifetime of workload certificates, in seconds; they are renewed at about half of it.
+        #[arg(long, default_value_t = 86400.0)]
+        cert_ttl: f64,
+        /// Namespace whose policies apply mesh-wide (Istio's root namespace).
+        #[arg(long, default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
+        /// Streams one pooled tunnel connection carries before another is opened.
+        #[arg(long, default_value_t = 100)]
+        pool_max_streams: usize,
+        /// Seconds an unused tunnel connection stays open.
+        #[arg(long, default_value_t = 60.0)]
+        pool_idle_timeout: f64,
         /// Seconds open connections get to finish on SIGTERM.
         #[arg(long, default_value_t = 5.0)]
         drain_timeout: f64,
@@ -85,15 +112,57 @@ struct Inspect {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Run { node, state, admin_addr, readiness_addr, drain_timeout, worker_threads, log_json } => {
+        Command::Run {
+            node,
+            state,
+            admin_addr,
+            readiness_addr,
+            metrics_addr,
+            trust_domain,
+            ca_dir,
+            cert_ttl,
+            root_namespace,
+            pool_max_streams,
+            pool_idle_timeout,
+            drain_timeout,
+            worker_threads,
+            log_json,
+        } => {
             init_logging(log_json);
-            let drain_timeout = Duration::try_from_secs_f64(drain_timeout).unwrap_or(Duration::from_secs(5));
-            app::run(Config { node, state_path: state, admin_addr, readiness_addr, drain_timeout, worker_threads })
+            let secs = |s: f64, default: u64| {
+                Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(default))
+            };
+            app::run(Config {
+                node,
+                state_path: state,
+                admin_addr,
+                readiness_addr,
+                metrics_addr,
+                drain_timeout: secs(drain_timeout, 5),
+                worker_threads: worker_threads.max(1),
+                identity: IdentityConfig {
+                    trust_domain: trust_domain.clone(),
+                    ca_dir,
+                    cert_ttl: secs(cert_ttl, 86400),
+                },
+                mesh: MeshConfig {
+                    trust_domain,
+                    root_namespace,
+                },
+                pool: PoolSettings {
+                    max_streams: pool_max_streams.max(1),
+                    idle_timeout: secs(pool_idle_timeout, 60),
+                },
+            })
         }
         Command::Status(i) => inspect(View::Status, i),
         Command::Certs(i) => inspect(View::Certs, i),
         Command::Policies(i) => inspect(View::Policies, i),
-        Command::Explain { from, to, inspect: i } => inspect(View::Explain { from, to }, i),
+        Command::Explain {
+            from,
+            to,
+            inspect: i,
+        } => inspect(View::Explain { from, to }, i),
         Command::Workloads(i) => inspect(View::Workloads, i),
         Command::Connections(i) => inspect(View::Connections, i),
         Command::Bpf(i) => inspect(View::Bpf, i),
@@ -111,7 +180,9 @@ fn main() -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -120,7 +191,9 @@ fn init_logging(json: bool) {
 }
 
 fn inspect(view: View, args: Inspect) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let text = runtime.block_on(cli::show(args.admin_addr, view, args.output))?;
     print!("{text}");
     Ok(())
@@ -133,7 +206,11 @@ fn run_cleanup(output: Output) -> anyhow::Result<()> {
         Output::Table => {
             println!(
                 "policy route: {}",
-                if report.removed_capture_route { "removed" } else { "not present" }
+                if report.removed_capture_route {
+                    "removed"
+                } else {
+                    "not present"
+                }
             );
             println!("pinned objects removed: {}", report.removed_pins.len());
             for pin in &report.removed_pins {

@@ -3,41 +3,156 @@
 //! Listeners (all `IP_TRANSPARENT`, fed by the capture programs with `bpf_sk_assign`):
 //! - outbound (15001): connections an enrolled pod opens; the socket's local address is the
 //!   original destination.
-//! - inbound (15006): plain TCP addressed to an enrolled pod.
+//! - inbound (15006): plain TCP addressed to an enrolled pod (PeerAuthentication decides whether
+//!   plaintext is accepted at all).
+//! - tunnel (15008): HBONE — HTTP/2 CONNECT over mutual TLS from other nodes' proxies.
 //!
-//! Each accepted connection becomes a [`connections::ConnectionInfo`] and is forwarded through
-//! an [`upstream`] connection. Today that is a direct (plaintext) connection that keeps the
-//! client's address; the HBONE tunnel slots in as another way of reaching the destination.
+//! Outbound connections to enrolled pods on other nodes travel in HBONE tunnels; to enrolled
+//! pods of this node they are served in-process; to anything else, directly.
 
 pub mod connections;
 pub mod forward;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
 pub mod upstream;
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
+use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{info, warn};
 
-use crate::state::Snapshot;
-use self::connections::Connections;
+use self::{
+    connections::{ConnectionGuard, ConnectionInfo, Connections, WorkloadRef},
+    hbone::pool::Pool,
+};
+use crate::{
+    identity::{CertificateManager, Identity},
+    metrics::Metrics,
+    policy::{self, ConnectionAttributes},
+    state::{Snapshot, Workload},
+};
+
+/// Mesh-wide settings the proxy applies.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshConfig {
+    pub trust_domain: String,
+    /// Namespace whose selector-less policies apply to the whole mesh (Istio: `istio-system`).
+    pub root_namespace: String,
+}
 
 /// What every connection handler needs.
 pub struct ProxyContext {
     /// This node's name, as in the pods' `spec.nodeName`.
     pub node: String,
+    pub mesh: MeshConfig,
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub connections: Connections,
+    pub certs: CertificateManager,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub services: upstream::ServiceBalancer,
 }
 
 impl ProxyContext {
-    /// `namespace/name` of the pod with this IP, if known.
-    pub fn workload_name(&self, addr: SocketAddr) -> Option<String> {
-        let SocketAddr::V4(addr) = addr else { return None };
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.borrow().clone()
+    }
+
+    /// The pod with this IP, if known.
+    pub fn workload_ref(&self, addr: SocketAddr) -> Option<WorkloadRef> {
+        let IpAddr::V4(ip) = addr.ip() else {
+            return None;
+        };
+        self.state.borrow().workload_by_ip(ip).map(workload_ref)
+    }
+
+    /// An enrolled pod of this node with this IP.
+    pub fn local_enrolled(&self, ip: IpAddr) -> Option<Workload> {
+        let IpAddr::V4(ip) = ip else { return None };
         let snapshot = self.state.borrow();
-        snapshot.workload_by_ip(*addr.ip()).map(|w| format!("{}/{}", w.namespace, w.name))
+        snapshot
+            .workload_by_ip(ip)
+            .filter(|w| w.node == self.node && w.is_enrolled())
+            .cloned()
+    }
+
+    /// The SPIFFE identity of a pod. `None` only for names no SPIFFE id can carry, which
+    /// Kubernetes would not admit; such a pod is treated as outside the mesh.
+    pub fn identity_of(&self, workload: &Workload) -> Option<Identity> {
+        Identity::new(
+            &self.mesh.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .ok()
+    }
+
+    /// Applies the destination's authorization policies to a connection about to be served:
+    /// registers it when allowed; records, counts and logs it when denied.
+    pub fn admit(&self, info: ConnectionInfo, destination: &Workload) -> Option<ConnectionGuard> {
+        let snapshot = self.snapshot();
+        let attributes = attributes(&info);
+        let decision = policy::authorize(
+            &snapshot,
+            &self.mesh.root_namespace,
+            destination,
+            &attributes,
+        );
+        for note in &decision.dry_run {
+            info!(src = %info.source, dst = %info.destination, note, "dry-run policy");
+        }
+        if decision.allowed {
+            return Some(self.connections.open(info));
+        }
+        warn!(src = %info.source, dst = %info.destination, policy = decision.policy.as_deref().unwrap_or("-"), reason = %decision.reason, "connection denied");
+        self.connections
+            .deny(info, decision.policy.as_deref(), &decision.reason);
+        None
+    }
+}
+
+/// The policy view of a connection.
+pub fn attributes(info: &ConnectionInfo) -> ConnectionAttributes {
+    let principal = info
+        .source_identity
+        .as_deref()
+        .map(|id| id.strip_prefix("spiffe://").unwrap_or(id).to_string());
+    let source_namespace = principal
+        .as_deref()
+        .and_then(|p| p.split('/').skip_while(|s| *s != "ns").nth(1))
+        .map(str::to_string);
+    let (IpAddr::V4(source_ip), IpAddr::V4(destination_ip)) =
+        (info.source.ip(), info.destination.ip())
+    else {
+        return ConnectionAttributes {
+            source_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            source_principal: principal,
+            source_namespace,
+            destination_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            destination_port: info.destination.port(),
+        };
+    };
+    ConnectionAttributes {
+        source_ip,
+        source_principal: principal,
+        source_namespace,
+        destination_ip,
+        destination_port: info.destination.port(),
+    }
+}
+
+pub fn workload_ref(w: &Workload) -> WorkloadRef {
+    WorkloadRef {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        app: w.labels.get("app").cloned(),
     }
 }
 
@@ -60,8 +175,11 @@ pub struct Listener {
 
 impl Listener {
     pub fn bind(name: &'static str, port: u16) -> Result<Self, ProxyError> {
-        let listener = socket::transparent_listener(port)
-            .map_err(|source| ProxyError::Bind { listener: name, port, source })?;
+        let listener = socket::transparent_listener(port).map_err(|source| ProxyError::Bind {
+            listener: name,
+            port,
+            source,
+        })?;
         Ok(Self { name, listener })
     }
 
@@ -101,24 +219,11 @@ impl Listener {
             }
         }
         drop(self.listener);
-        info!(component = self.name, open = tasks.len(), "listener closed, draining");
+        info!(
+            component = self.name,
+            open = tasks.len(),
+            "listener closed, draining"
+        );
         while tasks.join_next().await.is_some() {}
-    }
-}
-
-/// Registers the connection, opens its upstream and forwards until both sides are done.
-async fn carry(ctx: &ProxyContext, client: tokio::net::TcpStream, info: connections::ConnectionInfo) {
-    let (source, destination) = (info.source, info.original_destination);
-    let mut guard = ctx.connections.open(info);
-    match upstream::connect(source, destination).await {
-        Ok(up) => {
-            if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {
-                guard.fail(e);
-            }
-        }
-        Err(e) => {
-            socket::reset_on_close(&client);
-            guard.fail(e);
-        }
     }
 }

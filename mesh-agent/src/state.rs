@@ -1,26 +1,40 @@
-//! The cluster state the agent acts on (namespaces, workloads, services), read from local Kubernetes YAML.
+//! The cluster state the agent acts on (namespaces, workloads, services, Istio security policies),
+//! read from local Kubernetes YAML.
 //!
 //! Files hold what `kubectl get -o yaml` prints. They are parsed into the k8s-openapi types and the
 //! model is built from those ([`Snapshot::build`]), so a Kubernetes API source can share everything
 //! after parsing.
 
+mod authorization;
+mod cidr;
 mod document;
 mod enrollment;
 mod error;
+mod istio;
 mod namespace;
+mod peer_authentication;
 mod service;
 mod snapshot;
 mod source;
+mod string_match;
 mod validate;
 mod watch;
 mod workload;
 
+pub use authorization::{
+    Action, AuthorizationError, AuthorizationPolicy, Condition, ConditionTest, DRY_RUN_ANNOTATION,
+    Operation, Rule, Source, Values,
+};
+pub use cidr::{Cidr, CidrError};
 pub use document::{Format, Object, Sourced};
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
 pub use error::{Origin, StateError, StateErrors};
+pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 pub use namespace::Namespace;
+pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
 pub use service::{Protocol, Service, ServicePort, TargetPort};
 pub use snapshot::Snapshot;
 pub use source::load;
+pub use string_match::StringMatch;
 pub use watch::{POLL_INTERVAL, StateStatus, Watcher, watch};
 pub use workload::Workload;

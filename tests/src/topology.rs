@@ -489,7 +489,13 @@ impl Cluster {
         }
     }
 
-    /// Starts `mesh-agent run --node <node name> --state <state dir>` in node `node`'s namespace
+    /// The CA directory the cluster's agents share (`ca-cert.pem`, `ca-key.pem`, ... once an
+    /// agent has started).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir_path.join("ca")
+    }
+
+    /// Starts `mesh-agent run --node <node name> --state <state dir> --ca-dir <ca dir>` in node `node`'s namespace
     /// (network namespace only: the host's mounts, bpffs and cgroup2 included, stay visible) and
     /// waits until `GET 127.0.0.1:15021/healthz/ready` answers 200 (20 s; the error carries the
     /// agent's log).
@@ -528,6 +534,9 @@ impl Cluster {
             .arg(&node.name)
             .arg("--state")
             .arg(&self.state_dir)
+            // One trust root per cluster, shared by its agents as Istio's plug-in CA would be.
+            .arg("--ca-dir")
+            .arg(self.ca_dir())
             .args(&options.args)
             // tracing-subscriber colours even a file unless told not to.
             .env("NO_COLOR", "1")

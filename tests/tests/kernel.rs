@@ -18,11 +18,17 @@ fn run_agent_hiding(hide: &str) -> Result<(bool, String)> {
         .env("NO_COLOR", "1")
         .output()
         .context("running unshare")?;
-    Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 fn error_lines(stderr: &str) -> Vec<&str> {
-    stderr.lines().filter(|l| l.starts_with("mesh-agent: ")).collect()
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("mesh-agent: "))
+        .collect()
 }
 
 #[test]
@@ -30,11 +36,15 @@ fn missing_cgroup2_is_named_in_one_line() -> Result<()> {
     if !mesh_tests::require_root() {
         return Ok(());
     }
-    let (ok, stderr) =
-        run_agent_hiding("for m in $(findmnt -n -l -t cgroup2 -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done")?;
+    let (ok, stderr) = run_agent_hiding(
+        "for m in $(findmnt -n -l -t cgroup2 -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done",
+    )?;
     ensure!(!ok, "agent started without cgroup v2: {stderr}");
     let errors = error_lines(&stderr);
-    ensure!(errors.len() == 1 && errors[0].contains("cgroup v2 is not mounted"), "unclear error: {stderr}");
+    ensure!(
+        errors.len() == 1 && errors[0].contains("cgroup v2 is not mounted"),
+        "unclear error: {stderr}"
+    );
     ensure!(!stderr.contains("verifier"), "verifier noise: {stderr}");
     Ok(())
 }
@@ -47,7 +57,10 @@ fn missing_btf_is_named_in_one_line() -> Result<()> {
     let (ok, stderr) = run_agent_hiding("mount -t tmpfs none /sys/kernel/btf")?;
     ensure!(!ok, "agent started without BTF: {stderr}");
     let errors = error_lines(&stderr);
-    ensure!(errors.len() == 1 && errors[0].contains("kernel BTF is missing"), "unclear error: {stderr}");
+    ensure!(
+        errors.len() == 1 && errors[0].contains("kernel BTF is missing"),
+        "unclear error: {stderr}"
+    );
     Ok(())
 }
 
@@ -57,12 +70,15 @@ fn absent_bpffs_is_mounted_by_the_agent() -> Result<()> {
         return Ok(());
     }
     // With bpffs gone the agent mounts it and carries on to the (missing) state, which it names.
-    let (ok, stderr) =
-        run_agent_hiding("for m in $(findmnt -n -l -t bpf -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done")?;
+    let (ok, stderr) = run_agent_hiding(
+        "for m in $(findmnt -n -l -t bpf -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done",
+    )?;
     ensure!(!ok, "agent started on a missing state path: {stderr}");
     let errors = error_lines(&stderr);
     ensure!(
-        errors.len() == 1 && errors[0].contains("/nonexistent/mesh-agent-state") && !errors[0].contains("bpffs"),
+        errors.len() == 1
+            && errors[0].contains("/nonexistent/mesh-agent-state")
+            && !errors[0].contains("bpffs"),
         "expected the state error after mounting bpffs: {stderr}"
     );
     Ok(())

@@ -23,21 +23,36 @@ status:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()> {
-    let Some((cluster, mut agents)) = mesh().await? else { return Ok(()) };
+    let Some((cluster, mut agents)) = mesh().await? else {
+        return Ok(());
+    };
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let _echo = web2.echo_server(PORT).await?;
 
     cluster.write_state_file("zz-broken.yaml", BROKEN)?;
-    let logged = agents[0].wait_for_log("zz-broken.yaml", Duration::from_secs(3)).await?;
-    ensure!(logged.contains("intruder") && logged.contains("podIP"), "log line lacks object or field: {logged}");
-    let status = cluster.cli_json(0, &["status", "-o", "json"])?;
-    let error = status["state"]["status"]["last_error"].as_str().unwrap_or_default().to_string();
+    let logged = agents[0]
+        .wait_for_log("zz-broken.yaml", Duration::from_secs(3))
+        .await?;
     ensure!(
-        error.contains("zz-broken.yaml") && error.contains("Pod shop/intruder") && error.contains("status.podIP"),
+        logged.contains("intruder") && logged.contains("podIP"),
+        "log line lacks object or field: {logged}"
+    );
+    let status = cluster.cli_json(0, &["status", "-o", "json"])?;
+    let error = status["state"]["status"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        error.contains("zz-broken.yaml")
+            && error.contains("Pod shop/intruder")
+            && error.contains("status.podIP"),
         "status does not name file, object and field: {status}"
     );
     let text = cluster.cli(0, &["status"])?;
-    ensure!(text.contains("zz-broken.yaml"), "status table hides the error:\n{text}");
+    ensure!(
+        text.contains("zz-broken.yaml"),
+        "status table hides the error:\n{text}"
+    );
 
     // Still enrolled and captured from the last good state.
     web1.send_and_verify(web2.addr(PORT), 64 * 1024).await?;
@@ -53,7 +68,10 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
     cluster.write_state_file("zz-twin.yaml", &twin)?;
     eventually(Duration::from_secs(3), "duplicate IP reported", || {
         let status = cluster.cli_json(1, &["status", "-o", "json"])?;
-        let error = status["state"]["status"]["last_error"].as_str().unwrap_or_default().to_string();
+        let error = status["state"]["status"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         Ok(error.contains("zz-twin.yaml") && error.contains(&web2.ip.to_string()))
     })
     .await?;
@@ -71,11 +89,22 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
     // An agent started on a broken state refuses to start and says why.
     cluster.write_state_file("zz-broken.yaml", BROKEN)?;
     let mut fresh = cluster
-        .start_agent_with(0, AgentOptions::default().no_wait().arg("--admin-addr").arg("127.0.0.1:15100").arg("--readiness-addr").arg("127.0.0.1:15121"))
+        .start_agent_with(
+            0,
+            AgentOptions::default()
+                .no_wait()
+                .arg("--admin-addr")
+                .arg("127.0.0.1:15100")
+                .arg("--readiness-addr")
+                .arg("127.0.0.1:15121"),
+        )
         .await?;
     let exit = fresh.wait_exit(Duration::from_secs(10)).await?;
     ensure!(!exit.success(), "agent started on a broken state");
     let log = fresh.log();
-    ensure!(log.contains("zz-broken.yaml") && log.contains("status.podIP"), "start-up error is unclear: {log}");
+    ensure!(
+        log.contains("zz-broken.yaml") && log.contains("status.podIP"),
+        "start-up error is unclear: {log}"
+    );
     Ok(())
 }

@@ -13,7 +13,14 @@ use tokio::sync::watch;
 use crate::{
     capture::{Capture, CaptureStatus, reconcile::Pending},
     config::Config,
-    proxy::connections::{Connections, Totals},
+    explain::{self, Explanation},
+    identity::CertificateView,
+    policy::{self, AppliedPolicy, MtlsMode},
+    proxy::{
+        ProxyContext,
+        connections::{ConnectionRecord, Totals},
+        hbone::pool::TunnelView,
+    },
     state::{Snapshot, StateStatus},
 };
 
@@ -21,11 +28,10 @@ use crate::{
 pub struct AdminState {
     pub config: Config,
     pub started: Instant,
-    pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub state_status: watch::Receiver<StateStatus>,
     pub capture: Arc<Mutex<Option<Capture>>>,
     pub pending: Arc<Mutex<Pending>>,
-    pub connections: Connections,
+    pub proxy: Arc<ProxyContext>,
     pub ready: watch::Receiver<bool>,
 }
 
@@ -35,9 +41,11 @@ pub struct StatusView {
     pub version: &'static str,
     pub uptime_seconds: u64,
     pub ready: bool,
+    pub trust_domain: String,
     pub state: StateView,
     pub capture: CaptureSummary,
     pub connections: ConnectionSummary,
+    pub certificates: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,6 +53,9 @@ pub struct StateView {
     pub path: String,
     pub namespaces: usize,
     pub workloads: usize,
+    pub services: usize,
+    pub authorization_policies: usize,
+    pub peer_authentications: usize,
     pub status: StateStatus,
 }
 
@@ -59,6 +70,7 @@ pub struct CaptureSummary {
 #[derive(Debug, Serialize)]
 pub struct ConnectionSummary {
     pub open: usize,
+    pub tunnels: usize,
     pub totals: Totals,
 }
 
@@ -69,12 +81,31 @@ pub struct WorkloadView {
     pub node: String,
     pub ip: Ipv4Addr,
     pub service_account: String,
+    pub identity: Option<String>,
     pub enrolled: bool,
     pub reason: String,
     /// Whether the pod runs on this agent's node.
     pub local: bool,
     /// Host-side device the capture programs are attached to, for captured pods.
     pub capture_device: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionsView {
+    pub open: Vec<ConnectionRecord>,
+    pub recent: Vec<ConnectionRecord>,
+    pub totals: Totals,
+    /// Pooled HBONE connections this node opened.
+    pub tunnels: Vec<TunnelView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkloadPolicies {
+    pub workload: String,
+    pub identity: String,
+    /// PeerAuthentication mode for plaintext arriving at the workload (no port given).
+    pub mtls_mode: MtlsMode,
+    pub policies: Vec<AppliedPolicy>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,23 +119,32 @@ impl AdminState {
         let capture = self.capture.lock().unwrap_or_else(|p| p.into_inner());
         capture
             .as_ref()
-            .map(|c| c.enrolled().map(|(ip, link)| (*ip, link.ifname.clone())).collect())
+            .map(|c| {
+                c.enrolled()
+                    .map(|(ip, link)| (*ip, link.ifname.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn status(&self) -> StatusView {
-        let snapshot = self.snapshot.borrow().clone();
+        let snapshot = self.proxy.snapshot();
         let captured = self.captured();
         let active = self.capture.lock().map(|c| c.is_some()).unwrap_or(false);
+        let view = self.proxy.connections.view();
         StatusView {
             node: self.config.node.clone(),
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             ready: *self.ready.borrow(),
+            trust_domain: self.config.identity.trust_domain.clone(),
             state: StateView {
                 path: self.config.state_path.display().to_string(),
                 namespaces: snapshot.namespaces.len(),
                 workloads: snapshot.workloads.len(),
+                services: snapshot.services.len(),
+                authorization_policies: snapshot.authorization_policies.len(),
+                peer_authentications: snapshot.peer_authentications.len(),
                 status: self.state_status.borrow().clone(),
             },
             capture: CaptureSummary {
@@ -117,36 +157,80 @@ impl AdminState {
                 pending: self.pending.lock().map(|p| p.clone()).unwrap_or_default(),
             },
             connections: ConnectionSummary {
-                open: self.connections.open_count(),
-                totals: self.connections.view().totals,
+                open: view.open.len(),
+                tunnels: self.proxy.pool.view().len(),
+                totals: view.totals,
             },
+            certificates: self.proxy.certs.certificates().len(),
         }
     }
 
     pub fn workloads(&self) -> Vec<WorkloadView> {
-        let snapshot = self.snapshot.borrow().clone();
+        let snapshot = self.proxy.snapshot();
         let captured = self.captured();
         snapshot
             .workloads
             .iter()
-            .map(|w| {
-                let (enrolled, reason) = match &w.enrollment {
-                    crate::state::Enrollment::Enrolled { reason } => (true, reason.clone()),
-                    crate::state::Enrollment::NotEnrolled { reason } => (false, reason.clone()),
-                };
-                WorkloadView {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                    node: w.node.clone(),
-                    ip: w.ip,
-                    service_account: w.service_account.clone(),
-                    enrolled,
-                    reason,
-                    local: w.node == self.config.node,
-                    capture_device: captured.get(&w.ip).cloned(),
-                }
+            .map(|w| WorkloadView {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                node: w.node.clone(),
+                ip: w.ip,
+                service_account: w.service_account.clone(),
+                identity: w
+                    .is_enrolled()
+                    .then(|| self.proxy.identity_of(w))
+                    .flatten()
+                    .map(|i| i.to_string()),
+                enrolled: w.is_enrolled(),
+                reason: w.enrollment.reason().to_string(),
+                local: w.node == self.config.node,
+                capture_device: captured.get(&w.ip).cloned(),
             })
             .collect()
+    }
+
+    pub fn connections(&self) -> ConnectionsView {
+        let view = self.proxy.connections.view();
+        ConnectionsView {
+            open: view.open,
+            recent: view.recent,
+            totals: view.totals,
+            tunnels: self.proxy.pool.view(),
+        }
+    }
+
+    pub fn certificates(&self) -> Vec<CertificateView> {
+        self.proxy.certs.certificates()
+    }
+
+    /// Policies of each enrolled workload of this node.
+    pub fn policies(&self) -> Vec<WorkloadPolicies> {
+        let snapshot = self.proxy.snapshot();
+        let root = &self.proxy.mesh.root_namespace;
+        snapshot
+            .workloads_on_node(&self.config.node)
+            .filter(|w| w.is_enrolled())
+            .map(|w| WorkloadPolicies {
+                workload: format!("{}/{}", w.namespace, w.name),
+                identity: self
+                    .proxy
+                    .identity_of(w)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
+                mtls_mode: policy::mtls_mode(&snapshot, root, w, 0),
+                policies: policy::policies_for(&snapshot, root, w),
+            })
+            .collect()
+    }
+
+    pub fn explain(&self, from: &str, to: &str) -> Result<Explanation, String> {
+        let to = to
+            .parse()
+            .map_err(|_| format!("--to {to:?} is not an ip:port"))?;
+        let snapshot = self.proxy.snapshot();
+        explain::explain(&snapshot, &self.proxy.mesh, &self.proxy.services, from, to)
+            .map_err(|e| e.to_string())
     }
 
     pub fn bpf(&self) -> Option<CaptureStatus> {
@@ -155,6 +239,9 @@ impl AdminState {
     }
 
     pub fn config_dump(&self) -> ConfigDump {
-        ConfigDump { config: self.config.clone(), state: self.snapshot.borrow().clone() }
+        ConfigDump {
+            config: self.config.clone(),
+            state: self.proxy.snapshot(),
+        }
     }
 }

@@ -54,14 +54,24 @@ pub fn check() -> Result<KernelFeatures, KernelError> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|source| KernelError::NoBpffs { path: bpffs.clone(), source })?;
+        .map_err(|source| KernelError::NoBpffs {
+            path: bpffs.clone(),
+            source,
+        })?;
     }
     let kernel_release = read("/proc/sys/kernel/osrelease")?.trim().to_string();
-    Ok(KernelFeatures { cgroup2, bpffs, kernel_release })
+    Ok(KernelFeatures {
+        cgroup2,
+        bpffs,
+        kernel_release,
+    })
 }
 
 fn read(path: &str) -> Result<String, KernelError> {
-    std::fs::read_to_string(path).map_err(|source| KernelError::Read { path: path.into(), source })
+    std::fs::read_to_string(path).map_err(|source| KernelError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Mount point of the first mount of `fstype` (mountinfo: fields, then " - fstype source opts").
@@ -80,7 +90,8 @@ fn mountinfo_has(mountinfo: &str, path: &str, fstype: &str) -> bool {
         let Some((left, right)) = line.split_once(" - ") else {
             return false;
         };
-        left.split_whitespace().nth(4) == Some(path) && right.split_whitespace().next() == Some(fstype)
+        left.split_whitespace().nth(4) == Some(path)
+            && right.split_whitespace().next() == Some(fstype)
     })
 }
 
@@ -96,8 +107,14 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {
-        assert_eq!(mount_point(HYBRID, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(mount_point("1 2 0:1 / / rw - ext4 /dev/vda rw", "cgroup2"), None);
+        assert_eq!(
+            mount_point(HYBRID, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            mount_point("1 2 0:1 / / rw - ext4 /dev/vda rw", "cgroup2"),
+            None
+        );
     }
 
     #[test]

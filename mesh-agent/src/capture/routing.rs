@@ -36,7 +36,10 @@ fn ip(args: &[&str]) -> Result<String, RoutingError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|source| RoutingError::Spawn { args: joined.clone(), source })?;
+        .map_err(|source| RoutingError::Spawn {
+            args: joined.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(RoutingError::Failed {
             args: joined,
@@ -70,7 +73,16 @@ pub fn install_capture_route() -> Result<(), RoutingError> {
     remove_capture_route()?;
     ip_owned(&rule_args("add"))?;
     let table = CAPTURE_ROUTE_TABLE.to_string();
-    ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
     Ok(())
 }
 
@@ -128,7 +140,8 @@ fn parse_route_get(json: &str) -> Result<Option<String>, String> {
     let Some(route) = routes.first() else {
         return Ok(None);
     };
-    if route.get("gateway").is_some() || route.get("type").and_then(|t| t.as_str()) == Some("local") {
+    if route.get("gateway").is_some() || route.get("type").and_then(|t| t.as_str()) == Some("local")
+    {
         return Ok(None);
     }
     match route.get("dev").and_then(|d| d.as_str()) {

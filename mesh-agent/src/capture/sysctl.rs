@@ -25,11 +25,17 @@ fn path(key: &str) -> PathBuf {
 pub fn get(key: &str) -> Result<String, SysctlError> {
     std::fs::read_to_string(path(key))
         .map(|v| v.trim().to_string())
-        .map_err(|source| SysctlError { key: key.into(), source })
+        .map_err(|source| SysctlError {
+            key: key.into(),
+            source,
+        })
 }
 
 pub fn set(key: &str, value: &str) -> Result<(), SysctlError> {
-    std::fs::write(path(key), value).map_err(|source| SysctlError { key: key.into(), source })
+    std::fs::write(path(key), value).map_err(|source| SysctlError {
+        key: key.into(),
+        source,
+    })
 }
 
 /// A sysctl changed by the agent, with the value to put back.

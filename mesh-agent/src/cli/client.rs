@@ -19,7 +19,11 @@ pub enum ClientError {
     #[error("admin API request {path}: {0}", path = .1)]
     Http(#[source] hyper::Error, String),
     #[error("admin API {path} answered {status}: {body}")]
-    Status { path: String, status: u16, body: String },
+    Status {
+        path: String,
+        status: u16,
+        body: String,
+    },
     #[error("admin API {path} returned invalid JSON: {source}")]
     Json {
         path: String,
@@ -33,16 +37,26 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<serde_json::Value, Clie
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
     let http = |e| ClientError::Http(e, path.to_string());
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
     tokio::spawn(conn);
     let request = hyper::Request::get(path)
         .header("host", addr.to_string())
         .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Status { path: path.into(), status: 0, body: e.to_string() })?;
+        .map_err(|e| ClientError::Status {
+            path: path.into(),
+            status: 0,
+            body: e.to_string(),
+        })?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
     if !status.is_success() {
         return Err(ClientError::Status {
             path: path.into(),
@@ -50,5 +64,8 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<serde_json::Value, Clie
             body: String::from_utf8_lossy(&body).trim().to_string(),
         });
     }
-    serde_json::from_slice(&body).map_err(|source| ClientError::Json { path: path.into(), source })
+    serde_json::from_slice(&body).map_err(|source| ClientError::Json {
+        path: path.into(),
+        source,
+    })
 }

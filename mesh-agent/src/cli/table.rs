@@ -9,7 +9,10 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self { header: header.iter().map(|h| h.to_string()).collect(), rows: Vec::new() }
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -51,6 +54,9 @@ mod tests {
         let mut t = Table::new(&["NAME", "IP"]);
         t.row(vec!["web-1".into(), "10.0.1.10".into()]);
         t.row(vec!["a".into(), "10.0.1.11".into()]);
-        assert_eq!(t.render(), "NAME   IP\nweb-1  10.0.1.10\na      10.0.1.11\n");
+        assert_eq!(
+            t.render(),
+            "NAME   IP\nweb-1  10.0.1.10\na      10.0.1.11\n"
+        );
     }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::forward::ByteCounts;
+use crate::metrics::{DenialLabels, Metrics, TcpLabels};
 
 /// How many closed connections are kept for inspection.
 const RECENT: usize = 512;
@@ -23,19 +24,71 @@ pub enum Direction {
     Inbound,
 }
 
+/// Whether a connection was protected by mutual TLS between the two proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    /// Inside an HBONE tunnel, or between two enrolled pods of this node (never on the wire).
+    MutualTls,
+    /// Plaintext: one end is not in the mesh.
+    None,
+}
+
+impl Security {
+    /// Istio's `connection_security_policy` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        }
+    }
+}
+
+/// A pod taking part in a connection, as named in logs, views and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub name: String,
+    /// The pod's `app` label (Istio's `*_app` metric labels).
+    pub app: Option<String>,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Serialize for WorkloadRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// What the proxy learned about a connection when it accepted it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionInfo {
     pub direction: Direction,
     /// The client's address (a pod IP, or a remote address for inbound).
     pub source: SocketAddr,
-    /// `namespace/name` of the client when it is a known pod.
-    pub source_workload: Option<String>,
+    /// The client when it is a known pod.
+    pub source_workload: Option<WorkloadRef>,
+    /// The client's SPIFFE identity, when known (enrolled client, or authenticated by mTLS).
+    pub source_identity: Option<String>,
+    /// Serial of the certificate the client presented (tunnel inbound only).
+    pub source_certificate_serial: Option<String>,
     /// Where the client was connecting to, before capture.
     pub original_destination: SocketAddr,
-    pub destination_workload: Option<String>,
-    /// How the proxy reaches the destination: `direct` (plaintext) for now.
+    /// `namespace/name` of the Service when the client dialed a service address.
+    pub destination_service: Option<String>,
+    /// The pod that serves the connection (a service's chosen endpoint).
+    pub destination_workload: Option<WorkloadRef>,
+    /// The address actually connected to (differs from the original for services).
+    pub destination: SocketAddr,
+    pub destination_identity: Option<String>,
+    /// How the proxy reaches the destination: `direct`, `tunnel` (HBONE), `local` (same node).
     pub route: &'static str,
+    pub security: Security,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +100,8 @@ pub struct ConnectionRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: Option<u64>,
+    /// `allow`, or why the connection was denied.
+    pub verdict: String,
     pub error: Option<String>,
 }
 
@@ -56,6 +111,7 @@ pub struct Totals {
     pub inbound_opened: u64,
     pub closed: u64,
     pub failed: u64,
+    pub denied: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -86,12 +142,24 @@ struct Inner {
 pub struct Connections {
     inner: Arc<Mutex<Inner>>,
     closed: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Connections {
-    /// Registers a connection; it stays open until the guard is finished or dropped.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::default(),
+            closed: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Registers an allowed connection; it stays open until the guard is dropped.
     pub fn open(&self, info: ConnectionInfo) -> ConnectionGuard {
         let counts = Arc::new(ByteCounts::default());
+        for labels in tcp_labels(&info) {
+            self.metrics.opened.get_or_create(&labels).inc();
+        }
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
@@ -101,9 +169,51 @@ impl Connections {
         }
         inner.open.insert(
             id,
-            Open { info, started: SystemTime::now(), since: Instant::now(), counts: counts.clone() },
+            Open {
+                info,
+                started: SystemTime::now(),
+                since: Instant::now(),
+                counts: counts.clone(),
+            },
         );
-        ConnectionGuard { table: self.clone(), id, counts, error: None }
+        ConnectionGuard {
+            table: self.clone(),
+            id,
+            counts,
+            error: None,
+        }
+    }
+
+    /// Records a connection refused by policy: counted, logged, kept in the recent list.
+    pub fn deny(&self, info: ConnectionInfo, policy: Option<&str>, reason: &str) {
+        let labels = DenialLabels {
+            reporter: reporter(info.direction),
+            destination_workload: name_of(&info.destination_workload),
+            destination_workload_namespace: namespace_of(&info.destination_workload),
+            source_principal: info
+                .source_identity
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+            policy: policy.unwrap_or("default").to_string(),
+            reason: "authorization",
+        };
+        self.metrics.denied.get_or_create(&labels).inc();
+        let record = ConnectionRecord {
+            id: 0,
+            info,
+            started: SystemTime::now(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: Some(0),
+            verdict: format!("deny: {reason}"),
+            error: None,
+        };
+        access_log(&record);
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.totals.denied += 1;
+        push_recent(&mut inner, ConnectionRecord { id, ..record });
     }
 
     pub fn open_count(&self) -> usize {
@@ -124,7 +234,11 @@ impl Connections {
     pub fn view(&self) -> ConnectionsView {
         let inner = self.lock();
         ConnectionsView {
-            open: inner.open.iter().map(|(id, o)| record(*id, o, None, None)).collect(),
+            open: inner
+                .open
+                .iter()
+                .map(|(id, o)| record(*id, o, None, None))
+                .collect(),
             recent: inner.recent.iter().cloned().collect(),
             totals: inner.totals.clone(),
         }
@@ -133,32 +247,119 @@ impl Connections {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the table inconsistent in a way that
         // matters for reporting, so keep going with the data.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn close(&self, id: u64, error: Option<String>) -> Option<ConnectionRecord> {
         let record = {
             let mut inner = self.lock();
             let open = inner.open.remove(&id)?;
-            let record = record(id, &open, Some(open.since.elapsed().as_millis() as u64), error);
+            let record = record(
+                id,
+                &open,
+                Some(open.since.elapsed().as_millis() as u64),
+                error,
+            );
             inner.totals.closed += 1;
             if record.error.is_some() {
                 inner.totals.failed += 1;
             }
             inner.totals.bytes_sent += record.bytes_sent;
             inner.totals.bytes_received += record.bytes_received;
-            if inner.recent.len() == RECENT {
-                inner.recent.pop_front();
-            }
-            inner.recent.push_back(record.clone());
+            push_recent(&mut inner, record.clone());
             record
         };
+        for labels in tcp_labels(&record.info) {
+            self.metrics.closed.get_or_create(&labels).inc();
+            self.metrics
+                .sent_bytes
+                .get_or_create(&labels)
+                .inc_by(record.bytes_sent);
+            self.metrics
+                .received_bytes
+                .get_or_create(&labels)
+                .inc_by(record.bytes_received);
+        }
         self.closed.notify_waiters();
         Some(record)
     }
 }
 
-fn record(id: u64, open: &Open, duration_ms: Option<u64>, error: Option<String>) -> ConnectionRecord {
+fn push_recent(inner: &mut Inner, record: ConnectionRecord) {
+    if inner.recent.len() == RECENT {
+        inner.recent.pop_front();
+    }
+    inner.recent.push_back(record);
+}
+
+fn reporter(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Outbound => "source",
+        Direction::Inbound => "destination",
+    }
+}
+
+fn name_of(w: &Option<WorkloadRef>) -> String {
+    w.as_ref()
+        .map_or_else(|| "unknown".into(), |w| w.name.clone())
+}
+
+fn namespace_of(w: &Option<WorkloadRef>) -> String {
+    w.as_ref()
+        .map_or_else(|| "unknown".into(), |w| w.namespace.clone())
+}
+
+fn app_of(w: &Option<WorkloadRef>) -> String {
+    w.as_ref()
+        .and_then(|w| w.app.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Istio's labels for a connection; a same-node connection is reported by both ends.
+fn tcp_labels(info: &ConnectionInfo) -> Vec<TcpLabels> {
+    let base = TcpLabels {
+        reporter: reporter(info.direction),
+        source_workload: name_of(&info.source_workload),
+        source_workload_namespace: namespace_of(&info.source_workload),
+        source_principal: info
+            .source_identity
+            .clone()
+            .unwrap_or_else(|| "unknown".into()),
+        source_app: app_of(&info.source_workload),
+        destination_workload: name_of(&info.destination_workload),
+        destination_workload_namespace: namespace_of(&info.destination_workload),
+        destination_principal: info
+            .destination_identity
+            .clone()
+            .unwrap_or_else(|| "unknown".into()),
+        destination_app: app_of(&info.destination_workload),
+        destination_service: info
+            .destination_service
+            .clone()
+            .unwrap_or_else(|| "unknown".into()),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: info.security.label(),
+    };
+    if info.route == super::upstream::LOCAL {
+        let destination = TcpLabels {
+            reporter: "destination",
+            ..base.clone()
+        };
+        vec![base, destination]
+    } else {
+        vec![base]
+    }
+}
+
+fn record(
+    id: u64,
+    open: &Open,
+    duration_ms: Option<u64>,
+    error: Option<String>,
+) -> ConnectionRecord {
     ConnectionRecord {
         id,
         info: open.info.clone(),
@@ -166,8 +367,34 @@ fn record(id: u64, open: &Open, duration_ms: Option<u64>, error: Option<String>)
         bytes_sent: open.counts.sent.load(Ordering::Relaxed),
         bytes_received: open.counts.received.load(Ordering::Relaxed),
         duration_ms,
+        verdict: "allow".into(),
         error,
     }
+}
+
+/// One structured line per finished connection.
+fn access_log(r: &ConnectionRecord) {
+    let none = || "-".to_string();
+    tracing::info!(
+        target: "access",
+        direction = ?r.info.direction,
+        src.addr = %r.info.source,
+        src.workload = r.info.source_workload.as_ref().map_or_else(none, |w| w.to_string()),
+        src.identity = r.info.source_identity.as_deref().unwrap_or("-"),
+        dst.addr = %r.info.destination,
+        dst.original = %r.info.original_destination,
+        dst.service = r.info.destination_service.as_deref().unwrap_or("-"),
+        dst.workload = r.info.destination_workload.as_ref().map_or_else(none, |w| w.to_string()),
+        dst.identity = r.info.destination_identity.as_deref().unwrap_or("-"),
+        route = r.info.route,
+        security = r.info.security.label(),
+        verdict = %r.verdict,
+        bytes_sent = r.bytes_sent,
+        bytes_recv = r.bytes_received,
+        duration_ms = r.duration_ms.unwrap_or(0),
+        error = r.error.as_deref().unwrap_or("-"),
+        "connection complete"
+    );
 }
 
 /// Keeps a connection in the open table; on drop it moves to the recent list and an access-log
@@ -191,21 +418,8 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if let Some(r) = self.table.close(self.id, self.error.take()) {
-            tracing::info!(
-                target: "access",
-                direction = ?r.info.direction,
-                src.addr = %r.info.source,
-                src.workload = r.info.source_workload.as_deref().unwrap_or("-"),
-                dst.addr = %r.info.original_destination,
-                dst.workload = r.info.destination_workload.as_deref().unwrap_or("-"),
-                route = r.info.route,
-                bytes_sent = r.bytes_sent,
-                bytes_recv = r.bytes_received,
-                duration_ms = r.duration_ms.unwrap_or(0),
-                error = r.error.as_deref().unwrap_or("-"),
-                "connection complete"
-            );
+        if let Some(record) = self.table.close(self.id, self.error.take()) {
+            access_log(&record);
         }
     }
 }
@@ -218,10 +432,20 @@ mod tests {
         ConnectionInfo {
             direction: Direction::Outbound,
             source: "10.0.1.10:40000".parse().unwrap(),
-            source_workload: Some("shop/web".into()),
+            source_workload: Some(WorkloadRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+                app: None,
+            }),
+            source_identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+            source_certificate_serial: None,
             original_destination: "10.0.2.10:8080".parse().unwrap(),
+            destination_service: None,
             destination_workload: None,
+            destination: "10.0.2.10:8080".parse().unwrap(),
+            destination_identity: None,
             route: "direct",
+            security: Security::None,
         }
     }
 
@@ -235,9 +459,32 @@ mod tests {
         let view = table.view();
         assert!(view.open.is_empty());
         assert_eq!(view.recent[0].bytes_sent, 5);
+        assert_eq!(view.recent[0].verdict, "allow");
         assert_eq!(view.totals.outbound_opened, 1);
         assert_eq!(view.totals.closed, 1);
         assert_eq!(view.totals.failed, 0);
+        let json = serde_json::to_value(&view.recent[0]).unwrap();
+        assert_eq!(json["source_workload"], "shop/web");
+    }
+
+    #[test]
+    fn denial_is_recorded_and_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let table = Connections::new(metrics.clone());
+        table.deny(
+            info(),
+            Some("shop/deny-all"),
+            "denied by DENY policy shop/deny-all rule 0",
+        );
+        let view = table.view();
+        assert_eq!(view.totals.denied, 1);
+        assert!(view.recent[0].verdict.starts_with("deny: "));
+        assert!(
+            metrics
+                .encode()
+                .unwrap()
+                .contains("policy=\"shop/deny-all\"")
+        );
     }
 
     #[test]
@@ -258,6 +505,9 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         drop(guard);
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -40,8 +40,10 @@ pub async fn bidirectional(
     let to_client = copy_half(&mut upstream_rx, &mut client_tx, &counts.received);
     let result = tokio::try_join!(to_upstream, to_client);
     if result.is_err()
-        && let (Ok(client), Ok(upstream)) =
-            (client_rx.reunite(client_tx), upstream_rx.reunite(upstream_tx))
+        && let (Ok(client), Ok(upstream)) = (
+            client_rx.reunite(client_tx),
+            upstream_rx.reunite(upstream_tx),
+        )
     {
         reset_on_close(&client);
         reset_on_close(&upstream);

@@ -1,4 +1,7 @@
-//! Inbound: plain TCP addressed to an enrolled pod on this node, captured before delivery.
+//! Inbound plaintext (15006): TCP addressed to an enrolled pod of this node that did not come
+//! through a tunnel — from a pod outside the mesh, or the node itself. PeerAuthentication
+//! decides whether plaintext is accepted (STRICT refuses it); authorization policy applies with
+//! the source address only (there is no identity).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -7,34 +10,64 @@ use tracing::{debug, warn};
 
 use super::{
     ProxyContext,
-    connections::{ConnectionInfo, Direction},
-    socket, upstream,
+    connections::{ConnectionInfo, Direction, Security},
+    forward, socket, upstream, workload_ref,
 };
+use crate::policy::{self, MtlsMode};
 
 pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr) {
-    let Ok(original_destination) = client.local_addr() else { return };
-    if !is_local_enrolled(&ctx, original_destination) {
+    let Ok(original_destination) = client.local_addr() else {
+        return;
+    };
+    let Some(destination) = ctx.local_enrolled(original_destination.ip()) else {
         // Only reachable by a stale capture entry or a client dialing 15006 directly.
         warn!(src = %peer, dst = %original_destination, "inbound connection for a pod that is not an enrolled pod of this node; refused");
+        ctx.metrics.refused("inbound", "unknown destination");
         socket::reset_on_close(&client);
         return;
-    }
+    };
     let info = ConnectionInfo {
         direction: Direction::Inbound,
         source: peer,
-        source_workload: ctx.workload_name(peer),
+        source_workload: ctx.workload_ref(peer),
+        source_identity: None,
+        source_certificate_serial: None,
         original_destination,
-        destination_workload: ctx.workload_name(original_destination),
+        destination_service: None,
+        destination_workload: Some(workload_ref(&destination)),
+        destination: original_destination,
+        destination_identity: ctx.identity_of(&destination).map(|i| i.to_string()),
         route: upstream::DIRECT,
+        security: Security::None,
     };
-    debug!(src = %peer, dst = %original_destination, "inbound connection captured");
-    super::carry(&ctx, client, info).await;
-}
-
-fn is_local_enrolled(ctx: &ProxyContext, addr: SocketAddr) -> bool {
-    let SocketAddr::V4(addr) = addr else { return false };
-    let snapshot = ctx.state.borrow();
-    snapshot
-        .workload_by_ip(*addr.ip())
-        .is_some_and(|w| w.node == ctx.node && w.is_enrolled())
+    let snapshot = ctx.snapshot();
+    let mode = policy::mtls_mode(
+        &snapshot,
+        &ctx.mesh.root_namespace,
+        &destination,
+        original_destination.port(),
+    );
+    if mode == MtlsMode::Strict {
+        warn!(src = %peer, dst = %original_destination, "plaintext refused: PeerAuthentication STRICT");
+        ctx.connections
+            .deny(info, None, "plaintext refused by PeerAuthentication STRICT");
+        socket::reset_on_close(&client);
+        return;
+    }
+    debug!(src = %peer, dst = %original_destination, "inbound plaintext connection captured");
+    let Some(mut guard) = ctx.admit(info, &destination) else {
+        socket::reset_on_close(&client);
+        return;
+    };
+    match upstream::direct(peer, original_destination).await {
+        Ok(up) => {
+            if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {
+                guard.fail(e);
+            }
+        }
+        Err(e) => {
+            socket::reset_on_close(&client);
+            guard.fail(e);
+        }
+    }
 }

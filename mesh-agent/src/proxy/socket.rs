@@ -29,14 +29,20 @@ pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
 
 /// Connects to `destination` from `source`'s IP (a pod's address, not one of the node's), so
 /// the destination sees the real client. The port is chosen by the kernel at connect time.
+///
+/// A pod connecting to itself through a service (hairpin) cannot be answered from its own
+/// address — it would drop a packet that claims to come from itself — so that one connection
+/// comes from the node instead, as kube-proxy's hairpin masquerade does.
 pub async fn connect_as(source: Ipv4Addr, destination: SocketAddrV4) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_ip_transparent_v4(true)?;
     socket.set_mark(PROXY_MARK)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
-    set_bind_address_no_port(&socket)?;
-    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    if source != *destination.ip() {
+        socket.set_ip_transparent_v4(true)?;
+        set_bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::from((source, 0)).into())?;
+    }
     let socket = TcpSocket::from_std_stream(socket.into());
     socket.connect(SocketAddr::V4(destination)).await
 }
@@ -54,7 +60,11 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Closes with RST instead of FIN, to pass a reset on to the other side.

@@ -1,20 +1,30 @@
-//! How the proxy reaches a connection's destination.
-//!
-//! Today every destination is reached directly, in plaintext, from the client's own address.
-//! The HBONE tunnel (HTTP/2 CONNECT over mutual TLS to the destination node's port 15008) will
-//! be chosen here for enrolled destinations, behind the same `connect` call.
+//! Where an outbound connection goes and how: the candidate endpoints of its original
+//! destination (one pod, or a Service's ready endpoints in round-robin order) and, per
+//! endpoint, the route — an HBONE tunnel to an enrolled pod on another node, in-process for an
+//! enrolled pod of this node, or a direct connection for anything outside the mesh.
 
 use std::{
+    collections::HashMap,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::net::TcpStream;
 
 use super::socket;
+use crate::state::{Snapshot, TargetPort, Workload};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Route names recorded with each connection.
+pub const DIRECT: &str = "direct";
+pub const TUNNEL: &str = "tunnel";
+pub const LOCAL: &str = "local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -30,17 +40,119 @@ pub enum UpstreamError {
     Timeout { destination: SocketAddrV4 },
 }
 
-/// The route name recorded with each connection.
-pub const DIRECT: &str = "direct";
-
-/// Opens the upstream connection for a client at `source` that wanted `destination`.
-pub async fn connect(source: SocketAddr, destination: SocketAddr) -> Result<TcpStream, UpstreamError> {
+/// Opens a plain connection to `destination` from the client's own address, so the
+/// destination sees the real client.
+pub async fn direct(
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Result<TcpStream, UpstreamError> {
     let (SocketAddr::V4(source), SocketAddr::V4(destination)) = (source, destination) else {
         return Err(UpstreamError::NotIpv4(destination));
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_as(*source.ip(), destination)).await {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        socket::connect_as(*source.ip(), destination),
+    )
+    .await
+    {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(UpstreamError::Connect { destination, source }),
+        Ok(Err(source)) => Err(UpstreamError::Connect {
+            destination,
+            source,
+        }),
         Err(_) => Err(UpstreamError::Timeout { destination }),
+    }
+}
+
+/// One place an outbound connection may be sent.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub workload: Option<Workload>,
+}
+
+/// The endpoints to try for `destination`, in order, and the service it named, if any.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub service: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Round-robin position per service port.
+#[derive(Default)]
+pub struct ServiceBalancer {
+    next: Mutex<HashMap<(String, u16), std::sync::Arc<AtomicUsize>>>,
+}
+
+impl ServiceBalancer {
+    fn start(&self, key: (String, u16)) -> usize {
+        let counter = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            next.entry(key).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A service VIP gives its ready endpoints (rotated so each connection starts at the next
+    /// one, and the rest follow as fallbacks); any other address is its own single endpoint.
+    pub fn resolve(&self, snapshot: &Snapshot, destination: SocketAddr) -> Resolved {
+        self.resolve_with(snapshot, destination, true)
+    }
+
+    /// Like [`ServiceBalancer::resolve`] without moving the round robin (for `explain`).
+    pub fn peek(&self, snapshot: &Snapshot, destination: SocketAddr) -> Resolved {
+        self.resolve_with(snapshot, destination, false)
+    }
+
+    fn resolve_with(
+        &self,
+        snapshot: &Snapshot,
+        destination: SocketAddr,
+        advance: bool,
+    ) -> Resolved {
+        let IpAddr::V4(ip) = destination.ip() else {
+            return Resolved {
+                service: None,
+                endpoints: vec![Endpoint {
+                    address: destination,
+                    workload: None,
+                }],
+            };
+        };
+        if let Some(service) = snapshot.service_by_ip(ip)
+            && let Some(port) = service.ports.iter().find(|p| p.port == destination.port())
+        {
+            let target = match &port.target_port {
+                Some(TargetPort::Number(n)) => *n,
+                // Named ports need container specs the state does not carry: use the port.
+                Some(TargetPort::Name(_)) | None => port.port,
+            };
+            let mut endpoints: Vec<Endpoint> = snapshot
+                .endpoints(service)
+                .map(|w| Endpoint {
+                    address: SocketAddr::from((w.ip, target)),
+                    workload: Some(w.clone()),
+                })
+                .collect();
+            endpoints.sort_by_key(|e| e.address);
+            if !endpoints.is_empty() && advance {
+                let start =
+                    self.start((format!("{}/{}", service.namespace, service.name), port.port));
+                let len = endpoints.len();
+                endpoints.rotate_left(start % len);
+            }
+            return Resolved {
+                service: Some(format!("{}/{}", service.namespace, service.name)),
+                endpoints,
+            };
+        }
+        let workload = snapshot.workload_by_ip(ip).cloned();
+        Resolved {
+            service: None,
+            endpoints: vec![Endpoint {
+                address: destination,
+                workload,
+            }],
+        }
     }
 }

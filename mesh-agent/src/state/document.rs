@@ -8,8 +8,10 @@ use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
 use super::error::{Origin, StateError};
+use super::istio::{self, AuthorizationPolicyResource, PeerAuthenticationResource};
 
-/// Groups whose kinds the agent will read later (policy, waypoints): skipped quietly, never errors.
+/// Groups whose other kinds the agent will read later (waypoints, request authentication):
+/// skipped quietly, never errors.
 const LATER_GROUPS: [&str; 2] = ["security.istio.io/", "gateway.networking.k8s.io/"];
 const LATER_KINDS: [&str; 1] = ["EndpointSlice"];
 
@@ -36,6 +38,8 @@ pub enum Object {
     Namespace(Box<k8s::Namespace>),
     Pod(Box<k8s::Pod>),
     Service(Box<k8s::Service>),
+    AuthorizationPolicy(Box<AuthorizationPolicyResource>),
+    PeerAuthentication(Box<PeerAuthenticationResource>),
 }
 
 /// An object with the place it came from, so later checks can name the file.
@@ -213,6 +217,23 @@ impl Parsed {
             ("v1", "Service") => self.typed(value, origin, &kind, true, |service| {
                 Object::Service(Box::new(service))
             }),
+            (version, "AuthorizationPolicy") if istio::API_VERSIONS.contains(&version) => self
+                .typed(value, origin, &kind, true, |policy| {
+                    Object::AuthorizationPolicy(Box::new(policy))
+                }),
+            (version, "PeerAuthentication") if istio::API_VERSIONS.contains(&version) => self
+                .typed(value, origin, &kind, true, |policy| {
+                    Object::PeerAuthentication(Box::new(policy))
+                }),
+            (found, "AuthorizationPolicy" | "PeerAuthentication") if is_istio_security(found) => {
+                let label = label_of(map, &kind, true, &origin);
+                let error = DocumentError::WrongApiVersion {
+                    kind: kind.clone(),
+                    expected: "security.istio.io/v1 or security.istio.io/v1beta1",
+                    found: found.to_string(),
+                };
+                self.fail(&origin, label, Some("apiVersion"), error);
+            }
             (found, "Namespace" | "Pod" | "Service") => {
                 let label = label_of(map, &kind, kind != "Namespace", &origin);
                 let error = DocumentError::WrongApiVersion {
@@ -340,6 +361,12 @@ fn string_field<'a>(map: &'a Mapping, key: &str) -> Result<&'a str, DocumentErro
     }
 }
 
+fn is_istio_security(api_version: &str) -> bool {
+    api_version
+        .split_once('/')
+        .is_some_and(|(group, _)| group == istio::GROUP)
+}
+
 fn is_later(api_version: &str, kind: &str) -> bool {
     LATER_GROUPS
         .iter()
@@ -410,7 +437,7 @@ mod tests {
 
     #[test]
     fn skips_other_and_later_kinds() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
         let parsed = yaml(text);
         assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
         assert!(parsed.objects.is_empty());
@@ -489,6 +516,42 @@ mod tests {
         assert_eq!(
             parsed.errors[0].field.as_deref(),
             Some("spec.ports[0].port")
+        );
+    }
+
+    #[test]
+    fn reads_istio_security_kinds_of_both_versions() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthenticationList\nitems:\n- metadata: {name: d}\n";
+        let parsed = yaml(text);
+        assert_eq!(messages(&parsed), Vec::<String>::new());
+        let kinds: Vec<bool> = parsed
+            .objects
+            .iter()
+            .map(|object| matches!(object.object, Object::AuthorizationPolicy(_)))
+            .collect();
+        assert_eq!(kinds, [true, true, false, false]);
+        assert!(matches!(
+            parsed.objects[3].object,
+            Object::PeerAuthentication(_)
+        ));
+    }
+
+    #[test]
+    fn rejects_istio_security_kinds_with_wrong_version_or_type() {
+        let text = "apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec: {rules: [{from: [{source: {ipBlocks: 10.0.0.0/8}}]}]}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: c}\nspec: {mtls: STRICT}\n";
+        let errors = messages(&yaml(text));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            "test.yaml: AuthorizationPolicy shop/a: apiVersion: AuthorizationPolicy is served by apiVersion security.istio.io/v1 or security.istio.io/v1beta1, not \"security.istio.io/v2\""
+        );
+        assert!(
+            errors[1].starts_with("test.yaml: AuthorizationPolicy shop/b: spec.rules[0].from[0].source.ipBlocks: invalid type: string \"10.0.0.0/8\", expected a sequence"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].starts_with("test.yaml: PeerAuthentication default/c: spec.mtls: invalid type: string \"STRICT\""),
+            "{errors:?}"
         );
     }
 

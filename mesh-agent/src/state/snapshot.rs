@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1 as k8s;
 use serde::Serialize;
 
+use super::authorization::AuthorizationPolicy;
 use super::document::{Object, Sourced};
-use super::error::StateErrors;
+use super::error::{StateError, StateErrors};
+use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::Namespace;
+use super::peer_authentication::PeerAuthentication;
 use super::service::Service;
-use super::validate;
+use super::validate::{self, Named};
 use super::workload::Workload;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -21,6 +24,10 @@ pub struct Snapshot {
     pub workloads: Vec<Workload>,
     /// Sorted by (namespace, name).
     pub services: Vec<Service>,
+    /// Istio `AuthorizationPolicy`s, sorted by (namespace, name).
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Istio `PeerAuthentication`s, sorted by (namespace, name).
+    pub peer_authentications: Vec<PeerAuthentication>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
 }
@@ -34,6 +41,7 @@ impl Snapshot {
     ) -> Result<Snapshot, StateErrors> {
         let mut errors = Vec::new();
         let (mut k8s_namespaces, mut pods, mut services) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut authorizations, mut peers) = (Vec::new(), Vec::new());
         for Sourced { origin, object } in objects {
             match object {
                 Object::Namespace(object) => k8s_namespaces.push(Sourced {
@@ -45,6 +53,14 @@ impl Snapshot {
                     object: *object,
                 }),
                 Object::Service(object) => services.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::AuthorizationPolicy(object) => authorizations.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::PeerAuthentication(object) => peers.push(Sourced {
                     origin,
                     object: *object,
                 }),
@@ -97,6 +113,19 @@ impl Snapshot {
             })
             .collect();
 
+        let authorizations =
+            validate::named::<AuthorizationPolicyResource>(&authorizations, true, &mut errors);
+        validate::namespaces_exist(&authorizations, &namespaces, &mut errors);
+        let authorization_policies = build_each(
+            &authorizations,
+            AuthorizationPolicy::from_resource,
+            &mut errors,
+        );
+        let peers = validate::named::<PeerAuthenticationResource>(&peers, true, &mut errors);
+        validate::namespaces_exist(&peers, &namespaces, &mut errors);
+        let peer_authentications =
+            build_each(&peers, PeerAuthentication::from_resource, &mut errors);
+
         if !errors.is_empty() {
             return Err(StateErrors(errors));
         }
@@ -108,7 +137,8 @@ impl Snapshot {
                 .collect(),
             services,
             files,
-        ))
+        )
+        .with_policies(authorization_policies, peer_authentications))
     }
 
     /// Assembles a snapshot, sorting workloads and services so equal states compare equal.
@@ -126,7 +156,23 @@ impl Snapshot {
             workloads,
             services,
             files,
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
         }
+    }
+
+    /// Sets the Istio security policies, sorting them so equal states compare equal.
+    pub fn with_policies(
+        mut self,
+        mut authorization_policies: Vec<AuthorizationPolicy>,
+        mut peer_authentications: Vec<PeerAuthentication>,
+    ) -> Snapshot {
+        authorization_policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        peer_authentications.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.authorization_policies = authorization_policies;
+        self.peer_authentications = peer_authentications;
+        self
     }
 
     /// The pod that has this IP; never a hostNetwork pod (the IP is the node's) nor a finished one.
@@ -175,6 +221,28 @@ impl Snapshot {
             .iter()
             .filter(move |workload| workload.owns_ip() && service.selects(workload))
     }
+}
+
+/// Builds the model of each named resource, turning its field problems into state errors.
+fn build_each<R, M, E: std::fmt::Display>(
+    objects: &[Named<'_, R>],
+    build: impl Fn(&R) -> Result<M, Vec<(String, E)>>,
+    errors: &mut Vec<StateError>,
+) -> Vec<M> {
+    objects
+        .iter()
+        .filter_map(|object| {
+            build(object.object)
+                .map_err(|problems| {
+                    errors.extend(
+                        problems
+                            .into_iter()
+                            .map(|(field, problem)| object.error(Some(&field), problem)),
+                    )
+                })
+                .ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -373,6 +441,77 @@ status: {{podIP: \"{ip}\", phase: Running}}
                 "s.yaml: Pod demo/v6: status.podIP: fd00::1 is an IPv6 address; only IPv4 is supported for now",
                 "s.yaml: Service demo/web: spec.clusterIP: \"10.96.0.999\" is not an IPv4 address (nor \"None\")",
                 "s.yaml: Service demo/web: spec.ports[0].port: 0 is out of range 1-65535",
+            ]
+        );
+    }
+
+    fn authorization(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+        )
+    }
+
+    fn peer(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+        )
+    }
+
+    #[test]
+    fn builds_sorted_security_policies() {
+        let text = format!(
+            "{NAMESPACES}{}{}{}{}",
+            authorization("plain", "b", "{action: DENY, rules: [{}]}"),
+            authorization("demo", "z", "{}"),
+            authorization(
+                "demo",
+                "a",
+                "{rules: [{to: [{operation: {ports: [\"80\"]}}]}]}"
+            ),
+            peer("demo", "default", "{mtls: {mode: STRICT}}"),
+        );
+        let snapshot = build(&text).expect("must succeed");
+        let keys: Vec<String> = snapshot
+            .authorization_policies
+            .iter()
+            .map(AuthorizationPolicy::key)
+            .collect();
+        assert_eq!(keys, ["demo/a", "demo/z", "plain/b"]);
+        assert_eq!(
+            snapshot.authorization_policies[0].rules[0].to[0].ports,
+            [80]
+        );
+        assert_eq!(snapshot.peer_authentications.len(), 1);
+        assert_eq!(
+            snapshot.peer_authentications[0].mode,
+            crate::state::MtlsMode::Strict
+        );
+    }
+
+    #[test]
+    fn rejects_bad_security_policies_with_the_field() {
+        let text = format!(
+            "{NAMESPACES}{}{}{}{}{}{}",
+            authorization("istio-system", "mesh", "{}"),
+            authorization(
+                "demo",
+                "p",
+                "{rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.x]}}]}]}"
+            ),
+            authorization("demo", "p", "{}"),
+            authorization("demo", "ext", "{action: CUSTOM, provider: {name: opa}}"),
+            peer("demo", "default", "{mtls: {mode: ON}}"),
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: demo}\n",
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: AuthorizationPolicy demo/p: defined more than once: first in s.yaml (document 4)",
+                "s.yaml: AuthorizationPolicy istio-system/mesh: metadata.namespace: namespace \"istio-system\" has no Namespace object",
+                "s.yaml: AuthorizationPolicy demo/p: spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.x\" is not an IP address or CIDR block",
+                "s.yaml: AuthorizationPolicy demo/ext: spec.action: CUSTOM is not supported: external authorization needs an L7 proxy",
+                "s.yaml: document 8: metadata.name: is required for a PeerAuthentication",
+                "s.yaml: PeerAuthentication demo/default: spec.mtls.mode: \"ON\" is not an mTLS mode (UNSET, DISABLE, PERMISSIVE, STRICT)",
             ]
         );
     }

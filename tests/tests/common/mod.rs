@@ -32,10 +32,17 @@ pub fn connections(cluster: &Cluster, node: usize) -> Result<Vec<Value>> {
 }
 
 /// Closed connection records of `direction` to `destination` on a node.
-pub fn records_to(cluster: &Cluster, node: usize, direction: &str, destination: SocketAddr) -> Result<Vec<Value>> {
+pub fn records_to(
+    cluster: &Cluster,
+    node: usize,
+    direction: &str,
+    destination: SocketAddr,
+) -> Result<Vec<Value>> {
     Ok(connections(cluster, node)?
         .into_iter()
-        .filter(|c| c["direction"] == direction && c["original_destination"] == destination.to_string())
+        .filter(|c| {
+            c["direction"] == direction && c["original_destination"] == destination.to_string()
+        })
         .filter(|c| !c["duration_ms"].is_null())
         .collect())
 }
@@ -65,11 +72,18 @@ pub async fn wait_records(
 /// A kernel counter of a node's capture programs.
 pub fn counter(cluster: &Cluster, node: usize, name: &str) -> Result<u64> {
     let bpf = cluster.cli_json(node, &["bpf", "-o", "json"])?;
-    bpf["counters"][name].as_u64().with_context(|| format!("counter {name} missing in {bpf}"))
+    bpf["counters"][name]
+        .as_u64()
+        .with_context(|| format!("counter {name} missing in {bpf}"))
 }
 
 /// The capture device the agent reports for a pod, `None` when it is not captured.
-pub fn capture_device(cluster: &Cluster, node: usize, namespace: &str, name: &str) -> Result<Option<String>> {
+pub fn capture_device(
+    cluster: &Cluster,
+    node: usize,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<String>> {
     let workloads = cluster.cli_json(node, &["workloads", "-o", "json"])?;
     let w = workloads
         .as_array()
@@ -81,7 +95,11 @@ pub fn capture_device(cluster: &Cluster, node: usize, namespace: &str, name: &st
 }
 
 /// Polls `f` every 100 ms for up to `timeout` until it returns true.
-pub async fn eventually<F: FnMut() -> Result<bool>>(timeout: Duration, what: &str, mut f: F) -> Result<()> {
+pub async fn eventually<F: FnMut() -> Result<bool>>(
+    timeout: Duration,
+    what: &str,
+    mut f: F,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if f()? {
@@ -92,4 +110,51 @@ pub async fn eventually<F: FnMut() -> Result<bool>>(timeout: Duration, what: &st
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+pub mod pcap;
+
+/// Sends a line and expects it echoed: `true` when the connection carried it, `false` when it
+/// was refused, reset or closed without an answer (what a policy denial looks like to a client).
+pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = pod.connect(to).await else {
+        return Ok(false);
+    };
+    let attempt = async {
+        stream.write_all(b"ping\n").await?;
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).await?;
+        std::io::Result::Ok(&buf == b"ping\n")
+    };
+    Ok(matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Ok(true))
+    ))
+}
+
+/// The agent's current state generation (bumps on every accepted state change).
+pub fn generation(cluster: &Cluster, node: usize) -> Result<u64> {
+    let status = cluster.cli_json(node, &["status", "-o", "json"])?;
+    status["state"]["status"]["generation"]
+        .as_u64()
+        .context("no state generation in status")
+}
+
+/// Writes a state file and waits until both agents have accepted it.
+pub async fn apply(cluster: &Cluster, file: &str, contents: &str) -> Result<()> {
+    let before = [generation(cluster, 0)?, generation(cluster, 1)?];
+    cluster.write_state_file(file, contents)?;
+    eventually(
+        Duration::from_secs(5),
+        &format!("agents to accept {file}"),
+        || Ok(generation(cluster, 0)? > before[0] && generation(cluster, 1)? > before[1]),
+    )
+    .await?;
+    for node in 0..2 {
+        let status = cluster.cli_json(node, &["status", "-o", "json"])?;
+        let error = &status["state"]["status"]["last_error"];
+        anyhow::ensure!(error.is_null(), "node {node} rejected {file}: {error}");
+    }
+    Ok(())
 }

@@ -1,0 +1,216 @@
+//! `mesh-agent explain`: what would happen to a connection from a pod (or address) to an
+//! address, and why — computed with the same functions the proxy uses to decide.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::{
+    policy::{self, ConnectionAttributes, Decision, MtlsMode},
+    proxy::{MeshConfig, upstream::ServiceBalancer},
+    state::{Snapshot, Workload},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("no pod {0} in the state")]
+    UnknownPod(String),
+    #[error("{0:?} is neither an IPv4 address nor namespace/name")]
+    BadSource(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub source: Endpoint,
+    pub destination: SocketAddr,
+    /// `namespace/name` when the destination is a Service address.
+    pub service: Option<String>,
+    pub paths: Vec<PathExplanation>,
+    /// One line for humans.
+    pub summary: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub workload: Option<String>,
+    pub enrolled: bool,
+    pub identity: Option<String>,
+}
+
+/// What happens when the connection goes to one endpoint.
+#[derive(Debug, Serialize)]
+pub struct PathExplanation {
+    pub endpoint: SocketAddr,
+    pub workload: Option<String>,
+    /// `tunnel`, `local`, `direct`, or `plaintext-inbound`.
+    pub route: &'static str,
+    /// Whether the destination's node proxy sees the connection at all.
+    pub captured_at_destination: bool,
+    pub mtls_mode: Option<MtlsMode>,
+    pub allowed: bool,
+    pub decision: Option<Decision>,
+    pub reason: String,
+}
+
+pub fn explain(
+    snapshot: &Snapshot,
+    mesh: &MeshConfig,
+    balancer: &ServiceBalancer,
+    from: &str,
+    to: SocketAddr,
+) -> Result<Explanation, ExplainError> {
+    let source = resolve_source(snapshot, from)?;
+    let source_enrolled = source.as_ref().is_some_and(Workload::is_enrolled);
+    let source_ip = match (&source, from.parse::<Ipv4Addr>()) {
+        (Some(w), _) => w.ip,
+        (None, Ok(ip)) => ip,
+        (None, Err(_)) => return Err(ExplainError::BadSource(from.into())),
+    };
+    let identity = source
+        .as_ref()
+        .filter(|w| w.is_enrolled())
+        .and_then(|w| {
+            crate::identity::Identity::new(&mesh.trust_domain, &w.namespace, &w.service_account)
+                .ok()
+        })
+        .map(|i| i.to_string());
+    let resolved = balancer.peek(snapshot, to);
+    let mut paths = Vec::new();
+    let source_node = source.as_ref().map(|w| w.node.as_str());
+    for endpoint in &resolved.endpoints {
+        paths.push(explain_path(
+            snapshot,
+            mesh,
+            source_ip,
+            source_node,
+            source_enrolled,
+            identity.as_deref(),
+            endpoint,
+        ));
+    }
+    let summary = match (&resolved.service, paths.first()) {
+        (Some(service), None) => {
+            format!("service {service} has no ready endpoint: the connection is reset")
+        }
+        (_, None) => "no destination".into(),
+        (_, Some(first)) if paths.iter().all(|p| p.allowed == first.allowed) => {
+            format!(
+                "{}: {}",
+                if first.allowed { "ALLOW" } else { "DENY" },
+                first.reason
+            )
+        }
+        (_, Some(_)) => "depends on the endpoint chosen; see paths".into(),
+    };
+    Ok(Explanation {
+        source: Endpoint {
+            ip: source_ip,
+            workload: source
+                .as_ref()
+                .map(|w| format!("{}/{}", w.namespace, w.name)),
+            enrolled: source_enrolled,
+            identity,
+        },
+        destination: to,
+        service: resolved.service,
+        paths,
+        summary,
+    })
+}
+
+fn resolve_source(snapshot: &Snapshot, from: &str) -> Result<Option<Workload>, ExplainError> {
+    if let Ok(ip) = from.parse::<Ipv4Addr>() {
+        return Ok(snapshot.workload_by_ip(ip).cloned());
+    }
+    let Some((namespace, name)) = from.split_once('/') else {
+        return Err(ExplainError::BadSource(from.into()));
+    };
+    snapshot
+        .workload(namespace, name)
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| ExplainError::UnknownPod(from.into()))
+}
+
+fn explain_path(
+    snapshot: &Snapshot,
+    mesh: &MeshConfig,
+    source_ip: Ipv4Addr,
+    source_node: Option<&str>,
+    source_enrolled: bool,
+    identity: Option<&str>,
+    endpoint: &crate::proxy::upstream::Endpoint,
+) -> PathExplanation {
+    let workload = endpoint
+        .workload
+        .as_ref()
+        .map(|w| format!("{}/{}", w.namespace, w.name));
+    let Some(destination) = endpoint.workload.as_ref().filter(|w| w.is_enrolled()) else {
+        return PathExplanation {
+            endpoint: endpoint.address,
+            workload,
+            route: "direct",
+            captured_at_destination: false,
+            mtls_mode: None,
+            allowed: true,
+            decision: None,
+            reason: "the destination is not in the mesh: no policy applies".into(),
+        };
+    };
+    let IpAddr::V4(destination_ip) = endpoint.address.ip() else {
+        return PathExplanation {
+            endpoint: endpoint.address,
+            workload,
+            route: "direct",
+            captured_at_destination: false,
+            mtls_mode: None,
+            allowed: true,
+            decision: None,
+            reason: "IPv6 is not captured".into(),
+        };
+    };
+    let attributes = ConnectionAttributes {
+        source_ip,
+        source_principal: identity.map(|i| i.strip_prefix("spiffe://").unwrap_or(i).to_string()),
+        source_namespace: identity
+            .and_then(|i| i.split('/').skip_while(|s| *s != "ns").nth(1))
+            .map(str::to_string),
+        destination_ip,
+        destination_port: endpoint.address.port(),
+    };
+    let mode = policy::mtls_mode(
+        snapshot,
+        &mesh.root_namespace,
+        destination,
+        endpoint.address.port(),
+    );
+    let route = match (source_enrolled, source_node) {
+        (true, Some(node)) if node == destination.node => "local",
+        (true, _) => "tunnel",
+        (false, _) => "plaintext-inbound",
+    };
+    if !source_enrolled && mode == MtlsMode::Strict {
+        return PathExplanation {
+            endpoint: endpoint.address,
+            workload,
+            route,
+            captured_at_destination: true,
+            mtls_mode: Some(mode),
+            allowed: false,
+            decision: None,
+            reason: "plaintext refused by PeerAuthentication STRICT".into(),
+        };
+    }
+    let decision = policy::authorize(snapshot, &mesh.root_namespace, destination, &attributes);
+    PathExplanation {
+        endpoint: endpoint.address,
+        workload,
+        route,
+        captured_at_destination: true,
+        mtls_mode: Some(mode),
+        allowed: decision.allowed,
+        reason: decision.reason.clone(),
+        decision: Some(decision),
+    }
+}

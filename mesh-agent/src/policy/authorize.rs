@@ -1,0 +1,448 @@
+//! The allow/deny decision for one inbound connection, with the reason, as ztunnel decides it.
+//!
+//! Order (Istio's): any matching DENY policy denies; else, with no ALLOW policy on the workload,
+//! the connection is allowed; else an ALLOW policy must match. AUDIT policies are ignored (the
+//! agent keeps no audit log); dry-run policies never decide, their outcome is reported instead.
+
+use serde::Serialize;
+
+use crate::state::{Action, AuthorizationPolicy, Snapshot, Workload};
+
+use super::connection::ConnectionAttributes;
+use super::matching::{l7_rules_skipped, matching_rule};
+use super::scope::authorization_policies;
+
+/// What was decided and why; served by the admin API and written to access logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `namespace/name` of the policy that decided; `None` for the default allow or deny.
+    pub policy: Option<String>,
+    /// The index of the rule that matched in that policy.
+    pub rule: Option<usize>,
+    /// One sentence, e.g. `denied by DENY policy shop/no-batch rule 0`.
+    pub reason: String,
+    /// What each dry-run policy would have done, then the decision with them enforced.
+    pub dry_run: Vec<String>,
+}
+
+/// Decides whether `conn` may reach `destination`. Policies come from `snapshot`; those without
+/// a selector in `root_namespace` apply to the whole mesh.
+pub fn authorize(
+    snapshot: &Snapshot,
+    root_namespace: &str,
+    destination: &Workload,
+    conn: &ConnectionAttributes,
+) -> Decision {
+    let (dry_run, enforced): (Vec<&AuthorizationPolicy>, Vec<&AuthorizationPolicy>) =
+        authorization_policies(snapshot, root_namespace, destination)
+            .map(|(policy, _)| policy)
+            .filter(|policy| policy.action != Action::Audit)
+            .partition(|policy| policy.dry_run);
+    let mut decision = decide(&enforced, conn);
+    if !dry_run.is_empty() {
+        decision.dry_run = dry_run.iter().map(|policy| would(policy, conn)).collect();
+        let all: Vec<&AuthorizationPolicy> = enforced.iter().chain(&dry_run).copied().collect();
+        let enforced_too = decide(&all, conn);
+        decision.dry_run.push(format!(
+            "with dry-run policies enforced: {}",
+            enforced_too.reason
+        ));
+    }
+    decision
+}
+
+/// Istio's order over the enforced policies that apply.
+fn decide(policies: &[&AuthorizationPolicy], conn: &ConnectionAttributes) -> Decision {
+    let by_action = |action: Action| policies.iter().filter(move |p| p.action == action);
+    for policy in by_action(Action::Deny) {
+        if let Some(rule) = matching_rule(policy, conn) {
+            let mut reason = format!("denied by DENY policy {} rule {rule}", policy.key());
+            if policy.rules[rule].uses_l7() {
+                reason.push_str(" (its L7 conditions cannot be checked at L4 and are ignored)");
+            }
+            return decided(false, policy, rule, reason);
+        }
+    }
+    let allows: Vec<&&AuthorizationPolicy> = by_action(Action::Allow).collect();
+    if allows.is_empty() {
+        return Decision {
+            allowed: true,
+            policy: None,
+            rule: None,
+            reason: "allowed: no ALLOW policy applies".into(),
+            dry_run: Vec::new(),
+        };
+    }
+    for policy in &allows {
+        if let Some(rule) = matching_rule(policy, conn) {
+            let reason = format!("allowed by ALLOW policy {} rule {rule}", policy.key());
+            return decided(true, policy, rule, reason);
+        }
+    }
+    let mut reason = format!("denied: no ALLOW policy matched ({} applied", allows.len());
+    let skipped: usize = allows.iter().map(|policy| l7_rules_skipped(policy)).sum();
+    if skipped > 0 {
+        let rules = if skipped == 1 {
+            "rule uses"
+        } else {
+            "rules use"
+        };
+        reason.push_str(&format!(
+            "; {skipped} {rules} L7 attributes and never match at L4"
+        ));
+    }
+    reason.push(')');
+    Decision {
+        allowed: false,
+        policy: None,
+        rule: None,
+        reason,
+        dry_run: Vec::new(),
+    }
+}
+
+fn decided(allowed: bool, policy: &AuthorizationPolicy, rule: usize, reason: String) -> Decision {
+    Decision {
+        allowed,
+        policy: Some(policy.key()),
+        rule: Some(rule),
+        reason,
+        dry_run: Vec::new(),
+    }
+}
+
+/// What one dry-run policy would do on its own.
+fn would(policy: &AuthorizationPolicy, conn: &ConnectionAttributes) -> String {
+    let name = format!("dry-run {} policy {}", policy.action, policy.key());
+    match (policy.action, matching_rule(policy, conn)) {
+        (Action::Deny, Some(rule)) => format!("{name} would deny: rule {rule} matches"),
+        (Action::Allow, Some(rule)) => format!("{name} would allow: rule {rule} matches"),
+        // Filtered out before: AUDIT policies are not evaluated.
+        (Action::Audit, Some(rule)) => format!("{name} would audit: rule {rule} matches"),
+        (_, None) => format!("{name}: no rule matches"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::policy::testing::{authorization, snapshot, workload};
+
+    const CART: &str = "cluster.local/ns/shop/sa/cart";
+    const JOB: &str = "cluster.local/ns/batch/sa/default";
+
+    fn from(principal: Option<&str>, port: u16) -> ConnectionAttributes {
+        let source = Ipv4Addr::new(10, 0, 9, 9);
+        let destination = Ipv4Addr::new(10, 0, 1, 1);
+        match principal {
+            Some(principal) => ConnectionAttributes::mtls(source, principal, destination, port),
+            None => ConnectionAttributes::plaintext(source, destination, port),
+        }
+    }
+
+    /// Decides a connection to `shop/cart` under `policies`.
+    fn decide_cart(policies: &[String], conn: &ConnectionAttributes) -> Decision {
+        let state = snapshot(&policies.concat());
+        authorize(
+            &state,
+            "istio-system",
+            workload(&state, "shop", "cart"),
+            conn,
+        )
+    }
+
+    fn outcome(decision: &Decision) -> (bool, &str) {
+        (decision.allowed, decision.reason.as_str())
+    }
+
+    #[test]
+    fn no_policy_allows() {
+        let decision = decide_cart(&[], &from(None, 80));
+        assert_eq!(
+            decision,
+            Decision {
+                allowed: true,
+                policy: None,
+                rule: None,
+                reason: "allowed: no ALLOW policy applies".into(),
+                dry_run: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn deny_first_then_allow_then_default_deny() {
+        let policies = [
+            authorization(
+                "shop",
+                "no-batch",
+                "{action: DENY, rules: [{from: [{source: {namespaces: [batch]}}]}]}",
+            ),
+            authorization(
+                "shop",
+                "all-mtls",
+                "{rules: [{from: [{source: {principals: [\"*\"]}}]}]}",
+            ),
+            authorization(
+                "shop",
+                "port-80",
+                "{rules: [{to: [{operation: {ports: [\"80\"]}}]}]}",
+            ),
+        ];
+        let decision = decide_cart(&policies, &from(Some(JOB), 80));
+        assert_eq!(
+            (decision.allowed, decision.policy.as_deref(), decision.rule),
+            (false, Some("shop/no-batch"), Some(0))
+        );
+        assert_eq!(
+            decision.reason,
+            "denied by DENY policy shop/no-batch rule 0"
+        );
+
+        let decision = decide_cart(&policies, &from(Some(CART), 8080));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed by ALLOW policy shop/all-mtls rule 0")
+        );
+        assert_eq!(decision.policy.as_deref(), Some("shop/all-mtls"));
+
+        let decision = decide_cart(&policies, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed by ALLOW policy shop/port-80 rule 0")
+        );
+
+        let decision = decide_cart(&policies, &from(None, 8080));
+        assert_eq!(
+            outcome(&decision),
+            (false, "denied: no ALLOW policy matched (2 applied)")
+        );
+        assert_eq!((decision.policy, decision.rule), (None, None));
+    }
+
+    #[test]
+    fn deny_without_match_and_no_allow_allows() {
+        let policies = [authorization(
+            "shop",
+            "no-batch",
+            "{action: DENY, rules: [{from: [{source: {namespaces: [batch]}}]}]}",
+        )];
+        let decision = decide_cart(&policies, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+    }
+
+    #[test]
+    fn empty_policies() {
+        // ALLOW with no rules: applies, matches nothing, so everything is denied.
+        let allow_nothing = [authorization("shop", "allow-nothing", "{}")];
+        let decision = decide_cart(&allow_nothing, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (false, "denied: no ALLOW policy matched (1 applied)")
+        );
+        // DENY with no rules denies nothing.
+        let deny_nothing = [authorization("shop", "deny-nothing", "{action: DENY}")];
+        let decision = decide_cart(&deny_nothing, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+        // A `{}` rule matches everything.
+        let allow_all = [
+            authorization("shop", "allow-nothing", "{}"),
+            authorization("shop", "allow-all", "{rules: [{}]}"),
+        ];
+        let decision = decide_cart(&allow_all, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed by ALLOW policy shop/allow-all rule 0")
+        );
+    }
+
+    #[test]
+    fn scopes_mesh_namespace_and_selector() {
+        let policies = [
+            // Mesh-wide: deny plaintext everywhere.
+            authorization(
+                "istio-system",
+                "require-mtls",
+                "{action: DENY, rules: [{from: [{source: {notPrincipals: [\"*\"]}}]}]}",
+            ),
+            // Root namespace with a selector: every `app: cart` workload, any namespace.
+            authorization(
+                "istio-system",
+                "cart-port",
+                "{action: DENY, selector: {matchLabels: {app: cart}}, rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}",
+            ),
+            // Another namespace's policies never apply to shop/cart.
+            authorization("batch", "deny-all", "{action: DENY, rules: [{}]}"),
+            // Selector that does not match shop/cart.
+            authorization(
+                "shop",
+                "db-only",
+                "{selector: {matchLabels: {app: db}}, rules: [{}]}",
+            ),
+        ];
+        let decision = decide_cart(&policies, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (
+                false,
+                "denied by DENY policy istio-system/require-mtls rule 0"
+            )
+        );
+        let decision = decide_cart(&policies, &from(Some(CART), 9090));
+        assert_eq!(
+            outcome(&decision),
+            (false, "denied by DENY policy istio-system/cart-port rule 0")
+        );
+        let decision = decide_cart(&policies, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+
+        // batch/job: batch's deny-all and the mesh-wide ones apply.
+        let state = snapshot(&policies.concat());
+        let job = workload(&state, "batch", "job");
+        let decision = authorize(&state, "istio-system", job, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (false, "denied by DENY policy batch/deny-all rule 0")
+        );
+        // With another root namespace, istio-system's policies no longer reach shop/cart.
+        let cart = workload(&state, "shop", "cart");
+        let decision = authorize(&state, "mesh-root", cart, &from(None, 9090));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+    }
+
+    #[test]
+    fn l7_rules_fail_closed() {
+        // ALLOW on methods: never matches at L4, so the workload denies everything.
+        let allow_get = [authorization(
+            "shop",
+            "get-only",
+            "{rules: [{to: [{operation: {methods: [GET]}}]}, {when: [{key: \"request.headers[x]\", values: [y]}]}]}",
+        )];
+        let decision = decide_cart(&allow_get, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (
+                false,
+                "denied: no ALLOW policy matched (1 applied; 2 rules use L7 attributes and never match at L4)"
+            )
+        );
+        // DENY on a path: the path is ignored, so it denies the whole port.
+        let deny_admin = [authorization(
+            "shop",
+            "no-admin",
+            "{action: DENY, rules: [{to: [{operation: {paths: [/admin], ports: [\"80\"]}}]}]}",
+        )];
+        let decision = decide_cart(&deny_admin, &from(Some(CART), 80));
+        assert_eq!(
+            outcome(&decision),
+            (
+                false,
+                "denied by DENY policy shop/no-admin rule 0 (its L7 conditions cannot be checked at L4 and are ignored)"
+            )
+        );
+        let decision = decide_cart(&deny_admin, &from(Some(CART), 81));
+        assert!(decision.allowed);
+    }
+
+    #[test]
+    fn audit_is_ignored() {
+        let policies = [
+            authorization("shop", "audit-all", "{action: AUDIT, rules: [{}]}"),
+            authorization("istio-system", "audit-mesh", "{action: AUDIT}"),
+        ];
+        let decision = decide_cart(&policies, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+        assert!(decision.dry_run.is_empty());
+    }
+
+    #[test]
+    fn dry_run_policies_only_report() {
+        let dry = |name: &str, spec: &str| {
+            authorization("shop", name, spec).replace(
+                "namespace: shop}",
+                "namespace: shop, annotations: {istio.io/dry-run: \"true\"}}",
+            )
+        };
+        let policies = [
+            dry(
+                "deny-plaintext",
+                "{action: DENY, rules: [{from: [{source: {notPrincipals: [\"*\"]}}]}]}",
+            ),
+            dry(
+                "allow-batch",
+                "{rules: [{from: [{source: {namespaces: [batch]}}]}]}",
+            ),
+        ];
+        let decision = decide_cart(&policies, &from(None, 80));
+        assert_eq!(
+            outcome(&decision),
+            (true, "allowed: no ALLOW policy applies")
+        );
+        assert_eq!(
+            decision.dry_run,
+            [
+                "dry-run ALLOW policy shop/allow-batch: no rule matches",
+                "dry-run DENY policy shop/deny-plaintext would deny: rule 0 matches",
+                "with dry-run policies enforced: denied by DENY policy shop/deny-plaintext rule 0",
+            ]
+        );
+
+        let decision = decide_cart(&policies, &from(Some(CART), 80));
+        assert!(decision.allowed);
+        assert_eq!(
+            decision.dry_run,
+            [
+                "dry-run ALLOW policy shop/allow-batch: no rule matches",
+                "dry-run DENY policy shop/deny-plaintext: no rule matches",
+                "with dry-run policies enforced: denied: no ALLOW policy matched (1 applied)",
+            ]
+        );
+
+        // An enforced DENY still decides; dry-run ones are reported beside it.
+        let mut with_enforced = policies.to_vec();
+        with_enforced.push(authorization(
+            "shop",
+            "deny-all",
+            "{action: DENY, rules: [{}]}",
+        ));
+        let decision = decide_cart(&with_enforced, &from(Some(JOB), 80));
+        assert_eq!(
+            outcome(&decision),
+            (false, "denied by DENY policy shop/deny-all rule 0")
+        );
+        assert_eq!(
+            decision.dry_run[0],
+            "dry-run ALLOW policy shop/allow-batch would allow: rule 0 matches"
+        );
+    }
+
+    #[test]
+    fn serializes_for_the_admin_api() {
+        let decision = decide_cart(&[], &from(None, 80));
+        assert_eq!(
+            serde_json::to_value(&decision).expect("serializes"),
+            serde_json::json!({
+                "allowed": true, "policy": null, "rule": null,
+                "reason": "allowed: no ALLOW policy applies", "dry_run": []
+            })
+        );
+    }
+}

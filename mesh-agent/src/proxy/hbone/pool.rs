@@ -1,0 +1,404 @@
+//! Outbound HBONE connections, pooled: streams with the same source identity, source address and
+//! destination workload share one HTTP/2 connection over mutual TLS, up to a stream limit;
+//! idle connections are closed.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use serde::Serialize;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{debug, info, warn};
+
+use super::{bridge::h2_error, headers};
+use crate::{
+    identity::{CertificateManager, Identity, WorkloadCertificate, tls},
+    proxy::socket,
+};
+
+/// HTTP/2 settings for tunnels (both ends): large windows so one stream can fill a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSettings {
+    /// Streams one connection carries before another is opened.
+    pub max_streams: usize,
+    /// A connection without streams for this long is closed.
+    #[serde(with = "crate::config::secs")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything that makes two streams able to share a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: Identity,
+    pub source_ip: Ipv4Addr,
+    pub destination: Identity,
+    /// The destination workload's address, port 15008.
+    pub address: SocketAddrV4,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("no certificate for {identity}: {reason}")]
+    Certificate { identity: Identity, reason: String },
+    #[error("connecting to {address}: {source}")]
+    Connect {
+        address: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {address} (expecting {expected}): {source}")]
+    Tls {
+        address: SocketAddrV4,
+        expected: Identity,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {address}: {source}")]
+    Http2 {
+        address: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{address} timed out")]
+    Timeout { address: SocketAddrV4 },
+    #[error("CONNECT refused by {address}: HTTP {status}")]
+    Refused { address: SocketAddrV4, status: u16 },
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] headers::HeaderError),
+}
+
+struct Connection {
+    id: u64,
+    key: PoolKey,
+    send: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    total_streams: AtomicU64,
+    closed: Arc<AtomicBool>,
+    /// Serial of the certificate the connection was opened with; after a rotation, new streams
+    /// go to a new connection presenting the new certificate while old ones finish.
+    cert_serial: String,
+    opened: SystemTime,
+    idle_since: Mutex<Option<Instant>>,
+    local: SocketAddr,
+}
+
+/// Keeps a connection's stream count while a stream is open.
+pub struct StreamGuard {
+    connection: Arc<Connection>,
+}
+
+impl StreamGuard {
+    pub fn connection_id(&self) -> u64 {
+        self.connection.id
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.connection.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.connection.idle_since) = Some(Instant::now());
+        }
+    }
+}
+
+/// One open CONNECT stream of a pooled connection.
+pub struct Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub guard: StreamGuard,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelView {
+    pub id: u64,
+    pub source_identity: String,
+    pub source_ip: Ipv4Addr,
+    pub destination_identity: String,
+    pub address: SocketAddrV4,
+    pub local_address: SocketAddr,
+    pub active_streams: usize,
+    pub total_streams: u64,
+    pub opened: SystemTime,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: PoolSettings,
+    certs: CertificateManager,
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<AsyncMutex<()>>>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings, certs: CertificateManager) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                certs,
+                connections: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Opens a CONNECT stream to `destination` for `client` over a pooled connection.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        destination: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Stream, TunnelError> {
+        let mut retried = false;
+        loop {
+            let connection = self.checkout(key).await?;
+            let guard = StreamGuard {
+                connection: connection.clone(),
+            };
+            match open_stream(&connection, destination, client).await {
+                Ok((send, recv)) => return Ok(Stream { send, recv, guard }),
+                // A pooled connection can die between checkout and use: retry once on a new one.
+                Err(TunnelError::Http2 { .. }) if !retried => {
+                    connection.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A connection with room for one more stream (its count already taken), dialing if needed.
+    async fn checkout(&self, key: &PoolKey) -> Result<Arc<Connection>, TunnelError> {
+        let cert =
+            self.inner
+                .certs
+                .fetch(&key.source)
+                .await
+                .map_err(|e| TunnelError::Certificate {
+                    identity: key.source.clone(),
+                    reason: e.to_string(),
+                })?;
+        if let Some(c) = self.reserve_existing(key, cert.serial()) {
+            return Ok(c);
+        }
+        // One dial at a time per key, so a burst of streams shares the new connection.
+        let gate = lock(&self.inner.dialing)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _dialing = gate.lock().await;
+        if let Some(c) = self.reserve_existing(key, cert.serial()) {
+            return Ok(c);
+        }
+        let connection = Arc::new(self.dial(key, &cert).await?);
+        connection.streams.fetch_add(1, Ordering::AcqRel);
+        connection.total_streams.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.connections)
+            .entry(key.clone())
+            .or_default()
+            .push(connection.clone());
+        Ok(connection)
+    }
+
+    fn reserve_existing(&self, key: &PoolKey, cert_serial: &str) -> Option<Arc<Connection>> {
+        let mut map = lock(&self.inner.connections);
+        let list = map.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        let max = self.inner.settings.max_streams;
+        let found = list.iter().find(|c| {
+            c.cert_serial == cert_serial
+                && c.streams
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .is_ok()
+        })?;
+        found.total_streams.fetch_add(1, Ordering::Relaxed);
+        *lock(&found.idle_since) = None;
+        Some(found.clone())
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        cert: &WorkloadCertificate,
+    ) -> Result<Connection, TunnelError> {
+        let address = key.address;
+        let config = tls::client_config(
+            cert,
+            self.inner.certs.roots(),
+            vec![key.destination.clone()],
+        )
+        .map_err(|e| TunnelError::Certificate {
+            identity: key.source.clone(),
+            reason: e.to_string(),
+        })?;
+        let handshake = async {
+            let tcp = socket::connect_as(key.source_ip, address)
+                .await
+                .map_err(|source| TunnelError::Connect { address, source })?;
+            let local = tcp
+                .local_addr()
+                .map_err(|source| TunnelError::Connect { address, source })?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(tls::server_name(), tcp)
+                .await
+                .map_err(|source| TunnelError::Tls {
+                    address,
+                    expected: key.destination.clone(),
+                    source,
+                })?;
+            let (send, connection) = h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| TunnelError::Http2 {
+                    address,
+                    source: h2_error(e),
+                })?;
+            Ok::<_, TunnelError>((send, connection, local))
+        };
+        let (send, connection, local) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| TunnelError::Timeout { address })??;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let closed = Arc::new(AtomicBool::new(false));
+        let done = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(tunnel = id, error = %e, "tunnel connection ended with an error");
+            }
+            done.store(true, Ordering::Release);
+        });
+        info!(tunnel = id, src = %key.source, dst = %key.destination, %address, "tunnel opened");
+        Ok(Connection {
+            id,
+            key: key.clone(),
+            send,
+            streams: AtomicUsize::new(0),
+            total_streams: AtomicU64::new(0),
+            closed,
+            cert_serial: cert.serial().to_string(),
+            opened: SystemTime::now(),
+            idle_since: Mutex::new(None),
+            local,
+        })
+    }
+
+    /// Drops connections idle longer than the idle timeout, dead ones, and idle ones opened with a
+    /// certificate that has since been rotated. Run periodically.
+    pub fn reap_idle(&self) -> usize {
+        let timeout = self.inner.settings.idle_timeout;
+        let mut map = lock(&self.inner.connections);
+        let mut closed = 0;
+        for list in map.values_mut() {
+            list.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && lock(&c.idle_since).is_some_and(|since| since.elapsed() >= timeout);
+                let keep = !idle && !c.closed.load(Ordering::Acquire);
+                if !keep {
+                    closed += 1;
+                    debug!(tunnel = c.id, idle, "tunnel closed");
+                }
+                keep
+            });
+        }
+        map.retain(|_, list| !list.is_empty());
+        closed
+    }
+
+    /// Periodic reaping until shutdown.
+    pub async fn run_reaper(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let period = (self.inner.settings.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = crate::shutdown::requested(&mut shutdown) => return,
+                _ = tick.tick() => { self.reap_idle(); }
+            }
+        }
+    }
+
+    pub fn view(&self) -> Vec<TunnelView> {
+        let map = lock(&self.inner.connections);
+        let mut views: Vec<TunnelView> = map
+            .values()
+            .flatten()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .map(|c| TunnelView {
+                id: c.id,
+                source_identity: c.key.source.to_string(),
+                source_ip: c.key.source_ip,
+                destination_identity: c.key.destination.to_string(),
+                address: c.key.address,
+                local_address: c.local,
+                active_streams: c.streams.load(Ordering::Acquire),
+                total_streams: c.total_streams.load(Ordering::Relaxed),
+                opened: c.opened,
+            })
+            .collect();
+        views.sort_by_key(|v| v.id);
+        views
+    }
+}
+
+async fn open_stream(
+    connection: &Connection,
+    destination: SocketAddr,
+    client: SocketAddr,
+) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    let address = connection.key.address;
+    let http2 = |e: h2::Error| TunnelError::Http2 {
+        address,
+        source: h2_error(e),
+    };
+    let request = headers::connect_request(destination, client)?;
+    let mut send = connection.send.clone().ready().await.map_err(http2)?;
+    let (response, stream) = send.send_request(request, false).map_err(http2)?;
+    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, response)
+        .await
+        .map_err(|_| TunnelError::Timeout { address })?
+        .map_err(http2)?;
+    if response.status() != http::StatusCode::OK {
+        warn!(%address, %destination, status = %response.status(), "CONNECT refused");
+        return Err(TunnelError::Refused {
+            address,
+            status: response.status().as_u16(),
+        });
+    }
+    Ok((stream, response.into_body()))
+}

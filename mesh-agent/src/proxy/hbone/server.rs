@@ -1,0 +1,231 @@
+//! Inbound HBONE (port 15008): terminates mutual TLS as the destination workload, learns the
+//! peer's SPIFFE identity, and serves each HTTP/2 CONNECT stream by authorizing it and
+//! connecting to the destination pod from the real client address.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::{
+    bridge::{self, Side},
+    headers,
+    pool::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
+};
+use crate::{
+    identity::{Identity, tls},
+    proxy::{
+        ProxyContext,
+        connections::{ConnectionInfo, Direction, Security},
+        upstream, workload_ref,
+    },
+};
+
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one tunnel may carry at once (above the clients' default pool limit).
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let Some(destination) = ctx.local_enrolled(local.ip()) else {
+        warn!(src = %peer, dst = %local, "tunnel connection for a pod that is not an enrolled pod of this node; refused");
+        ctx.metrics.refused("tunnel", "unknown destination");
+        return;
+    };
+    let Some(identity) = ctx.identity_of(&destination) else {
+        return;
+    };
+    let cert = match ctx.certs.fetch(&identity).await {
+        Ok(cert) => cert,
+        Err(e) => {
+            warn!(dst = %local, %identity, error = %e, "no certificate for the destination; refused");
+            return;
+        }
+    };
+    let config = match tls::server_config(&cert, ctx.certs.roots()) {
+        Ok(config) => config,
+        Err(e) => {
+            warn!(dst = %local, %identity, error = %e, "TLS configuration failed; refused");
+            return;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let tls = match tokio::time::timeout(TLS_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(src = %peer, dst = %local, error = %e, "TLS handshake refused");
+            ctx.metrics.refused("tunnel", "tls handshake");
+            return;
+        }
+        Err(_) => {
+            warn!(src = %peer, dst = %local, "TLS handshake timed out");
+            ctx.metrics.refused("tunnel", "tls timeout");
+            return;
+        }
+    };
+    let Some(peer_identity) = tls::peer_identity(tls.get_ref().1) else {
+        warn!(src = %peer, "peer certificate has no SPIFFE identity; refused");
+        ctx.metrics.refused("tunnel", "no peer identity");
+        return;
+    };
+    let peer_serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(serial_of);
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(src = %peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    debug!(src = %peer, %peer_identity, dst = %local, "tunnel accepted");
+    while let Some(next) = connection.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                let ctx = ctx.clone();
+                let peer = Peer {
+                    address: peer,
+                    identity: peer_identity.clone(),
+                    serial: peer_serial.clone(),
+                };
+                tokio::spawn(async move { stream(ctx, request, respond, peer).await });
+            }
+            Err(e) => {
+                debug!(src = %peer, error = %e, "tunnel ended");
+                break;
+            }
+        }
+    }
+}
+
+/// The authenticated other end of a tunnel.
+struct Peer {
+    address: SocketAddr,
+    identity: Identity,
+    serial: Option<String>,
+}
+
+/// Hex serial of a DER certificate, as `mesh-agent certs` shows it.
+fn serial_of(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+async fn stream(
+    ctx: Arc<ProxyContext>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: Peer,
+) {
+    let Peer {
+        address: peer,
+        identity: peer_identity,
+        serial: peer_serial,
+    } = peer;
+    let target = match headers::parse_connect(&request) {
+        Ok(t) => t,
+        Err(e) => {
+            let status = match e {
+                headers::HeaderError::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            warn!(src = %peer, %peer_identity, error = %e, status = status.as_u16(), "tunnel request refused");
+            ctx.metrics.refused("tunnel", "bad request");
+            reply(&mut respond, status);
+            return;
+        }
+    };
+    let Some(destination) = ctx.local_enrolled(target.destination.ip()) else {
+        warn!(src = %peer, %peer_identity, dst = %target.destination, "CONNECT to a destination that is not an enrolled pod of this node; refused");
+        ctx.metrics.refused("tunnel", "unknown destination");
+        reply(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    };
+    // The client's address: the tunnel's source is the client pod itself; Forwarded says the port.
+    let client = match target.forwarded_for {
+        Some(f) if f.ip() == peer.ip() => f,
+        _ => peer,
+    };
+    let info = ConnectionInfo {
+        direction: Direction::Inbound,
+        source: client,
+        source_workload: ctx.workload_ref(client),
+        source_identity: Some(peer_identity.to_string()),
+        source_certificate_serial: peer_serial,
+        original_destination: target.destination,
+        destination_service: None,
+        destination_workload: Some(workload_ref(&destination)),
+        destination: target.destination,
+        destination_identity: ctx.identity_of(&destination).map(|i| i.to_string()),
+        route: upstream::TUNNEL,
+        security: Security::MutualTls,
+    };
+    let Some(mut guard) = ctx.admit(info, &destination) else {
+        reply(&mut respond, StatusCode::UNAUTHORIZED);
+        return;
+    };
+    let upstream = match upstream::direct(client, target.destination).await {
+        Ok(up) => up,
+        Err(e) => {
+            guard.fail(&e);
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            guard.fail(e);
+            return;
+        }
+    };
+    let counts = guard.counts();
+    if let Err(e) = bridge::bridge(
+        upstream,
+        send,
+        request.into_body(),
+        &counts,
+        Side::Destination,
+    )
+    .await
+    {
+        guard.fail(e);
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}
+
+/// The IPv4 address of a socket address, if it is one.
+pub fn ipv4(addr: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match addr {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
+}

@@ -1,0 +1,60 @@
+//! End to end, as root: a connection to a Service address goes to one of its endpoints, spread
+//! round robin, and a dead endpoint is skipped.
+
+mod common;
+
+use anyhow::{Result, ensure};
+use common::{apply, exchange, mesh};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let vip = std::net::Ipv4Addr::new(10, 96, cluster.octet(), 10);
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  clusterIP: {vip}\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+    );
+    apply(&cluster, "service-web.yaml", &service).await?;
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let client = web1;
+    let server1 = web1.echo_server(8080).await?;
+    let server2 = web2.echo_server(8080).await?;
+    let address = std::net::SocketAddr::from((vip, 80));
+    for i in 0..10 {
+        ensure!(
+            exchange(client, address).await?,
+            "connection {i} to the service failed"
+        );
+    }
+    ensure!(
+        server1.accepted() >= 3 && server2.accepted() >= 3,
+        "not spread: web-1 {}, web-2 {}",
+        server1.accepted(),
+        server2.accepted()
+    );
+    let records = common::connections(&cluster, 0)?;
+    ensure!(
+        records
+            .iter()
+            .any(|r| r["destination_service"] == "shop/web"
+                && r["original_destination"] == address.to_string()),
+        "no record names the service: {records:#?}"
+    );
+
+    // web-1's server goes away: every connection still succeeds, through web-2.
+    drop(server1);
+    let before = server2.accepted();
+    for i in 0..6 {
+        ensure!(
+            exchange(client, address).await?,
+            "connection {i} after web-1 died failed"
+        );
+    }
+    ensure!(
+        server2.accepted() == before + 6,
+        "web-2 took {} of 6",
+        server2.accepted() - before
+    );
+    Ok(())
+}

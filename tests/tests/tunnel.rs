@@ -1,0 +1,291 @@
+//! End to end, as root: traffic between enrolled pods on different nodes travels inside HBONE
+//! (HTTP/2 CONNECT over mutual TLS, port 15008); each side knows the other's identity; bad peers
+//! are refused; certificates rotate under open streams; streams share pooled connections.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use common::{PORT, mesh, pcap, wait_records};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WEB_IDENTITY: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_traffic_is_mutual_tls_only() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let _peer = web2.peer_server(PORT + 1).await?;
+
+    // Watch the node-to-node link while the flows run.
+    let capture = cluster.temp_dir().join("link.pcap");
+    let mut tcpdump = cluster
+        .node(0)
+        .netns()
+        .command("tcpdump")
+        .args(["-i", "eth0", "-n", "-U", "-s", "0", "-w"])
+        .arg(&capture)
+        .arg("tcp")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting tcpdump")?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let marker: Vec<u8> = b"PLAINTEXT-MARKER-the-link-must-never-show-this-".repeat(1400);
+    let mut stream = web1.connect(web2.addr(PORT)).await?;
+    stream.write_all(&marker).await?;
+    let mut echoed = vec![0u8; marker.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await??;
+    ensure!(echoed == marker, "marker echoed wrongly");
+    drop(stream);
+    for len in [1, 64 * 1024, 16 * 1024 * 1024] {
+        web1.send_and_verify(web2.addr(PORT), len).await?;
+    }
+    let report = web1.ask_peer(web2.addr(PORT + 1)).await?;
+    ensure!(
+        report.seen_by_server.ip() == web1.ip,
+        "the server saw {report:?}, not web-1's address"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    tcpdump.wait()?;
+    let segments = pcap::tcp_segments(&std::fs::read(&capture)?)?;
+    let with_data: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    ensure!(
+        with_data.len() > 100,
+        "the capture saw only {} data segments",
+        with_data.len()
+    );
+    for s in &with_data {
+        ensure!(
+            s.source.port() == 15008 || s.destination.port() == 15008,
+            "data outside the tunnel on the link: {} -> {}",
+            s.source,
+            s.destination
+        );
+        ensure!(
+            !pcap::contains(&s.payload, b"PLAINTEXT-MARKER"),
+            "plaintext visible on the link"
+        );
+    }
+    // TLS records: handshake (22) then application data (23), version 0x0303.
+    ensure!(
+        with_data
+            .iter()
+            .any(|s| s.payload.starts_with(&[22, 3, 1]) || s.payload.starts_with(&[22, 3, 3]))
+    );
+    ensure!(with_data.iter().any(|s| s.payload.starts_with(&[23, 3, 3])));
+
+    // Both ends know who talked: the destination's proxy saw web-1's identity and address.
+    let inbound = wait_records(&cluster, 1, "inbound", web2.addr(PORT), 4).await?;
+    for r in &inbound {
+        ensure!(r["source_identity"] == WEB_IDENTITY, "destination saw {r}");
+        ensure!(
+            r["security"] == "mutual_tls" && r["route"] == "tunnel",
+            "{r}"
+        );
+        ensure!(
+            r["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{}:", web1.ip))),
+            "{r}"
+        );
+    }
+    let outbound = wait_records(&cluster, 0, "outbound", web2.addr(PORT), 4).await?;
+    for r in &outbound {
+        ensure!(
+            r["destination_identity"] == WEB_IDENTITY && r["route"] == "tunnel",
+            "{r}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_share_pooled_connections() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        let mut s = web1.connect(web2.addr(PORT)).await?;
+        s.write_all(b"hello\n").await?;
+        let mut buf = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+        streams.push(s);
+    }
+    let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
+    let tunnels = view["tunnels"].as_array().context("no tunnels")?;
+    ensure!(
+        tunnels.len() == 1,
+        "40 streams should share one connection: {tunnels:#?}"
+    );
+    ensure!(tunnels[0]["active_streams"] == 40, "{tunnels:#?}");
+    drop(streams);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limit_opens_more_connections() -> Result<()> {
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let cluster = mesh_tests::Cluster::new(mesh_tests::ClusterSpec::shop_and_legacy())?;
+    cluster.write_state()?;
+    let options = || {
+        mesh_tests::AgentOptions::default()
+            .arg("--pool-max-streams")
+            .arg("10")
+    };
+    let _agents = [
+        cluster.start_agent_with(0, options()).await?,
+        cluster.start_agent_with(1, options()).await?,
+    ];
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let mut streams = Vec::new();
+    for _ in 0..25 {
+        let mut s = web1.connect(web2.addr(PORT)).await?;
+        s.write_all(b"x").await?;
+        let mut buf = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+        streams.push(s);
+    }
+    let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
+    let tunnels = view["tunnels"].as_array().context("no tunnels")?;
+    ensure!(
+        tunnels.len() == 3,
+        "25 streams at 10 per connection need 3 connections: {tunnels:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_open_streams_and_new_streams_use_the_new_certificate() -> Result<()> {
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let cluster = mesh_tests::Cluster::new(mesh_tests::ClusterSpec::shop_and_legacy())?;
+    cluster.write_state()?;
+    // 6 s certificates are replaced after about 3 s.
+    let options = || {
+        mesh_tests::AgentOptions::default()
+            .arg("--cert-ttl")
+            .arg("6")
+    };
+    let _agents = [
+        cluster.start_agent_with(0, options()).await?,
+        cluster.start_agent_with(1, options()).await?,
+    ];
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let serial = |node: usize| -> Result<String> {
+        let certs = cluster.cli_json(node, &["certs", "-o", "json"])?;
+        let cert = certs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["identity"] == WEB_IDENTITY)
+            .with_context(|| format!("no certificate for {WEB_IDENTITY}: {certs}"))?;
+        Ok(cert["serial"].as_str().unwrap_or_default().to_string())
+    };
+
+    let mut long = web1.connect(web2.addr(PORT)).await?;
+    let mut buf = [0u8; 32];
+    long.write_all(b"before rotation\n").await?;
+    tokio::time::timeout(Duration::from_secs(5), long.read_exact(&mut buf[..16])).await??;
+    let first = serial(0)?;
+
+    // Keep talking on the same stream across the rotation.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut rounds = 0;
+    while tokio::time::Instant::now() < deadline {
+        long.write_all(b"during rotation\n").await?;
+        tokio::time::timeout(Duration::from_secs(5), long.read_exact(&mut buf[..16]))
+            .await
+            .context("the long-lived stream stalled across rotation")??;
+        ensure!(&buf[..16] == b"during rotation\n");
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let second = serial(0)?;
+    ensure!(
+        first != second,
+        "web's certificate was not rotated ({first}) after {rounds} rounds"
+    );
+
+    // A new stream uses the new certificate.
+    web1.send_and_verify(web2.addr(PORT), 1024).await?;
+    let inbound = wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    let newest = inbound.last().context("no inbound record")?;
+    let current = serial(0)?;
+    ensure!(
+        newest["source_certificate_serial"] == current.as_str(),
+        "new stream presented {} while the current certificate is {current} (first {first})",
+        newest["source_certificate_serial"]
+    );
+    drop(long);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_use_istio_names() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    web1.send_and_verify(web2.addr(PORT), 1000).await?;
+    wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    let addr: SocketAddr = "127.0.0.1:15020".parse()?;
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        let response = cluster
+            .node(node)
+            .netns()
+            .http_get(addr, "/metrics")
+            .await?;
+        ensure!(
+            response.status == 200,
+            "metrics on node {node}: {}",
+            response.status
+        );
+        let body = &response.body;
+        let line = body
+            .lines()
+            .find(|l| {
+                l.starts_with("istio_tcp_sent_bytes_total{")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("source_workload=\"web-1\"")
+                    && l.contains("destination_workload=\"web-2\"")
+            })
+            .with_context(|| format!("node {node}: no sent-bytes series:\n{body}"))?;
+        ensure!(
+            line.contains(&format!("source_principal=\"{WEB_IDENTITY}\"")),
+            "{line}"
+        );
+        ensure!(
+            line.contains("connection_security_policy=\"mutual_tls\""),
+            "{line}"
+        );
+        let value: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+        ensure!(value >= 1000.0, "{line}");
+        for name in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            ensure!(body.contains(name), "node {node} lacks {name}");
+        }
+    }
+    Ok(())
+}
