@@ -62,7 +62,11 @@ impl CaptureConfig {
     /// The listener for a connection arriving for a pod's `port` (host byte order): HBONE
     /// (pod port 15008) goes to the tunnel listener, everything else to plain inbound.
     pub const fn inbound_listener(&self, port: u16) -> u16 {
-        if port == TUNNEL_PORT { self.tunnel_port } else { self.inbound_port }
+        if port == TUNNEL_PORT {
+            self.tunnel_port
+        } else {
+            self.inbound_port
+        }
     }
 
     pub const fn default_ports() -> Self {

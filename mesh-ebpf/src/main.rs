@@ -17,8 +17,8 @@ mod packet;
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_TCP_LISTEN, TC_ACT_OK, __sk_buff, bpf_sock, bpf_sock_tuple,
+        __sk_buff, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
     },
     helpers::generated::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, sock_ops},
@@ -110,9 +110,7 @@ fn try_capture_ingress(ctx: &TcContext) -> Result<i32, i64> {
     };
     set_dport(&mut tuple, port);
     // SAFETY: the tuple is a valid, initialised ipv4 tuple on the stack.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, TUPLE4_LEN, CURRENT_NETNS, 0)
-    };
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, TUPLE4_LEN, CURRENT_NETNS, 0) };
     if sk.is_null() {
         count(counter::NO_LISTENER);
         return Ok(TC_ACT_OK as i32);
@@ -123,7 +121,11 @@ fn try_capture_ingress(ctx: &TcContext) -> Result<i32, i64> {
     // SAFETY: every reference from a lookup helper must be released exactly once.
     unsafe { bpf_sk_release(sk as *mut _) };
     if !assigned {
-        count(if listening { counter::ASSIGN_FAILED } else { counter::NO_LISTENER });
+        count(if listening {
+            counter::ASSIGN_FAILED
+        } else {
+            counter::NO_LISTENER
+        });
         return Ok(TC_ACT_OK as i32);
     }
     ctx.set_mark(cfg.capture_mark);

@@ -1,7 +1,9 @@
 //! Bounds-checked parsing of Ethernet + IPv4 + TCP headers from a TC context.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
     programs::TcContext,
 };
 
