@@ -289,3 +289,50 @@ async fn metrics_use_istio_names() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
+    let Some((cluster, agents)) = mesh().await? else { return Ok(()) };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+
+    // A server that never reads: the client must be stopped by flow control, not buffered.
+    let _stuck = mesh_tests::Server::custom(web2.listen(PORT).await?, |stream, _| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+        Ok(())
+    });
+    let mut client = web1.connect(web2.addr(PORT)).await?;
+    let chunk = vec![7u8; 1024 * 1024];
+    let mut written = 0usize;
+    while written < 256 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(2), client.write_all(&chunk)).await {
+            Ok(result) => result?,
+            Err(_) => break,
+        }
+        written += chunk.len();
+    }
+    ensure!(written < 64 * 1024 * 1024, "{} MiB went into a server that reads nothing", written >> 20);
+    for agent in &agents {
+        let rss = agent.rss_kib().context("agent RSS")?;
+        ensure!(rss < 48 * 1024, "agent {} holds {rss} KiB while a stream is stalled", agent.node_name());
+    }
+    drop(client);
+
+    // A server that resets: the client sees a reset, not a clean end.
+    let _resetter = mesh_tests::Server::custom(web2.listen(PORT + 1).await?, |mut stream, _| async move {
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).await?;
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        drop(stream);
+        Ok(())
+    });
+    let mut client = web1.connect(web2.addr(PORT + 1)).await?;
+    client.write_all(b"hello").await?;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await?;
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => anyhow::bail!("expected a reset through the tunnel, got {other:?}"),
+    }
+    Ok(())
+}
