@@ -146,6 +146,8 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
         mesh_tests::AgentOptions::default()
             .arg("--pool-max-streams")
             .arg("10")
+            .arg("--pool-idle-timeout")
+            .arg("1")
     };
     let _agents = [
         cluster.start_agent_with(0, options()).await?,
@@ -167,6 +169,20 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
         tunnels.len() == 3,
         "25 streams at 10 per connection need 3 connections: {tunnels:#?}"
     );
+
+    // Unused, they close after the idle timeout, not before.
+    drop(streams);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
+    ensure!(
+        view["tunnels"].as_array().map(Vec::len) == Some(3),
+        "tunnels closed before the idle timeout: {view}"
+    );
+    common::eventually(Duration::from_secs(5), "idle tunnels closed", || {
+        let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
+        Ok(view["tunnels"].as_array().is_some_and(|t| t.is_empty()))
+    })
+    .await?;
     Ok(())
 }
 
@@ -292,7 +308,9 @@ async fn metrics_use_istio_names() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
-    let Some((cluster, agents)) = mesh().await? else { return Ok(()) };
+    let Some((cluster, agents)) = mesh().await? else {
+        return Ok(());
+    };
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
 
     // A server that never reads: the client must be stopped by flow control, not buffered.
@@ -311,21 +329,30 @@ async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
         }
         written += chunk.len();
     }
-    ensure!(written < 64 * 1024 * 1024, "{} MiB went into a server that reads nothing", written >> 20);
+    ensure!(
+        written < 64 * 1024 * 1024,
+        "{} MiB went into a server that reads nothing",
+        written >> 20
+    );
     for agent in &agents {
         let rss = agent.rss_kib().context("agent RSS")?;
-        ensure!(rss < 48 * 1024, "agent {} holds {rss} KiB while a stream is stalled", agent.node_name());
+        ensure!(
+            rss < 48 * 1024,
+            "agent {} holds {rss} KiB while a stream is stalled",
+            agent.node_name()
+        );
     }
     drop(client);
 
     // A server that resets: the client sees a reset, not a clean end.
-    let _resetter = mesh_tests::Server::custom(web2.listen(PORT + 1).await?, |mut stream, _| async move {
-        let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf).await?;
-        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
-        drop(stream);
-        Ok(())
-    });
+    let _resetter =
+        mesh_tests::Server::custom(web2.listen(PORT + 1).await?, |mut stream, _| async move {
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).await?;
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+            drop(stream);
+            Ok(())
+        });
     let mut client = web1.connect(web2.addr(PORT + 1)).await?;
     client.write_all(b"hello").await?;
     let mut buf = [0u8; 16];

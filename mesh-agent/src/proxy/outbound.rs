@@ -93,6 +93,29 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     destination: dst_id,
                     address: std::net::SocketAddrV4::new(dst_ip, mesh_common::TUNNEL_PORT),
                 };
+                if resolved.endpoints.len() == 1 {
+                    // One possible destination: send the client's bytes behind the request.
+                    match ctx.pool.connect_early(&key, endpoint.address, peer).await {
+                        Ok(stream) => {
+                            let mut guard = ctx.connections.open(info);
+                            let counts = guard.counts();
+                            if let Err(e) =
+                                bridge::bridge_early(client, stream.send, stream.response, &counts)
+                                    .await
+                            {
+                                guard.fail(e);
+                            }
+                            drop(stream.guard);
+                        }
+                        Err(e) => {
+                            warn!(src = %peer, dst = %endpoint.address, error = %e, "tunnel failed");
+                            let mut guard = ctx.connections.open(info);
+                            guard.fail(&e);
+                            socket::reset_on_close(&client);
+                        }
+                    }
+                    return;
+                }
                 match ctx.pool.connect(&key, endpoint.address, peer).await {
                     Ok(stream) => {
                         let mut guard = ctx.connections.open(info);

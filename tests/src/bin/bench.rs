@@ -2,6 +2,11 @@
 //! single-stream throughput, 1 KiB request/response latency and new connections per second,
 //! first between two pods of the unenrolled `legacy` namespace with no agent running (the
 //! baseline), then between two pods of the enrolled `shop` namespace with an agent per node.
+//!
+//! The servers run as separate processes in their pods (this binary, `bench serve`), the client
+//! in this process, as real applications would: the baseline then includes the cross-process
+//! wake-ups every real request pays, and the mesh figures are not flattered by a baseline
+//! whose client and server share one thread.
 
 use std::{
     process::ExitCode,
@@ -32,6 +37,9 @@ struct Results {
 // and the second core stays free for the agents and the kernel's softirq work.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        return serve().await;
+    }
     if !is_root() {
         eprintln!("bench: needs root (network namespaces, eBPF); run it as root or with sudo");
         return ExitCode::FAILURE;
@@ -60,10 +68,18 @@ async fn run() -> Result<bool> {
         netns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     }
-    let mut servers: Vec<Server> = Vec::new();
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let mut servers = Vec::new();
     for pod in cluster.pods() {
-        servers.push(pod.counter_server(COUNTER_PORT).await?);
-        servers.push(pod.echo_server(ECHO_PORT).await?);
+        let child = tokio::process::Command::from(pod.netns().command(&exe.to_string_lossy()))
+            .arg("serve")
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the servers in {}", pod.id()))?;
+        servers.push(child);
+    }
+    for pod in cluster.pods() {
+        wait_listening(pod).await?;
     }
 
     let (batch1, batch2) = (
@@ -247,4 +263,30 @@ async fn connection_rate(client: &Pod, server: &Pod) -> Result<f64> {
         done += 1;
     }
     Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `bench serve`: the counting sink and the echo server, in the pod this process was started in.
+async fn serve() -> ExitCode {
+    let (Ok(counter), Ok(echo)) = (
+        tokio::net::TcpListener::bind(("0.0.0.0", COUNTER_PORT)).await,
+        tokio::net::TcpListener::bind(("0.0.0.0", ECHO_PORT)).await,
+    ) else {
+        eprintln!("bench serve: cannot bind the server ports");
+        return ExitCode::FAILURE;
+    };
+    let _counter = Server::counter(counter);
+    let _echo = Server::echo(echo);
+    std::future::pending::<()>().await;
+    ExitCode::SUCCESS
+}
+
+/// Waits until a pod's servers accept connections.
+async fn wait_listening(pod: &Pod) -> Result<()> {
+    for _ in 0..100 {
+        if pod.connect(pod.addr(ECHO_PORT)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the servers in {} did not start", pod.id())
 }

@@ -15,6 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::pool::PendingResponse;
 use crate::proxy::{forward::ByteCounts, socket::reset_on_close};
 
 /// Largest read from the TCP side; also the most a stream asks capacity for at once.
@@ -45,6 +46,34 @@ pub async fn bridge(
     let mut send = send;
     let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
     let down = stream_to_tcp(recv, &mut wr, to_tcp);
+    let result = tokio::try_join!(up, down);
+    if result.is_err() {
+        send.send_reset(Reason::CANCEL);
+        if let Ok(tcp) = rd.reunite(wr) {
+            reset_on_close(&tcp);
+        }
+    }
+    result.map(|_| ())
+}
+
+/// Like [`bridge`] for a client whose CONNECT is still unanswered: its bytes flow at once, the
+/// way back opens when the 200 arrives, and a refusal resets the client.
+pub async fn bridge_early(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    response: PendingResponse,
+    counts: &ByteCounts,
+) -> io::Result<()> {
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut send = send;
+    let up = tcp_to_stream(&mut rd, &mut send, &counts.sent);
+    let down = async {
+        let recv = response
+            .established()
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
+        stream_to_tcp(recv, &mut wr, &counts.received).await
+    };
     let result = tokio::try_join!(up, down);
     if result.is_err() {
         send.send_reset(Reason::CANCEL);

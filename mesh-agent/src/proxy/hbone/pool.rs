@@ -198,6 +198,38 @@ impl Pool {
         }
     }
 
+    /// Like [`Pool::connect`] but returns as soon as the request is sent. Only for a single
+    /// destination: once client bytes went into the stream, a refusal cannot fall back to
+    /// another endpoint.
+    pub async fn connect_early(
+        &self,
+        key: &PoolKey,
+        destination: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<EarlyStream, TunnelError> {
+        let mut retried = false;
+        loop {
+            let connection = self.checkout(key).await?;
+            let guard = StreamGuard {
+                connection: connection.clone(),
+            };
+            match start_stream(&connection, destination, client).await {
+                Ok((send, response)) => {
+                    return Ok(EarlyStream {
+                        send,
+                        response,
+                        guard,
+                    });
+                }
+                Err(TunnelError::Http2 { .. }) if !retried => {
+                    connection.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// A connection with room for one more stream (its count already taken), dialing if needed.
     async fn checkout(&self, key: &PoolKey) -> Result<Arc<Connection>, TunnelError> {
         let cert =
@@ -381,6 +413,16 @@ async fn open_stream(
     destination: SocketAddr,
     client: SocketAddr,
 ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    let (stream, response) = start_stream(connection, destination, client).await?;
+    Ok((stream, response.established().await?))
+}
+
+/// Sends the CONNECT request; the response is awaited separately.
+async fn start_stream(
+    connection: &Connection,
+    destination: SocketAddr,
+    client: SocketAddr,
+) -> Result<(SendStream<Bytes>, PendingResponse), TunnelError> {
     let address = connection.key.address;
     let http2 = |e: h2::Error| TunnelError::Http2 {
         address,
@@ -389,16 +431,54 @@ async fn open_stream(
     let request = headers::connect_request(destination, client)?;
     let mut send = connection.send.clone().ready().await.map_err(http2)?;
     let (response, stream) = send.send_request(request, false).map_err(http2)?;
-    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, response)
-        .await
-        .map_err(|_| TunnelError::Timeout { address })?
-        .map_err(http2)?;
-    if response.status() != http::StatusCode::OK {
-        warn!(%address, %destination, status = %response.status(), "CONNECT refused");
-        return Err(TunnelError::Refused {
+    Ok((
+        stream,
+        PendingResponse {
             address,
-            status: response.status().as_u16(),
-        });
+            destination,
+            response,
+        },
+    ))
+}
+
+/// The answer to a CONNECT not yet received.
+pub struct PendingResponse {
+    address: SocketAddrV4,
+    destination: SocketAddr,
+    response: h2::client::ResponseFuture,
+}
+
+impl PendingResponse {
+    /// The stream's receiving half once the destination answered 200.
+    pub async fn established(self) -> Result<RecvStream, TunnelError> {
+        let PendingResponse {
+            address,
+            destination,
+            response,
+        } = self;
+        let http2 = |e: h2::Error| TunnelError::Http2 {
+            address,
+            source: h2_error(e),
+        };
+        let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, response)
+            .await
+            .map_err(|_| TunnelError::Timeout { address })?
+            .map_err(http2)?;
+        if response.status() != http::StatusCode::OK {
+            warn!(%address, %destination, status = %response.status(), "CONNECT refused");
+            return Err(TunnelError::Refused {
+                address,
+                status: response.status().as_u16(),
+            });
+        }
+        Ok(response.into_body())
     }
-    Ok((stream, response.into_body()))
+}
+
+/// A CONNECT stream whose response may still be on its way: the client's first bytes can
+/// travel right behind the request, saving a round trip per connection.
+pub struct EarlyStream {
+    pub send: SendStream<Bytes>,
+    pub response: PendingResponse,
+    pub guard: StreamGuard,
 }
