@@ -95,11 +95,7 @@ pub fn explain(
         }
         (_, None) => "no destination".into(),
         (_, Some(first)) if paths.iter().all(|p| p.allowed == first.allowed) => {
-            format!(
-                "{}: {}",
-                if first.allowed { "ALLOW" } else { "DENY" },
-                first.reason
-            )
+            verdict_line(first.allowed, &first.reason)
         }
         (_, Some(_)) => "depends on the endpoint chosen; see paths".into(),
     };
@@ -212,5 +208,32 @@ fn explain_path(
         allowed: decision.allowed,
         reason: decision.reason.clone(),
         decision: Some(decision),
+    }
+}
+
+/// "ALLOW: <reason>", without repeating a verdict the reason already starts with.
+fn verdict_line(allowed: bool, reason: &str) -> String {
+    let verdict = if allowed { "ALLOW" } else { "DENY" };
+    let rest = ["allowed: ", "denied: "]
+        .iter()
+        .find_map(|prefix| reason.strip_prefix(prefix))
+        .unwrap_or(reason);
+    format!("{verdict}: {rest}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_is_not_repeated() {
+        assert_eq!(
+            verdict_line(true, "allowed: no ALLOW policy applies"),
+            "ALLOW: no ALLOW policy applies"
+        );
+        assert_eq!(
+            verdict_line(false, "plaintext refused by PeerAuthentication STRICT"),
+            "DENY: plaintext refused by PeerAuthentication STRICT"
+        );
     }
 }

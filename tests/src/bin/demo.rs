@@ -99,12 +99,31 @@ async fn run() -> Result<bool> {
 
     for node in cluster.nodes() {
         header(&format!("node {}", node.name));
-        for args in [&["status"][..], &["workloads"], &["connections"], &["bpf"]] {
+        for args in [
+            &["status"][..],
+            &["workloads"],
+            &["connections"],
+            &["certs"],
+            &["policies"],
+            &["bpf"],
+        ] {
             println!("---- mesh-agent {} ----", args.join(" "));
             match cluster.cli(node.index, args) {
                 Ok(out) => print!("{}", ensure_newline(out)),
                 Err(e) => println!("(failed: {e:#})"),
             }
+        }
+    }
+
+    header("explain: why a connection is allowed or denied");
+    let web2 = cluster.pod("shop", "web-2");
+    let target = web2.addr(ECHO_PORT).to_string();
+    for from in ["shop/web-1", "legacy/batch-1"] {
+        let args = ["explain", "--from", from, "--to", &target];
+        println!("---- mesh-agent {} ----", args.join(" "));
+        match cluster.cli(web2.node, &args) {
+            Ok(out) => print!("{}", ensure_newline(out)),
+            Err(e) => println!("(failed: {e:#})"),
         }
     }
 
