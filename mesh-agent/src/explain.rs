@@ -1,12 +1,12 @@
 //! `mesh-agent explain`: what would happen to a connection from a pod (or address) to an
 //! address, and why — computed with the same functions the proxy uses to decide.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::Serialize;
 
 use crate::{
-    policy::{self, ConnectionAttributes, Decision, MtlsMode},
+    policy::{self, Decision, MtlsMode},
     proxy::{MeshConfig, upstream::ServiceBalancer},
     state::{Snapshot, Workload},
 };
@@ -142,39 +142,24 @@ fn explain_path(
         .workload
         .as_ref()
         .map(|w| format!("{}/{}", w.namespace, w.name));
+    let direct = |reason: &str| PathExplanation {
+        endpoint: endpoint.address,
+        workload: workload.clone(),
+        route: "direct",
+        captured_at_destination: false,
+        mtls_mode: None,
+        allowed: true,
+        decision: None,
+        reason: reason.into(),
+    };
     let Some(destination) = endpoint.workload.as_ref().filter(|w| w.is_enrolled()) else {
-        return PathExplanation {
-            endpoint: endpoint.address,
-            workload,
-            route: "direct",
-            captured_at_destination: false,
-            mtls_mode: None,
-            allowed: true,
-            decision: None,
-            reason: "the destination is not in the mesh: no policy applies".into(),
-        };
+        return direct("the destination is not in the mesh: no policy applies");
     };
-    let IpAddr::V4(destination_ip) = endpoint.address.ip() else {
-        return PathExplanation {
-            endpoint: endpoint.address,
-            workload,
-            route: "direct",
-            captured_at_destination: false,
-            mtls_mode: None,
-            allowed: true,
-            decision: None,
-            reason: "IPv6 is not captured".into(),
-        };
-    };
-    let attributes = ConnectionAttributes {
-        source_ip,
-        source_principal: identity.map(|i| i.strip_prefix("spiffe://").unwrap_or(i).to_string()),
-        source_namespace: identity
-            .and_then(|i| i.split('/').skip_while(|s| *s != "ns").nth(1))
-            .map(str::to_string),
-        destination_ip,
-        destination_port: endpoint.address.port(),
-    };
+    if !endpoint.address.is_ipv4() {
+        return direct("IPv6 is not captured");
+    }
+    let attributes =
+        crate::proxy::connection_attributes(source_ip.into(), identity, endpoint.address);
     let mode = policy::mtls_mode(
         snapshot,
         &mesh.root_namespace,

@@ -120,31 +120,35 @@ impl ProxyContext {
 
 /// The policy view of a connection.
 pub fn attributes(info: &ConnectionInfo) -> ConnectionAttributes {
-    let principal = info
-        .source_identity
-        .as_deref()
-        .map(|id| id.strip_prefix("spiffe://").unwrap_or(id).to_string());
+    connection_attributes(
+        info.source.ip(),
+        info.source_identity.as_deref(),
+        info.destination,
+    )
+}
+
+/// The policy view of a connection from `source` (with its SPIFFE identity, if any) to
+/// `destination`; `explain` uses the same function, so it decides exactly as the proxy does.
+pub fn connection_attributes(
+    source: IpAddr,
+    identity: Option<&str>,
+    destination: SocketAddr,
+) -> ConnectionAttributes {
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    };
+    let principal = identity.map(|id| id.strip_prefix("spiffe://").unwrap_or(id).to_string());
     let source_namespace = principal
         .as_deref()
-        .and_then(|p| p.split('/').skip_while(|s| *s != "ns").nth(1))
+        .and_then(policy::namespace_of_principal)
         .map(str::to_string);
-    let (IpAddr::V4(source_ip), IpAddr::V4(destination_ip)) =
-        (info.source.ip(), info.destination.ip())
-    else {
-        return ConnectionAttributes {
-            source_ip: std::net::Ipv4Addr::UNSPECIFIED,
-            source_principal: principal,
-            source_namespace,
-            destination_ip: std::net::Ipv4Addr::UNSPECIFIED,
-            destination_port: info.destination.port(),
-        };
-    };
     ConnectionAttributes {
-        source_ip,
+        source_ip: v4(source),
         source_principal: principal,
         source_namespace,
-        destination_ip,
-        destination_port: info.destination.port(),
+        destination_ip: v4(destination.ip()),
+        destination_port: destination.port(),
     }
 }
 

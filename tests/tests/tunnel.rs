@@ -7,7 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use common::{PORT, mesh, pcap, wait_records};
+use common::{PORT, mesh, mesh_with, pcap, wait_records};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB_IDENTITY: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -137,22 +137,10 @@ async fn streams_share_pooled_connections() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_limit_opens_more_connections() -> Result<()> {
-    if !mesh_tests::require_root() {
+    let args = ["--pool-max-streams", "10", "--pool-idle-timeout", "1"];
+    let Some((cluster, _agents)) = mesh_with(&args).await? else {
         return Ok(());
-    }
-    let cluster = mesh_tests::Cluster::new(mesh_tests::ClusterSpec::shop_and_legacy())?;
-    cluster.write_state()?;
-    let options = || {
-        mesh_tests::AgentOptions::default()
-            .arg("--pool-max-streams")
-            .arg("10")
-            .arg("--pool-idle-timeout")
-            .arg("1")
     };
-    let _agents = [
-        cluster.start_agent_with(0, options()).await?,
-        cluster.start_agent_with(1, options()).await?,
-    ];
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let _echo = web2.echo_server(PORT).await?;
     let mut streams = Vec::new();
@@ -188,21 +176,10 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_open_streams_and_new_streams_use_the_new_certificate() -> Result<()> {
-    if !mesh_tests::require_root() {
-        return Ok(());
-    }
-    let cluster = mesh_tests::Cluster::new(mesh_tests::ClusterSpec::shop_and_legacy())?;
-    cluster.write_state()?;
     // 6 s certificates are replaced after about 3 s.
-    let options = || {
-        mesh_tests::AgentOptions::default()
-            .arg("--cert-ttl")
-            .arg("6")
+    let Some((cluster, _agents)) = mesh_with(&["--cert-ttl", "6"]).await? else {
+        return Ok(());
     };
-    let _agents = [
-        cluster.start_agent_with(0, options()).await?,
-        cluster.start_agent_with(1, options()).await?,
-    ];
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let _echo = web2.echo_server(PORT).await?;
     let serial = |node: usize| -> Result<String> {

@@ -12,7 +12,7 @@ use super::{
     connections::{ConnectionInfo, Direction, Security},
     forward,
     hbone::{
-        bridge::{self, Side},
+        bridge::{self, Answer, Side},
         pool::{PoolKey, TunnelError},
     },
     socket, upstream, workload_ref,
@@ -99,9 +99,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                         Ok(stream) => {
                             let mut guard = ctx.connections.open(info);
                             let counts = guard.counts();
-                            if let Err(e) =
-                                bridge::bridge_early(client, stream.send, stream.response, &counts)
-                                    .await
+                            if let Err(e) = bridge::bridge(
+                                client,
+                                stream.send,
+                                Answer::Pending(stream.response),
+                                &counts,
+                                Side::Client,
+                            )
+                            .await
                             {
                                 guard.fail(e);
                             }
@@ -120,9 +125,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     Ok(stream) => {
                         let mut guard = ctx.connections.open(info);
                         let counts = guard.counts();
-                        if let Err(e) =
-                            bridge::bridge(client, stream.send, stream.recv, &counts, Side::Client)
-                                .await
+                        if let Err(e) = bridge::bridge(
+                            client,
+                            stream.send,
+                            Answer::Ready(stream.recv),
+                            &counts,
+                            Side::Client,
+                        )
+                        .await
                         {
                             guard.fail(e);
                         }

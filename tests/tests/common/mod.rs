@@ -12,12 +12,24 @@ pub const PORT: u16 = 8080;
 /// The demo cluster (`shop` enrolled, `legacy` not; `web-N`, `batch-N` on node N-1) with an
 /// agent on each node. `None` (after a loud skip message) when not root.
 pub async fn mesh() -> Result<Option<(Cluster, Vec<Agent>)>> {
+    mesh_with(&[]).await
+}
+
+/// [`mesh`] with extra `mesh-agent run` arguments for both agents.
+pub async fn mesh_with(args: &[&str]) -> Result<Option<(Cluster, Vec<Agent>)>> {
     if !mesh_tests::require_root() {
         return Ok(None);
     }
     let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
     cluster.write_state()?;
-    let agents = vec![cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    let options = || {
+        args.iter()
+            .fold(mesh_tests::AgentOptions::default(), |o, a| o.arg(*a))
+    };
+    let agents = vec![
+        cluster.start_agent_with(0, options()).await?,
+        cluster.start_agent_with(1, options()).await?,
+    ];
     Ok(Some((cluster, agents)))
 }
 

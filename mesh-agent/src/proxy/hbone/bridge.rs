@@ -30,11 +30,31 @@ pub enum Side {
     Destination,
 }
 
-/// Runs both directions until each has finished; on an error, resets the other side too.
+/// The answer to the CONNECT: already received, or still on its way (early data).
+pub enum Answer {
+    Ready(RecvStream),
+    Pending(PendingResponse),
+}
+
+impl Answer {
+    async fn recv(self) -> io::Result<RecvStream> {
+        match self {
+            Answer::Ready(recv) => Ok(recv),
+            Answer::Pending(response) => response
+                .established()
+                .await
+                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e)),
+        }
+    }
+}
+
+/// Runs both directions until each has finished; on an error (a refused CONNECT included),
+/// resets the other side too. With a pending answer the client's bytes flow at once and the
+/// way back opens when the 200 arrives.
 pub async fn bridge(
     tcp: TcpStream,
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    answer: Answer,
     counts: &ByteCounts,
     side: Side,
 ) -> io::Result<()> {
@@ -45,35 +65,7 @@ pub async fn bridge(
     let (mut rd, mut wr) = tcp.into_split();
     let mut send = send;
     let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
-    let down = stream_to_tcp(recv, &mut wr, to_tcp);
-    let result = tokio::try_join!(up, down);
-    if result.is_err() {
-        send.send_reset(Reason::CANCEL);
-        if let Ok(tcp) = rd.reunite(wr) {
-            reset_on_close(&tcp);
-        }
-    }
-    result.map(|_| ())
-}
-
-/// Like [`bridge`] for a client whose CONNECT is still unanswered: its bytes flow at once, the
-/// way back opens when the 200 arrives, and a refusal resets the client.
-pub async fn bridge_early(
-    tcp: TcpStream,
-    send: SendStream<Bytes>,
-    response: PendingResponse,
-    counts: &ByteCounts,
-) -> io::Result<()> {
-    let (mut rd, mut wr) = tcp.into_split();
-    let mut send = send;
-    let up = tcp_to_stream(&mut rd, &mut send, &counts.sent);
-    let down = async {
-        let recv = response
-            .established()
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
-        stream_to_tcp(recv, &mut wr, &counts.received).await
-    };
+    let down = async { stream_to_tcp(answer.recv().await?, &mut wr, to_tcp).await };
     let result = tokio::try_join!(up, down);
     if result.is_err() {
         send.send_reset(Reason::CANCEL);

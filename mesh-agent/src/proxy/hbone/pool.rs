@@ -173,29 +173,21 @@ impl Pool {
         }
     }
 
-    /// Opens a CONNECT stream to `destination` for `client` over a pooled connection.
+    /// Opens a CONNECT stream to `destination` for `client` over a pooled connection and waits
+    /// for the destination's answer.
     pub async fn connect(
         &self,
         key: &PoolKey,
         destination: SocketAddr,
         client: SocketAddr,
     ) -> Result<Stream, TunnelError> {
-        let mut retried = false;
-        loop {
-            let connection = self.checkout(key).await?;
-            let guard = StreamGuard {
-                connection: connection.clone(),
-            };
-            match open_stream(&connection, destination, client).await {
-                Ok((send, recv)) => return Ok(Stream { send, recv, guard }),
-                // A pooled connection can die between checkout and use: retry once on a new one.
-                Err(TunnelError::Http2 { .. }) if !retried => {
-                    connection.closed.store(true, Ordering::Release);
-                    retried = true;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let EarlyStream {
+            send,
+            response,
+            guard,
+        } = self.connect_early(key, destination, client).await?;
+        let recv = response.established().await?;
+        Ok(Stream { send, recv, guard })
     }
 
     /// Like [`Pool::connect`] but returns as soon as the request is sent. Only for a single
@@ -406,15 +398,6 @@ impl Pool {
         views.sort_by_key(|v| v.id);
         views
     }
-}
-
-async fn open_stream(
-    connection: &Connection,
-    destination: SocketAddr,
-    client: SocketAddr,
-) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
-    let (stream, response) = start_stream(connection, destination, client).await?;
-    Ok((stream, response.established().await?))
 }
 
 /// Sends the CONNECT request; the response is awaited separately.

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    bridge::{self, Side},
+    bridge::{self, Answer, Side},
     headers,
     pool::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
@@ -206,7 +206,7 @@ async fn stream(
     if let Err(e) = bridge::bridge(
         upstream,
         send,
-        request.into_body(),
+        Answer::Ready(request.into_body()),
         &counts,
         Side::Destination,
     )
