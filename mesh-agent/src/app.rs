@@ -156,6 +156,7 @@ fn apply_state(
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(capture) = capture.as_mut() {
             reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending);
+            capture.set_uplinks(&reconcile::uplinks(&snapshot, &ctx.node));
         }
     }
     // Certificates for exactly the identities of this node's enrolled pods, issued ahead of use.

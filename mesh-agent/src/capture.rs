@@ -34,6 +34,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const PROG_INGRESS: &str = "capture_ingress";
 pub const PROG_EGRESS: &str = "capture_egress";
+pub const PROG_UPLINK: &str = "capture_uplink";
 pub const PROG_SOCKOPS: &str = "observe_sockops";
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +105,8 @@ pub struct Capture {
     workloads: HashMap<MapData, u32, Workload>,
     counters: PerCpuArray<MapData, u64>,
     devices: BTreeMap<String, DeviceLinks>,
+    /// Node uplinks with `capture_uplink` attached (ingress), by name: (ifindex, link).
+    uplinks: BTreeMap<String, (u32, SchedClassifierLinkId)>,
     pods: BTreeMap<Ipv4Addr, PodLink>,
     sockops_link: Option<SockOpsLinkId>,
     features: KernelFeatures,
@@ -156,7 +159,7 @@ impl Capture {
         let workloads = take_map(&mut ebpf, "WORKLOADS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
 
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_UPLINK] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error(name, e))?;
         }
@@ -185,6 +188,7 @@ impl Capture {
             workloads,
             counters,
             devices: BTreeMap::new(),
+            uplinks: BTreeMap::new(),
             pods: BTreeMap::new(),
             sockops_link: Some(sockops_link),
             features,
@@ -301,6 +305,40 @@ impl Capture {
         debug!(device = ifname, "capture detached");
     }
 
+    /// Attaches `capture_uplink` to exactly these devices (name → ifindex), detaching it from
+    /// others. Replies from other nodes to the proxy's sockets, and tunnels to enrolled pods,
+    /// then reach the proxy on arrival instead of after a detour through the pod's veth.
+    pub fn set_uplinks(&mut self, wanted: &BTreeMap<String, u32>) {
+        let stale: Vec<String> = self
+            .uplinks
+            .iter()
+            .filter(|(name, (ifindex, _))| wanted.get(*name) != Some(ifindex))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, link)) = self.uplinks.remove(&name)
+                && let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, PROG_UPLINK)
+            {
+                let _ = p.detach(link);
+            }
+            info!(device = %name, "uplink capture detached");
+        }
+        for (name, ifindex) in wanted {
+            if self.uplinks.contains_key(name) {
+                continue;
+            }
+            match self.attach(PROG_UPLINK, *ifindex, TcAttachType::Ingress) {
+                Ok(link) => {
+                    info!(device = %name, "uplink capture attached");
+                    self.uplinks.insert(name.clone(), (*ifindex, link));
+                }
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "attaching to the uplink failed")
+                }
+            }
+        }
+    }
+
     /// Sum of each counter over all CPUs.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         counter::NAMES
@@ -322,6 +360,7 @@ impl Capture {
         for (name, kind) in [
             (PROG_INGRESS, "tc ingress (tcx)"),
             (PROG_EGRESS, "tc egress (tcx)"),
+            (PROG_UPLINK, "tc ingress (tcx), uplink"),
             (PROG_SOCKOPS, "sock_ops"),
         ] {
             let id = self
@@ -329,13 +368,14 @@ impl Capture {
                 .program(name)
                 .and_then(|p| p.info().ok())
                 .map(|info| info.id());
-            let attached_to = if name == PROG_SOCKOPS {
-                self.sockops_link
+            let attached_to = match name {
+                PROG_SOCKOPS => self
+                    .sockops_link
                     .iter()
                     .map(|_| self.features.cgroup2.display().to_string())
-                    .collect()
-            } else {
-                self.devices.keys().cloned().collect()
+                    .collect(),
+                PROG_UPLINK => self.uplinks.keys().cloned().collect(),
+                _ => self.devices.keys().cloned().collect(),
             };
             programs.push(ProgramStatus {
                 name: name.into(),
@@ -380,6 +420,7 @@ impl Capture {
         for ifname in ifnames {
             self.detach_device(&ifname);
         }
+        self.set_uplinks(&BTreeMap::new());
         if let Some(link) = self.sockops_link.take()
             && let Ok(p) = program::<SockOps>(&mut self.ebpf, PROG_SOCKOPS)
         {

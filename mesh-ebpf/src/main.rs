@@ -40,6 +40,13 @@ pub fn capture_ingress(ctx: TcContext) -> i32 {
     try_capture_ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
 }
 
+/// On the node's uplink(s): packets from other nodes for enrolled pods go straight to the proxy
+/// (instead of being forwarded to the pod's veth and turned back there).
+#[classifier]
+pub fn capture_uplink(ctx: TcContext) -> i32 {
+    try_capture_uplink(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
 #[classifier]
 pub fn capture_egress(ctx: TcContext) -> i32 {
     try_capture_egress(&ctx).unwrap_or(TC_ACT_OK as i32)
@@ -89,6 +96,30 @@ fn try_capture_ingress(ctx: &TcContext) -> Result<i32, i64> {
         // drop it as PACKET_OTHERHOST before it reaches the socket.
         ctx.change_type(PACKET_HOST)?;
     }
+    steer(ctx, &tcp, cfg, direction)
+}
+
+fn try_capture_uplink(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(tcp) = Tcp4::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if !is_enrolled(tcp.daddr) {
+        return Ok(TC_ACT_OK as i32);
+    }
+    steer(ctx, &tcp, cfg, Direction::Inbound)
+}
+
+/// Delivers a segment of a proxied connection to the proxy's socket, or a new connection's SYN
+/// to the listener for its direction; leaves anything else alone.
+fn steer(
+    ctx: &TcContext,
+    tcp: &Tcp4,
+    cfg: &CaptureConfig,
+    direction: Direction,
+) -> Result<i32, i64> {
     let mut tuple = tcp.tuple();
     match lookup(ctx, &mut tuple) {
         Some(SocketState::Connected) => {

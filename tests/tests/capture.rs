@@ -64,6 +64,22 @@ async fn enrolled_to_enrolled_across_nodes_goes_through_both_proxies() -> Result
     // Inbound, the streams arrive inside one pooled tunnel connection: one captured SYN.
     ensure!(counter(&cluster, 1, "inbound_captured")? >= 1);
     ensure!(counter(&cluster, 0, "sockops_established")? >= SIZES.len() as u64);
+    // Traffic from the other node reaches the proxy at the uplink, not via the pod's veth.
+    for node in 0..2 {
+        let bpf = cluster.cli_json(node, &["bpf", "-o", "json"])?;
+        let uplink = bpf["programs"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "capture_uplink"))
+            .map(|p| p["attached_to"].clone());
+        ensure!(
+            uplink == Some(serde_json::json!(["eth0"])),
+            "node {node}: uplink program on {uplink:?}"
+        );
+        ensure!(
+            counter(&cluster, node, "inbound_redirected")? == 0,
+            "node {node} took the detour: {bpf}"
+        );
+    }
     // The node 1 proxy's own connections to web-2 pass the capture untouched (SO_MARK).
     ensure!(counter(&cluster, 1, "proxy_own")? > 0);
 

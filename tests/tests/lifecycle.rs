@@ -18,7 +18,7 @@ fn program_ids(cluster: &Cluster, node: usize) -> Result<Vec<u64>> {
         .iter()
         .filter_map(|p| p["id"].as_u64())
         .collect();
-    ensure!(ids.len() == 3, "expected 3 programs, got {bpf}");
+    ensure!(ids.len() == 4, "expected 4 programs, got {bpf}");
     Ok(ids)
 }
 

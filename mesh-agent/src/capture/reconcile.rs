@@ -54,3 +54,27 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
         }
     }
 }
+
+/// The node's uplinks: the devices its routes to other nodes' pods go through (one route
+/// lookup per other node). Pod veths of this node are never among them.
+pub fn uplinks(snapshot: &Snapshot, node: &str) -> BTreeMap<String, u32> {
+    let mut seen_nodes = BTreeSet::new();
+    let mut uplinks = BTreeMap::new();
+    for w in snapshot
+        .workloads
+        .iter()
+        .filter(|w| w.node != node && w.owns_ip())
+    {
+        if !seen_nodes.insert(w.node.as_str()) {
+            continue;
+        }
+        match routing::route_device(w.ip) {
+            Ok(Some((name, ifindex))) => {
+                uplinks.insert(name, ifindex);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(node = %w.node, error = %e, "no route to the node's pods"),
+        }
+    }
+    uplinks
+}

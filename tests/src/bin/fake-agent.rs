@@ -34,6 +34,15 @@ async fn main() -> ExitCode {
     let node = flag("--node").unwrap_or_default();
     let state = flag("--state").unwrap_or_default();
     let ready = !args.iter().any(|a| a == "--never-ready");
+    let exit_after = flag("--exit-after-ms")
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis);
+    if exit_after == Some(Duration::ZERO) {
+        // Exit before serving anything: racing a 0 ms timer against the first readiness
+        // request made the harness test flaky.
+        println!("fake-agent giving up");
+        return ExitCode::from(3);
+    }
     let listener = match TcpListener::bind("127.0.0.1:15021").await {
         Ok(l) => l,
         Err(e) => {
@@ -43,9 +52,6 @@ async fn main() -> ExitCode {
     };
     println!("fake-agent started node={node} state={state}");
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let exit_after = flag("--exit-after-ms")
-        .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis);
     let exit_timer = async {
         match exit_after {
             Some(d) => tokio::time::sleep(d).await,
