@@ -93,50 +93,29 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     destination: dst_id,
                     address: std::net::SocketAddrV4::new(dst_ip, mesh_common::TUNNEL_PORT),
                 };
-                if resolved.endpoints.len() == 1 {
-                    // One possible destination: send the client's bytes behind the request.
-                    match ctx.pool.connect_early(&key, endpoint.address, peer).await {
-                        Ok(stream) => {
-                            let mut guard = ctx.connections.open(info);
-                            let counts = guard.counts();
-                            if let Err(e) = bridge::bridge(
-                                client,
-                                stream.send,
-                                Answer::Pending(stream.response),
-                                &counts,
-                                Side::Client,
-                            )
-                            .await
-                            {
-                                guard.fail(e);
-                            }
-                            drop(stream.guard);
-                        }
-                        Err(e) => {
-                            warn!(src = %peer, dst = %endpoint.address, error = %e, "tunnel failed");
-                            let mut guard = ctx.connections.open(info);
-                            guard.fail(&e);
-                            socket::reset_on_close(&client);
-                        }
-                    }
-                    return;
-                }
-                match ctx.pool.connect(&key, endpoint.address, peer).await {
-                    Ok(stream) => {
+                // With one possible destination the client's bytes follow the request at once;
+                // with several, wait for the answer so a failure can move on to the next.
+                let opened = if resolved.endpoints.len() == 1 {
+                    ctx.pool
+                        .connect_early(&key, endpoint.address, peer)
+                        .await
+                        .map(|s| (s.send, Answer::Pending(s.response), s.guard))
+                } else {
+                    ctx.pool
+                        .connect(&key, endpoint.address, peer)
+                        .await
+                        .map(|s| (s.send, Answer::Ready(s.recv), s.guard))
+                };
+                match opened {
+                    Ok((send, answer, stream_guard)) => {
                         let mut guard = ctx.connections.open(info);
                         let counts = guard.counts();
-                        if let Err(e) = bridge::bridge(
-                            client,
-                            stream.send,
-                            Answer::Ready(stream.recv),
-                            &counts,
-                            Side::Client,
-                        )
-                        .await
+                        if let Err(e) =
+                            bridge::bridge(client, send, answer, &counts, Side::Client).await
                         {
                             guard.fail(e);
                         }
-                        drop(stream.guard);
+                        drop(stream_guard);
                         return;
                     }
                     Err(TunnelError::Refused { status: 401, .. }) => {
