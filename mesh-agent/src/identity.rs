@@ -20,7 +20,7 @@ pub use certificate::{
 };
 pub use manager::{CertificateManager, ManagerError};
 pub use spiffe::{Identity, IdentityError};
-pub use tls::{TlsError, client_config, peer_identity, server_config};
+pub use tls::{TlsError, client_config, peer_certificate, peer_identity, server_config};
 
 /// Where workload identities come from and how long their certificates live.
 #[derive(Debug, Clone, Serialize)]

@@ -115,7 +115,12 @@ impl Metrics {
     pub fn refused(&self, listener: &'static str, reason: &str) {
         self.failures
             .get_or_create(&FailureLabels {
-                reporter: "destination",
+                // Outbound refusals happen on the client's node, the rest on the server's.
+                reporter: if listener == "outbound" {
+                    "source"
+                } else {
+                    "destination"
+                },
                 listener,
                 reason: reason.to_string(),
             })

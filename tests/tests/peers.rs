@@ -261,12 +261,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
         records.iter().any(|r| r["source_identity"] == good),
         "{records:#?}"
     );
-    let metrics = cluster
-        .node(1)
-        .netns()
-        .http_get("127.0.0.1:15020".parse()?, "/metrics")
-        .await?
-        .body;
+    let metrics = common::metrics(&cluster, 1).await?;
     if !metrics.contains("mesh_agent_connection_failures_total{reporter=\"destination\",listener=\"tunnel\",reason=\"tls handshake\"} 3") {
         bail!("refusals not counted:\n{metrics}");
     }

@@ -213,12 +213,7 @@ async fn denials_are_reset_counted_and_logged_with_the_policy() -> Result<()> {
         "{}",
         view["totals"]
     );
-    let metrics = cluster
-        .node(1)
-        .netns()
-        .http_get("127.0.0.1:15020".parse()?, "/metrics")
-        .await?
-        .body;
+    let metrics = common::metrics(&cluster, 1).await?;
     ensure!(
         metrics
             .lines()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{PORT, mesh, mesh_with, pcap, wait_records};
@@ -240,19 +240,8 @@ async fn metrics_use_istio_names() -> Result<()> {
     let _echo = web2.echo_server(PORT).await?;
     web1.send_and_verify(web2.addr(PORT), 1000).await?;
     wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
-    let addr: SocketAddr = "127.0.0.1:15020".parse()?;
     for (node, reporter) in [(0, "source"), (1, "destination")] {
-        let response = cluster
-            .node(node)
-            .netns()
-            .http_get(addr, "/metrics")
-            .await?;
-        ensure!(
-            response.status == 200,
-            "metrics on node {node}: {}",
-            response.status
-        );
-        let body = &response.body;
+        let body = &common::metrics(&cluster, node).await?;
         let line = body
             .lines()
             .find(|l| {

@@ -131,7 +131,6 @@ impl AdminState {
         let snapshot = self.proxy.snapshot();
         let captured = self.captured();
         let active = self.capture.lock().map(|c| c.is_some()).unwrap_or(false);
-        let view = self.proxy.connections.view();
         StatusView {
             node: self.config.node.clone(),
             version: env!("CARGO_PKG_VERSION"),
@@ -157,9 +156,9 @@ impl AdminState {
                 pending: self.pending.lock().map(|p| p.clone()).unwrap_or_default(),
             },
             connections: ConnectionSummary {
-                open: view.open.len(),
+                open: self.proxy.connections.open_count(),
                 tunnels: self.proxy.pool.view().len(),
-                totals: view.totals,
+                totals: self.proxy.connections.totals(),
             },
             certificates: self.proxy.certs.certificates().len(),
         }

@@ -100,13 +100,6 @@ pub fn remove_capture_route() -> Result<bool, RoutingError> {
     Ok(removed)
 }
 
-/// Whether our rule or route is present (used by `status` and by tests).
-pub fn capture_route_present() -> Result<bool, RoutingError> {
-    let rules = ip(&["-json", "rule", "show"])?;
-    let table = CAPTURE_ROUTE_TABLE.to_string();
-    Ok(rules.contains(&format!("\"table\":\"{table}\"")) || table_has_routes()?)
-}
-
 /// Whether the capture table holds any route; a table that was never created has none.
 fn table_has_routes() -> Result<bool, RoutingError> {
     let table = CAPTURE_ROUTE_TABLE.to_string();

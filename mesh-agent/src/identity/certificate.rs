@@ -176,6 +176,15 @@ pub(crate) fn leaf_identity(der: &CertificateDer<'_>) -> Result<Identity, Certif
     identity_of(&parse(0, der)?)
 }
 
+/// A peer's leaf certificate's identity and serial (lowercase hex, as `mesh-agent certs` shows
+/// serials), from one parse.
+pub(crate) fn leaf_identity_and_serial(
+    der: &CertificateDer<'_>,
+) -> Result<(Identity, String), CertificateError> {
+    let leaf = parse(0, der)?;
+    Ok((identity_of(&leaf)?, hex(leaf.raw_serial())))
+}
+
 fn parse<'a>(index: usize, der: &'a [u8]) -> Result<X509Certificate<'a>, CertificateError> {
     match x509_parser::parse_x509_certificate(der) {
         Ok((rest, _)) if !rest.is_empty() => Err(CertificateError::Parse {

@@ -25,7 +25,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::{
-    certificate::{CertificateError, WorkloadCertificate, leaf_identity},
+    certificate::{self, CertificateError, WorkloadCertificate, leaf_identity},
     spiffe::Identity,
 };
 
@@ -130,6 +130,11 @@ pub fn server_config(
 /// The SPIFFE identity of the peer's leaf certificate, once the handshake has verified it.
 pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
     leaf_identity(conn.peer_certificates()?.first()?).ok()
+}
+
+/// The SPIFFE identity and certificate serial of the verified peer.
+pub fn peer_certificate(conn: &CommonState) -> Option<(Identity, String)> {
+    certificate::leaf_identity_and_serial(conn.peer_certificates()?.first()?).ok()
 }
 
 fn refuse(reason: TlsError) -> rustls::Error {

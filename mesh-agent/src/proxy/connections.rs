@@ -9,7 +9,6 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use super::forward::ByteCounts;
 use crate::metrics::{DenialLabels, Metrics, TcpLabels};
@@ -141,7 +140,6 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct Connections {
     inner: Arc<Mutex<Inner>>,
-    closed: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -149,7 +147,6 @@ impl Connections {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::default(),
-            closed: Arc::default(),
             metrics,
         }
     }
@@ -220,15 +217,8 @@ impl Connections {
         self.lock().open.len()
     }
 
-    /// Resolves when no connection is open.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.closed.notified();
-            if self.open_count() == 0 {
-                return;
-            }
-            notified.await;
-        }
+    pub fn totals(&self) -> Totals {
+        self.lock().totals.clone()
     }
 
     pub fn view(&self) -> ConnectionsView {
@@ -282,7 +272,6 @@ impl Connections {
                 .get_or_create(&labels)
                 .inc_by(record.bytes_received);
         }
-        self.closed.notify_waiters();
         Some(record)
     }
 }
@@ -494,20 +483,5 @@ mod tests {
             drop(table.open(info()));
         }
         assert_eq!(table.view().recent.len(), RECENT);
-    }
-
-    #[tokio::test]
-    async fn wait_idle_returns_when_last_closes() {
-        let table = Connections::default();
-        let guard = table.open(info());
-        let t = table.clone();
-        let waiter = tokio::spawn(async move { t.wait_idle().await });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        drop(guard);
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-            .await
-            .unwrap()
-            .unwrap();
     }
 }

@@ -170,3 +170,18 @@ pub async fn apply(cluster: &Cluster, file: &str, contents: &str) -> Result<()> 
     }
     Ok(())
 }
+
+/// A node agent's Prometheus text from `:15020/metrics` (which must answer 200).
+pub async fn metrics(cluster: &Cluster, node: usize) -> Result<String> {
+    let response = cluster
+        .node(node)
+        .netns()
+        .http_get("127.0.0.1:15020".parse()?, "/metrics")
+        .await?;
+    anyhow::ensure!(
+        response.status == 200,
+        "metrics on node {node}: HTTP {}",
+        response.status
+    );
+    Ok(response.body)
+}

@@ -2,11 +2,7 @@
 //! peer's SPIFFE identity, and serves each HTTP/2 CONNECT stream by authorizing it and
 //! connecting to the destination pod from the real client address.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
@@ -70,17 +66,11 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some(peer_identity) = tls::peer_identity(tls.get_ref().1) else {
+    let Some((peer_identity, peer_serial)) = tls::peer_certificate(tls.get_ref().1) else {
         warn!(src = %peer, "peer certificate has no SPIFFE identity; refused");
         ctx.metrics.refused("tunnel", "no peer identity");
         return;
     };
-    let peer_serial = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(serial_of);
     let mut connection = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -119,19 +109,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
 struct Peer {
     address: SocketAddr,
     identity: Identity,
-    serial: Option<String>,
-}
-
-/// Hex serial of a DER certificate, as `mesh-agent certs` shows it.
-fn serial_of(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(
-        cert.tbs_certificate
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    serial: String,
 }
 
 async fn stream(
@@ -174,7 +152,7 @@ async fn stream(
         source: client,
         source_workload: ctx.workload_ref(client),
         source_identity: Some(peer_identity.to_string()),
-        source_certificate_serial: peer_serial,
+        source_certificate_serial: Some(peer_serial),
         original_destination: target.destination,
         destination_service: None,
         destination_workload: Some(workload_ref(&destination)),
@@ -220,12 +198,4 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = status;
     let _ = respond.send_response(response, true);
-}
-
-/// The IPv4 address of a socket address, if it is one.
-pub fn ipv4(addr: IpAddr) -> Option<std::net::Ipv4Addr> {
-    match addr {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
-    }
 }
