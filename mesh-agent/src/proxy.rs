@@ -211,7 +211,6 @@ impl Listener {
                 _ = crate::shutdown::requested(&mut shutdown) => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
                         tasks.spawn(handle(ctx.clone(), stream, peer));
                     }
                     Err(e) => {

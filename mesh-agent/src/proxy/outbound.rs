@@ -4,6 +4,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
+
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -95,23 +97,29 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                 };
                 // With one possible destination the client's bytes follow the request at once;
                 // with several, wait for the answer so a failure can move on to the next.
-                let opened = if resolved.endpoints.len() == 1 {
-                    ctx.pool
+                // Bytes the client already sent ride in the request's packet.
+                let (opened, first) = if resolved.endpoints.len() == 1 {
+                    let first = bridge::already_received(&client);
+                    let opened = ctx
+                        .pool
                         .connect_early(&key, endpoint.address, peer)
                         .await
-                        .map(|s| (s.send, Answer::Pending(s.response), s.guard))
+                        .map(|s| (s.send, Answer::Pending(s.response), s.guard));
+                    (opened, first)
                 } else {
-                    ctx.pool
+                    let opened = ctx
+                        .pool
                         .connect(&key, endpoint.address, peer)
                         .await
-                        .map(|s| (s.send, Answer::Ready(s.recv), s.guard))
+                        .map(|s| (s.send, Answer::Ready(s.recv), s.guard));
+                    (opened, Bytes::new())
                 };
                 match opened {
                     Ok((send, answer, stream_guard)) => {
                         let mut guard = ctx.connections.open(info);
                         let counts = guard.counts();
                         if let Err(e) =
-                            bridge::bridge(client, send, answer, &counts, Side::Client).await
+                            bridge::bridge(client, send, answer, first, &counts, Side::Client).await
                         {
                             guard.fail(e);
                         }

@@ -48,13 +48,26 @@ impl Answer {
     }
 }
 
+/// What the TCP side has already sent and is waiting in its receive queue, without waiting for
+/// more (empty if nothing is there yet). Sent right behind a CONNECT, it shares the request's TLS
+/// record and packet instead of following in its own.
+pub fn already_received(tcp: &TcpStream) -> Bytes {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    match tcp.try_read_buf(&mut buf) {
+        Ok(n) if n > 0 => buf.freeze(),
+        _ => Bytes::new(),
+    }
+}
+
 /// Runs both directions until each has finished; on an error (a refused CONNECT included),
 /// resets the other side too. With a pending answer the client's bytes flow at once and the
-/// way back opens when the 200 arrives.
+/// way back opens when the 200 arrives. `first` holds bytes already read from the TCP side
+/// (see [`already_received`]); they go into the stream before anything else.
 pub async fn bridge(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     answer: Answer,
+    first: Bytes,
     counts: &ByteCounts,
     side: Side,
 ) -> io::Result<()> {
@@ -64,6 +77,14 @@ pub async fn bridge(
     };
     let (mut rd, mut wr) = tcp.into_split();
     let mut send = send;
+    if !first.is_empty() {
+        // Within the stream's initial window: h2 queues it behind the request headers.
+        from_tcp.fetch_add(first.len() as u64, Ordering::Relaxed);
+        if let Err(e) = send.send_data(first, false) {
+            send.send_reset(Reason::CANCEL);
+            return Err(h2_error(e));
+        }
+    }
     let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
     let down = async { stream_to_tcp(answer.recv().await?, &mut wr, to_tcp).await };
     let result = tokio::try_join!(up, down);
@@ -141,4 +162,100 @@ pub fn h2_error(e: h2::Error) -> io::Error {
         io::ErrorKind::Other
     };
     io::Error::new(kind, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::hbone::headers;
+    use tokio::net::TcpListener;
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (app, proxy) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (app.expect("connect"), proxy.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn already_received_takes_only_what_is_queued() {
+        let (mut app, proxy) = tcp_pair().await;
+        assert!(already_received(&proxy).is_empty());
+        app.write_all(b"hello").await.expect("write");
+        proxy.readable().await.expect("readable");
+        assert_eq!(&already_received(&proxy)[..], b"hello");
+        assert!(already_received(&proxy).is_empty());
+    }
+
+    /// Bytes read before the bridge starts lead the stream, in order, and are counted.
+    #[tokio::test]
+    async fn first_bytes_lead_the_stream() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            let (request, mut respond) = connection
+                .accept()
+                .await
+                .expect("a request")
+                .expect("a valid request");
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("respond");
+            let mut body = request.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("data");
+                body.flow_control()
+                    .release_capacity(chunk.len())
+                    .expect("release");
+                got.extend_from_slice(&chunk);
+            }
+            send.send_data(Bytes::from_static(b"reply"), true)
+                .expect("reply");
+            got
+        });
+        let (send_request, connection) = h2::client::handshake(client_io)
+            .await
+            .expect("client handshake");
+        tokio::spawn(connection);
+        let request = headers::connect_request(
+            "10.0.2.10:8080".parse().expect("address"),
+            "10.0.1.10:40000".parse().expect("address"),
+        )
+        .expect("request");
+        let mut send_request = send_request.ready().await.expect("ready");
+        let (response, send) = send_request.send_request(request, false).expect("send");
+        let recv = response.await.expect("response").into_body();
+
+        let (mut app, proxy) = tcp_pair().await;
+        app.write_all(b"early").await.expect("write");
+        proxy.readable().await.expect("readable");
+        let first = already_received(&proxy);
+        assert_eq!(&first[..], b"early");
+        let counts = ByteCounts::default();
+        let bridged = bridge(
+            proxy,
+            send,
+            Answer::Ready(recv),
+            first,
+            &counts,
+            Side::Client,
+        );
+        let app_side = async {
+            app.write_all(b" and late").await.expect("write");
+            app.shutdown().await.expect("shutdown");
+            let mut reply = Vec::new();
+            app.read_to_end(&mut reply).await.expect("read");
+            reply
+        };
+        let (bridged, reply) = tokio::join!(bridged, app_side);
+        bridged.expect("bridge");
+        assert_eq!(reply, b"reply");
+        assert_eq!(server.await.expect("server"), b"early and late");
+        assert_eq!(counts.sent.load(Ordering::Relaxed), 14);
+        assert_eq!(counts.received.load(Ordering::Relaxed), 5);
+    }
 }

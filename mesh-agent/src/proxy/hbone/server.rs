@@ -185,6 +185,7 @@ async fn stream(
         upstream,
         send,
         Answer::Ready(request.into_body()),
+        Bytes::new(),
         &counts,
         Side::Destination,
     )
