@@ -80,13 +80,64 @@ pub fn reset_on_close(stream: &TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// Socket marks and transparent sockets need CAP_NET_ADMIN; CI runs as root.
+    fn root(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("SKIPPED {test}: SO_MARK and IP_TRANSPARENT need root");
+        }
+        root
+    }
+
+    #[tokio::test]
+    async fn connect_as_returns_a_connected_stream() {
+        if !root("connect_as_returns_a_connected_stream") {
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("listener");
+        let SocketAddr::V4(addr) = listener.local_addr().expect("address") else {
+            unreachable!("bound to IPv4");
+        };
+        let (stream, accepted) =
+            tokio::join!(connect_as(Ipv4Addr::LOCALHOST, addr), listener.accept());
+        let mut stream = stream.expect("connect");
+        let (mut accepted, _) = accepted.expect("accept");
+        assert_eq!(stream.peer_addr().expect("peer"), SocketAddr::V4(addr));
+        stream.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"ping");
+    }
+
+    #[tokio::test]
+    async fn connect_as_reports_a_refusal() {
+        if !root("connect_as_reports_a_refusal") {
+            return;
+        }
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let error = connect_as(
+            Ipv4Addr::LOCALHOST,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+        )
+        .await
+        .expect_err("nothing listens");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+    }
 
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED accepted_connections_inherit_nodelay: IP_TRANSPARENT needs root");
+        if !root("accepted_connections_inherit_nodelay") {
             return;
         }
         let listener = transparent_listener(0).expect("listener");
