@@ -32,6 +32,9 @@ const CONNECTIONS_FOR: Duration = Duration::from_secs(3);
 /// Plain and mesh measured in turn this many times; the table shows the medians.
 const ROUNDS: usize = 3;
 
+/// One figure of a [`Results`].
+type Pick = fn(&Results) -> Option<f64>;
+
 #[derive(Default, Clone, Copy)]
 struct Results {
     gbit_per_s: Option<f64>,
@@ -144,10 +147,8 @@ async fn run() -> Result<bool> {
         "{:<28} {:>12} {:>12} {:>11}",
         "", "no mesh", "mesh", "mesh/plain"
     );
-    let median_of = |runs: &[Results], pick: fn(&Results) -> Option<f64>| {
-        median(runs.iter().filter_map(pick).collect())
-    };
-    let rows: [(&str, fn(&Results) -> Option<f64>, usize); 4] = [
+    let median_of = |runs: &[Results], pick: Pick| median(runs.iter().filter_map(pick).collect());
+    let rows: [(&str, Pick, usize); 4] = [
         ("throughput, Gbit/s", |r| r.gbit_per_s, 2),
         ("latency p50, µs (1 KiB)", |r| r.p50_us, 1),
         ("latency p99, µs (1 KiB)", |r| r.p99_us, 1),
