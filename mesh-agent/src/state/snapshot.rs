@@ -1,6 +1,6 @@
 //! One consistent view of the cluster for this node, built from Kubernetes objects, and the lookups on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -30,6 +30,35 @@ pub struct Snapshot {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
+    /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
+    #[serde(skip)]
+    by_ip: IpIndex,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct IpIndex {
+    /// Workloads that own their IP (not hostNetwork, not finished).
+    workloads: HashMap<Ipv4Addr, usize>,
+    /// Services by ClusterIP.
+    services: HashMap<Ipv4Addr, usize>,
+}
+
+impl IpIndex {
+    /// The first owner of each IP in the (sorted) lists, as a scan would find it.
+    fn build(workloads: &[Workload], services: &[Service]) -> IpIndex {
+        let mut index = IpIndex::default();
+        for (i, workload) in workloads.iter().enumerate() {
+            if workload.owns_ip() {
+                index.workloads.entry(workload.ip).or_insert(i);
+            }
+        }
+        for (i, service) in services.iter().enumerate() {
+            if let Some(ip) = service.cluster_ip {
+                index.services.entry(ip).or_insert(i);
+            }
+        }
+        index
+    }
 }
 
 impl Snapshot {
@@ -152,6 +181,7 @@ impl Snapshot {
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         files.sort();
         Snapshot {
+            by_ip: IpIndex::build(&workloads, &services),
             namespaces,
             workloads,
             services,
@@ -176,11 +206,11 @@ impl Snapshot {
     }
 
     /// The pod that has this IP; never a hostNetwork pod (the IP is the node's) nor a finished one.
-    /// A linear scan: callers on a hot path keep their own index per snapshot.
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.workloads
-            .iter()
-            .find(|workload| workload.ip == ip && workload.owns_ip())
+        self.by_ip
+            .workloads
+            .get(&ip)
+            .and_then(|&i| self.workloads.get(i))
     }
 
     /// Every workload scheduled on `node`, enrolled or not.
@@ -207,9 +237,10 @@ impl Snapshot {
 
     /// The service whose cluster IP this is.
     pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<&Service> {
-        self.services
-            .iter()
-            .find(|service| service.cluster_ip == Some(ip))
+        self.by_ip
+            .services
+            .get(&ip)
+            .and_then(|&i| self.services.get(i))
     }
 
     /// The workloads a service sends traffic to (running pods its selector matches).
