@@ -152,7 +152,7 @@ fn publish(
             let (workloads, services, files) =
                 (next.workloads.len(), next.services.len(), next.files.len());
             // Snapshot first: whoever sees the new generation finds the new snapshot.
-            snapshot.send_replace(Arc::new(next));
+            snapshot.send_replace(Arc::new(*next));
             status.send_modify(|status| {
                 status.generation += 1;
                 status.last_loaded = Some(now);
@@ -191,7 +191,8 @@ fn publish(
 #[derive(Debug)]
 enum Outcome {
     Unchanged,
-    Loaded(Snapshot),
+    /// Boxed: a snapshot is far larger than the other outcomes.
+    Loaded(Box<Snapshot>),
     Failed(StateErrors),
 }
 
@@ -266,7 +267,7 @@ impl Poller {
             return Outcome::Failed(errors);
         }
         match source::parse(files) {
-            Ok(snapshot) => Outcome::Loaded(snapshot),
+            Ok(snapshot) => Outcome::Loaded(Box::new(snapshot)),
             Err(errors) => Outcome::Failed(errors),
         }
     }
