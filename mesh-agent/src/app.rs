@@ -156,7 +156,12 @@ fn apply_state(
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(capture) = capture.as_mut() {
             reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending);
-            capture.set_uplinks(&reconcile::uplinks(&snapshot, &ctx.node));
+            match reconcile::uplinks(&snapshot, &ctx.node) {
+                Ok(uplinks) => capture.set_uplinks(&uplinks),
+                Err(e) => {
+                    warn!(error = %e, "reading the routing table for uplinks failed; keeping the current ones")
+                }
+            }
         }
     }
     // Certificates for exactly the identities of this node's enrolled pods, issued ahead of use.

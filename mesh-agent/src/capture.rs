@@ -7,6 +7,7 @@
 
 pub mod kernel;
 pub mod reconcile;
+pub mod route_table;
 pub mod routing;
 pub mod sysctl;
 

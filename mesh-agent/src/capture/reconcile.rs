@@ -7,7 +7,11 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Capture, routing};
+use super::{
+    Capture,
+    route_table::RouteTable,
+    routing::{self, RoutingError},
+};
 use crate::state::Snapshot;
 
 /// Pods that should be captured but are not yet, with the reason (usually: veth not there yet).
@@ -55,9 +59,20 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
     }
 }
 
-/// The node's uplinks: the devices its routes to other nodes' pods go through (one route
-/// lookup per other node). Pod veths of this node are never among them.
-pub fn uplinks(snapshot: &Snapshot, node: &str) -> BTreeMap<String, u32> {
+/// The node's uplinks: the devices its routes to other nodes' pods go through (one pod per
+/// other node, looked up in one read of the routing table). Pod veths of this node are never
+/// among them.
+pub fn uplinks(snapshot: &Snapshot, node: &str) -> Result<BTreeMap<String, u32>, RoutingError> {
+    let table = RouteTable::read()?;
+    Ok(uplinks_in(&table, snapshot, node, routing::ifindex))
+}
+
+fn uplinks_in(
+    table: &RouteTable,
+    snapshot: &Snapshot,
+    node: &str,
+    ifindex: impl Fn(&str) -> Option<u32>,
+) -> BTreeMap<String, u32> {
     let mut seen_nodes = BTreeSet::new();
     let mut uplinks = BTreeMap::new();
     for w in snapshot
@@ -68,13 +83,63 @@ pub fn uplinks(snapshot: &Snapshot, node: &str) -> BTreeMap<String, u32> {
         if !seen_nodes.insert(w.node.as_str()) {
             continue;
         }
-        match routing::route_device(w.ip) {
-            Ok(Some((name, ifindex))) => {
-                uplinks.insert(name, ifindex);
+        match table
+            .device_for(w.ip)
+            .and_then(|dev| Some((dev, ifindex(dev)?)))
+        {
+            Some((dev, index)) => {
+                uplinks.insert(dev.to_string(), index);
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(node = %w.node, error = %e, "no route to the node's pods"),
+            None => tracing::debug!(node = %w.node, pod_ip = %w.ip, "no route to the node's pods"),
         }
     }
     uplinks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, node: &str, ip: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: {node}}}\nstatus: {{podIP: \"{ip}\", phase: Running}}\n"
+        )
+    }
+
+    #[test]
+    fn uplinks_are_the_devices_towards_other_nodes() {
+        let text = [
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string(),
+            pod("a1", "node-a", "10.7.1.10"),
+            pod("a2", "node-a", "10.7.1.11"),
+            pod("b1", "node-b", "10.7.2.10"),
+            pod("b2", "node-b", "10.7.2.11"),
+            pod("c1", "node-c", "10.7.3.10"),
+            pod("d1", "node-d", "10.7.4.10"),
+        ]
+        .concat();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("state.yaml");
+        std::fs::write(&file, text).expect("writable");
+        let snapshot = crate::state::load(&file).expect("state loads");
+        let table = RouteTable::parse_for_tests(
+            r#"[
+                {"dst":"10.7.2.0/24","gateway":"192.168.7.2","dev":"eth0","flags":[]},
+                {"dst":"10.7.3.0/24","gateway":"192.168.8.3","dev":"eth1","flags":[]},
+                {"dst":"10.7.1.10","dev":"veth0a","scope":"link","flags":[]},
+                {"dst":"10.7.1.11","dev":"veth0b","scope":"link","flags":[]}
+            ]"#,
+        );
+        let index = |dev: &str| match dev {
+            "eth0" => Some(2),
+            "eth1" => Some(3),
+            _ => None,
+        };
+        let uplinks = uplinks_in(&table, &snapshot, "node-a", index);
+        // node-d has no route: no uplink for it; this node's own veths are never uplinks.
+        assert_eq!(
+            uplinks,
+            BTreeMap::from([("eth0".to_string(), 2), ("eth1".to_string(), 3)])
+        );
+    }
 }

@@ -31,7 +31,7 @@ pub struct PodLink {
     pub ifindex: u32,
 }
 
-fn ip(args: &[&str]) -> Result<String, RoutingError> {
+pub(super) fn ip(args: &[&str]) -> Result<String, RoutingError> {
     let joined = args.join(" ");
     let out = Command::new("ip")
         .args(args)
@@ -141,26 +141,6 @@ fn parse_route_get(json: &str) -> Result<Option<String>, String> {
         Some("lo") | None => Ok(None),
         Some(dev) => Ok(Some(dev.to_string())),
     }
-}
-
-/// The device the node sends traffic for `ip` through (any route but local ones), with its
-/// index: for another node's pod, the node's uplink.
-pub fn route_device(ip: Ipv4Addr) -> Result<Option<(String, u32)>, RoutingError> {
-    let addr = ip.to_string();
-    let args = ["-json", "route", "get", addr.as_str()];
-    let out = self::ip(&args)?;
-    let routes: Vec<serde_json::Value> =
-        serde_json::from_str(&out).map_err(|e| RoutingError::Output {
-            args: args.join(" "),
-            reason: e.to_string(),
-        })?;
-    let dev = routes
-        .first()
-        .filter(|r| r.get("type").and_then(|t| t.as_str()) != Some("local"))
-        .and_then(|r| r.get("dev"))
-        .and_then(|d| d.as_str())
-        .filter(|d| *d != "lo");
-    Ok(dev.and_then(|d| ifindex(d).map(|i| (d.to_string(), i))))
 }
 
 /// Current index of a device in this network namespace.
