@@ -140,7 +140,6 @@ fn explain_path(
 ) -> PathExplanation {
     let workload = endpoint
         .workload
-        .as_ref()
         .map(|w| format!("{}/{}", w.namespace, w.name));
     let direct = |reason: &str| PathExplanation {
         endpoint: endpoint.address,
@@ -152,7 +151,7 @@ fn explain_path(
         decision: None,
         reason: reason.into(),
     };
-    let Some(destination) = endpoint.workload.as_ref().filter(|w| w.is_enrolled()) else {
+    let Some(destination) = endpoint.workload.filter(|w| w.is_enrolled()) else {
         return direct("the destination is not in the mesh: no policy applies");
     };
     if !endpoint.address.is_ipv4() {

@@ -73,14 +73,13 @@ impl ProxyContext {
         self.state.borrow().workload_by_ip(ip).map(workload_ref)
     }
 
-    /// An enrolled pod of this node with this IP.
-    pub fn local_enrolled(&self, ip: IpAddr) -> Option<Workload> {
+    /// An enrolled pod of this node with this IP, in `snapshot` (borrowed: nothing is copied
+    /// per connection).
+    pub fn local_enrolled<'a>(&self, snapshot: &'a Snapshot, ip: IpAddr) -> Option<&'a Workload> {
         let IpAddr::V4(ip) = ip else { return None };
-        let snapshot = self.state.borrow();
         snapshot
             .workload_by_ip(ip)
             .filter(|w| w.node == self.node && w.is_enrolled())
-            .cloned()
     }
 
     /// The SPIFFE identity of a pod. `None` only for names no SPIFFE id can carry, which

@@ -19,7 +19,8 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     let Ok(original_destination) = client.local_addr() else {
         return;
     };
-    let Some(destination) = ctx.local_enrolled(original_destination.ip()) else {
+    let snapshot = ctx.snapshot();
+    let Some(destination) = ctx.local_enrolled(&snapshot, original_destination.ip()) else {
         // Only reachable by a stale capture entry or a client dialing 15006 directly.
         warn!(src = %peer, dst = %original_destination, "inbound connection for a pod that is not an enrolled pod of this node; refused");
         ctx.metrics.refused("inbound", "unknown destination");
@@ -34,17 +35,16 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
         source_certificate_serial: None,
         original_destination,
         destination_service: None,
-        destination_workload: Some(workload_ref(&destination)),
+        destination_workload: Some(workload_ref(destination)),
         destination: original_destination,
-        destination_identity: ctx.identity_of(&destination).map(|i| i.to_string()),
+        destination_identity: ctx.identity_of(destination).map(|i| i.to_string()),
         route: upstream::DIRECT,
         security: Security::None,
     };
-    let snapshot = ctx.snapshot();
     let mode = policy::mtls_mode(
         &snapshot,
         &ctx.mesh.root_namespace,
-        &destination,
+        destination,
         original_destination.port(),
     );
     if mode == MtlsMode::Strict {
@@ -55,10 +55,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
         return;
     }
     debug!(src = %peer, dst = %original_destination, "inbound plaintext connection captured");
-    let Some(mut guard) = ctx.admit(info, &destination) else {
+    let Some(mut guard) = ctx.admit(info, destination) else {
         socket::reset_on_close(&client);
         return;
     };
+    // A long connection must not pin the state it started under.
+    drop(snapshot);
     match upstream::direct(peer, original_destination).await {
         Ok(up) => {
             if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {

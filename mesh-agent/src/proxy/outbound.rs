@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -27,11 +26,10 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     };
     let snapshot = ctx.snapshot();
     let source = match peer.ip() {
-        std::net::IpAddr::V4(ip) => snapshot.workload_by_ip(ip).cloned(),
+        std::net::IpAddr::V4(ip) => snapshot.workload_by_ip(ip),
         std::net::IpAddr::V6(_) => None,
     };
     let source_identity = source
-        .as_ref()
         .filter(|w| w.is_enrolled())
         .and_then(|w| ctx.identity_of(w));
     let resolved = ctx.services.resolve(&snapshot, original_destination);
@@ -39,17 +37,17 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
 
     let mut last_error = None;
     for endpoint in &resolved.endpoints {
-        let destination_workload = endpoint.workload.as_ref().filter(|w| w.is_enrolled());
+        let destination_workload = endpoint.workload.filter(|w| w.is_enrolled());
         let destination_identity = destination_workload.and_then(|w| ctx.identity_of(w));
         let mut info = ConnectionInfo {
             direction: Direction::Outbound,
             source: peer,
-            source_workload: source.as_ref().map(workload_ref),
+            source_workload: source.map(workload_ref),
             source_identity: source_identity.as_ref().map(|i| i.to_string()),
             source_certificate_serial: None,
             original_destination,
             destination_service: resolved.service.clone(),
-            destination_workload: endpoint.workload.as_ref().map(workload_ref),
+            destination_workload: endpoint.workload.map(workload_ref),
             destination: endpoint.address,
             destination_identity: destination_identity.as_ref().map(|i| i.to_string()),
             route: upstream::DIRECT,
@@ -95,9 +93,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     destination: dst_id,
                     address: std::net::SocketAddrV4::new(dst_ip, mesh_common::TUNNEL_PORT),
                 };
-                // With one possible destination the client's bytes follow the request at once;
-                // with several, wait for the answer so a failure can move on to the next.
-                // Bytes the client already sent ride in the request's packet.
+                // With one possible destination the client's bytes follow the request at once
+                // (those already sent ride in the request's packet); with several, wait for the
+                // answer so a failure can move on to the next.
                 let (opened, first) = if resolved.endpoints.len() == 1 {
                     let first = bridge::already_received(&client);
                     let opened = ctx

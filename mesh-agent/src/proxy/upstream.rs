@@ -64,18 +64,19 @@ pub async fn direct(
     }
 }
 
-/// One place an outbound connection may be sent.
+/// One place an outbound connection may be sent (borrowing the snapshot it was resolved in:
+/// nothing is copied per connection).
 #[derive(Debug, Clone)]
-pub struct Endpoint {
+pub struct Endpoint<'a> {
     pub address: SocketAddr,
-    pub workload: Option<Workload>,
+    pub workload: Option<&'a Workload>,
 }
 
 /// The endpoints to try for `destination`, in order, and the service it named, if any.
 #[derive(Debug, Clone)]
-pub struct Resolved {
+pub struct Resolved<'a> {
     pub service: Option<String>,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Endpoint<'a>>,
 }
 
 /// Round-robin position per service port.
@@ -95,21 +96,21 @@ impl ServiceBalancer {
 
     /// A service VIP gives its ready endpoints (rotated so each connection starts at the next
     /// one, and the rest follow as fallbacks); any other address is its own single endpoint.
-    pub fn resolve(&self, snapshot: &Snapshot, destination: SocketAddr) -> Resolved {
+    pub fn resolve<'a>(&self, snapshot: &'a Snapshot, destination: SocketAddr) -> Resolved<'a> {
         self.resolve_with(snapshot, destination, true)
     }
 
     /// Like [`ServiceBalancer::resolve`] without moving the round robin (for `explain`).
-    pub fn peek(&self, snapshot: &Snapshot, destination: SocketAddr) -> Resolved {
+    pub fn peek<'a>(&self, snapshot: &'a Snapshot, destination: SocketAddr) -> Resolved<'a> {
         self.resolve_with(snapshot, destination, false)
     }
 
-    fn resolve_with(
+    fn resolve_with<'a>(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &'a Snapshot,
         destination: SocketAddr,
         advance: bool,
-    ) -> Resolved {
+    ) -> Resolved<'a> {
         let IpAddr::V4(ip) = destination.ip() else {
             return Resolved {
                 service: None,
@@ -131,7 +132,7 @@ impl ServiceBalancer {
                 .endpoints(service)
                 .map(|w| Endpoint {
                     address: SocketAddr::from((w.ip, target)),
-                    workload: Some(w.clone()),
+                    workload: Some(w),
                 })
                 .collect();
             endpoints.sort_by_key(|e| e.address);
@@ -146,7 +147,7 @@ impl ServiceBalancer {
                 endpoints,
             };
         }
-        let workload = snapshot.workload_by_ip(ip).cloned();
+        let workload = snapshot.workload_by_ip(ip);
         Resolved {
             service: None,
             endpoints: vec![Endpoint {

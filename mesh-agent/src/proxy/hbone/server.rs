@@ -30,14 +30,17 @@ const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else { return };
-    let Some(destination) = ctx.local_enrolled(local.ip()) else {
+    let snapshot = ctx.snapshot();
+    let Some(destination) = ctx.local_enrolled(&snapshot, local.ip()) else {
         warn!(src = %peer, dst = %local, "tunnel connection for a pod that is not an enrolled pod of this node; refused");
         ctx.metrics.refused("tunnel", "unknown destination");
         return;
     };
-    let Some(identity) = ctx.identity_of(&destination) else {
+    let Some(identity) = ctx.identity_of(destination) else {
         return;
     };
+    // The tunnel lives long: it keeps no snapshot (each stream takes the current one).
+    drop(snapshot);
     let cert = match ctx.certs.fetch(&identity).await {
         Ok(cert) => cert,
         Err(e) => {
@@ -136,7 +139,8 @@ async fn stream(
             return;
         }
     };
-    let Some(destination) = ctx.local_enrolled(target.destination.ip()) else {
+    let snapshot = ctx.snapshot();
+    let Some(destination) = ctx.local_enrolled(&snapshot, target.destination.ip()) else {
         warn!(src = %peer, %peer_identity, dst = %target.destination, "CONNECT to a destination that is not an enrolled pod of this node; refused");
         ctx.metrics.refused("tunnel", "unknown destination");
         reply(&mut respond, StatusCode::BAD_REQUEST);
@@ -155,16 +159,18 @@ async fn stream(
         source_certificate_serial: Some(peer_serial),
         original_destination: target.destination,
         destination_service: None,
-        destination_workload: Some(workload_ref(&destination)),
+        destination_workload: Some(workload_ref(destination)),
         destination: target.destination,
-        destination_identity: ctx.identity_of(&destination).map(|i| i.to_string()),
+        destination_identity: ctx.identity_of(destination).map(|i| i.to_string()),
         route: upstream::TUNNEL,
         security: Security::MutualTls,
     };
-    let Some(mut guard) = ctx.admit(info, &destination) else {
+    let Some(mut guard) = ctx.admit(info, destination) else {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
         return;
     };
+    // A long stream must not pin the state it started under.
+    drop(snapshot);
     let upstream = match upstream::direct(client, target.destination).await {
         Ok(up) => up,
         Err(e) => {
