@@ -84,12 +84,17 @@ mod tests {
 
     use super::*;
 
-    /// Socket marks and transparent sockets need CAP_NET_ADMIN; CI runs as root.
+    /// Socket marks and transparent sockets need CAP_NET_ADMIN; CI runs as root. A skip is
+    /// written straight to stderr, past libtest's capture, so it shows even when the test passes.
     fn root(test: &str) -> bool {
+        use std::io::Write as _;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if !root {
-            eprintln!("SKIPPED {test}: SO_MARK and IP_TRANSPARENT need root");
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "==== SKIPPED: SO_MARK and IP_TRANSPARENT need root [{test}] ===="
+            );
         }
         root
     }
