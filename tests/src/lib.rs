@@ -42,6 +42,7 @@ pub mod netns;
 pub mod state_yaml;
 pub mod topology;
 pub mod traffic;
+pub mod wakeup;
 
 pub use agent::{Agent, AgentOptions, agent_binary};
 pub use netns::Netns;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{Cluster, ClusterSpec, Pod, Server, is_root};
+use mesh_tests::{Cluster, ClusterSpec, Pod, Server, is_root, wakeup};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -67,6 +67,7 @@ async fn main() -> ExitCode {
 async fn run() -> Result<bool> {
     let started = Instant::now();
     let rounds = rounds()?;
+    print_wakeup_cost();
     let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
     // Many short connections: widen the port range and reuse TIME_WAIT ports everywhere,
     // so the connection-rate phase measures setup cost rather than port exhaustion.
@@ -188,6 +189,24 @@ async fn run() -> Result<bool> {
         .chain(&mesh)
         .all(|r| r.gbit_per_s.is_some() && r.p50_us.is_some() && r.conns_per_s.is_some());
     Ok(complete)
+}
+
+/// A proxied connection is a chain of process wake-ups (six before the client has its echo,
+/// against two without the mesh), so what one costs here explains much of the ratios.
+fn print_wakeup_cost() {
+    const ROUND_TRIPS: u32 = 5000;
+    let show = |r: anyhow::Result<Duration>| match r {
+        Ok(d) => format!("{:.1} µs", d.as_secs_f64() * 1e6),
+        Err(e) => format!("failed ({e:#})"),
+    };
+    let cpus = wakeup::allowed_cpus();
+    let Some(&first) = cpus.first() else { return };
+    let one = show(wakeup::round_trip(first, first, ROUND_TRIPS));
+    let across = match cpus.get(1) {
+        Some(&other) => show(wakeup::round_trip(first, other, ROUND_TRIPS)),
+        None => "- (one CPU)".to_owned(),
+    };
+    println!("wake-up round trip between two threads: {one} on one CPU, {across} across two CPUs");
 }
 
 /// Rounds to run: [`ROUNDS`], or `MESH_BENCH_ROUNDS`.
