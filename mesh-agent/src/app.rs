@@ -159,7 +159,9 @@ fn apply_state(
             match reconcile::uplinks(&snapshot, &ctx.node) {
                 Ok(uplinks) => capture.set_uplinks(&uplinks),
                 Err(e) => {
-                    warn!(error = %e, "reading the routing table for uplinks failed; keeping the current ones")
+                    if capture.uplinks_unknown(e.to_string()) {
+                        warn!(error = %e, "reading the routing table for uplinks failed; keeping the current ones");
+                    }
                 }
             }
         }

@@ -108,10 +108,30 @@ pub struct Capture {
     devices: BTreeMap<String, DeviceLinks>,
     /// Node uplinks with `capture_uplink` attached (ingress), by name: (ifindex, link).
     uplinks: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// Why the uplinks could not be found last time, so the same problem is logged once.
+    uplink_problem: Problem,
     pods: BTreeMap<Ipv4Addr, PodLink>,
     sockops_link: Option<SockOpsLinkId>,
     features: KernelFeatures,
     early_demux: Option<sysctl::Changed>,
+}
+
+/// The last problem of a periodic task, so a lasting one is logged once, not every period.
+#[derive(Debug, Default)]
+struct Problem(Option<String>);
+
+impl Problem {
+    /// Records `problem`; true when it differs from the last one.
+    fn report(&mut self, problem: String) -> bool {
+        let new = self.0.as_deref() != Some(problem.as_str());
+        self.0 = Some(problem);
+        new
+    }
+
+    /// Forgets the problem; true when there was one.
+    fn clear(&mut self) -> bool {
+        self.0.take().is_some()
+    }
 }
 
 /// What `mesh-agent bpf` shows.
@@ -190,6 +210,7 @@ impl Capture {
             counters,
             devices: BTreeMap::new(),
             uplinks: BTreeMap::new(),
+            uplink_problem: Problem::default(),
             pods: BTreeMap::new(),
             sockops_link: Some(sockops_link),
             features,
@@ -306,10 +327,19 @@ impl Capture {
         debug!(device = ifname, "capture detached");
     }
 
+    /// Records that the uplinks could not be found (the attached ones stay); true when this
+    /// problem is new, so the caller logs it once rather than on every reconcile.
+    pub fn uplinks_unknown(&mut self, problem: String) -> bool {
+        self.uplink_problem.report(problem)
+    }
+
     /// Attaches `capture_uplink` to exactly these devices (name → ifindex), detaching it from
     /// others. Replies from other nodes to the proxy's sockets, and tunnels to enrolled pods,
     /// then reach the proxy on arrival instead of after a detour through the pod's veth.
     pub fn set_uplinks(&mut self, wanted: &BTreeMap<String, u32>) {
+        if self.uplink_problem.clear() {
+            info!("uplinks found again");
+        }
         let stale: Vec<String> = self
             .uplinks
             .iter()
@@ -457,4 +487,20 @@ where
     ebpf.take_map(name)
         .and_then(|m| T::try_from(m).ok())
         .ok_or(CaptureError::MissingMap { name })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Problem;
+
+    #[test]
+    fn a_lasting_problem_is_reported_once() {
+        let mut problem = Problem::default();
+        assert!(!problem.clear());
+        assert!(problem.report("ip failed".into()));
+        assert!(!problem.report("ip failed".into()));
+        assert!(problem.report("ip printed nonsense".into()));
+        assert!(problem.clear());
+        assert!(problem.report("ip printed nonsense".into()));
+    }
 }
