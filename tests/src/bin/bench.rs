@@ -10,12 +10,13 @@
 //! whose client and server share one thread.
 
 use std::{
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{Cluster, ClusterSpec, Pod, Server, is_root, wakeup};
+use mesh_tests::{AgentOptions, Cluster, ClusterSpec, Pod, Server, is_root, wakeup};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -99,7 +100,9 @@ async fn run() -> Result<bool> {
         cluster.pod("legacy", "batch-2"),
     );
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
-    let (mut plain, mut mesh) = (Vec::new(), Vec::new());
+    let variants = agent_variants()?;
+    let mut plain = Vec::new();
+    let mut mesh: Vec<Vec<Results>> = vec![Vec::new(); variants.len()];
     let mut rss: Vec<(String, Option<u64>, Option<u64>)> = Vec::new();
     // Alternate: a slow or fast spell of this shared machine then touches both sides, and the
     // medians below are not decided by one noisy run.
@@ -112,42 +115,47 @@ async fn run() -> Result<bool> {
         );
         plain.push(measure(batch1, batch2).await);
 
-        let mut agents = Vec::new();
-        for node in cluster.nodes() {
-            agents.push(
-                cluster
-                    .start_agent(node.index)
-                    .await
-                    .with_context(|| format!("starting the agent on {}", node.name))?,
-            );
-        }
-        println!(
-            "  mesh:    {} -> {} (cross-node, agents on both nodes)",
-            web1.id(),
-            web2.id()
-        );
-        mesh.push(measure(web1, web2).await);
-        for agent in &mut agents {
-            let (now, peak) = (agent.rss_kib(), agent.peak_rss_kib());
-            match rss.iter_mut().find(|(name, ..)| name == agent.node_name()) {
-                Some(seen) => {
-                    seen.1 = seen.1.max(now);
-                    seen.2 = seen.2.max(peak);
-                }
-                None => rss.push((agent.node_name().to_owned(), now, peak)),
+        for (variant, results) in variants.iter().zip(&mut mesh) {
+            let mut agents = Vec::new();
+            for node in cluster.nodes() {
+                let options = AgentOptions {
+                    binary: variant.clone(),
+                    ..AgentOptions::default()
+                };
+                agents.push(
+                    cluster
+                        .start_agent_with(node.index, options)
+                        .await
+                        .with_context(|| format!("starting the agent on {}", node.name))?,
+                );
             }
-            if let Err(e) = agent.terminate().await {
-                eprintln!("bench: {e:#}");
+            println!(
+                "  mesh:    {} -> {} (cross-node, agents on both nodes{})",
+                web1.id(),
+                web2.id(),
+                label(variant)
+            );
+            results.push(measure(web1, web2).await);
+            for agent in &mut agents {
+                let name = match variant {
+                    Some(path) => format!("{} [{}]", agent.node_name(), path.display()),
+                    None => agent.node_name().to_owned(),
+                };
+                let (now, peak) = (agent.rss_kib(), agent.peak_rss_kib());
+                match rss.iter_mut().find(|(seen, ..)| *seen == name) {
+                    Some(seen) => {
+                        seen.1 = seen.1.max(now);
+                        seen.2 = seen.2.max(peak);
+                    }
+                    None => rss.push((name, now, peak)),
+                }
+                if let Err(e) = agent.terminate().await {
+                    eprintln!("bench: {e:#}");
+                }
             }
         }
     }
 
-    println!();
-    println!("median of {rounds} rounds:");
-    println!(
-        "{:<28} {:>12} {:>12} {:>11}",
-        "", "no mesh", "mesh", "mesh/plain"
-    );
     let median_of = |runs: &[Results], pick: Pick| median(runs.iter().filter_map(pick).collect());
     let rows: [(&str, Pick, usize); 4] = [
         ("throughput, Gbit/s", |r| r.gbit_per_s, 2),
@@ -155,26 +163,34 @@ async fn run() -> Result<bool> {
         ("latency p99, µs (1 KiB)", |r| r.p99_us, 1),
         ("new connections/s", |r| r.conns_per_s, 0),
     ];
-    for (name, pick, decimals) in rows {
-        row(
-            name,
-            median_of(&plain, pick),
-            median_of(&mesh, pick),
-            decimals,
+    for (variant, mesh) in variants.iter().zip(&mesh) {
+        println!();
+        println!("median of {rounds} rounds{}:", label(variant));
+        println!(
+            "{:<28} {:>12} {:>12} {:>11}",
+            "", "no mesh", "mesh", "mesh/plain"
+        );
+        for (name, pick, decimals) in rows {
+            row(
+                name,
+                median_of(&plain, pick),
+                median_of(mesh, pick),
+                decimals,
+            );
+        }
+        let per_round: Vec<String> = plain
+            .iter()
+            .zip(mesh)
+            .map(|(p, m)| match (p.conns_per_s, m.conns_per_s) {
+                (Some(p), Some(m)) => format!("{:.0}/{:.0} = {:.2}", m, p, m / p),
+                _ => "failed".to_owned(),
+            })
+            .collect();
+        println!(
+            "new connections/s by round (mesh/plain): {}",
+            per_round.join(", ")
         );
     }
-    let per_round: Vec<String> = plain
-        .iter()
-        .zip(&mesh)
-        .map(|(p, m)| match (p.conns_per_s, m.conns_per_s) {
-            (Some(p), Some(m)) => format!("{:.0}/{:.0} = {:.2}", m, p, m / p),
-            _ => "failed".to_owned(),
-        })
-        .collect();
-    println!(
-        "new connections/s by round (mesh/plain): {}",
-        per_round.join(", ")
-    );
     let mib =
         |kib: Option<u64>| kib.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     let rss: Vec<String> = rss
@@ -186,7 +202,7 @@ async fn run() -> Result<bool> {
 
     let complete = plain
         .iter()
-        .chain(&mesh)
+        .chain(mesh.iter().flatten())
         .all(|r| r.gbit_per_s.is_some() && r.p50_us.is_some() && r.conns_per_s.is_some());
     Ok(complete)
 }
@@ -207,6 +223,40 @@ fn print_wakeup_cost() {
         None => "- (one CPU)".to_owned(),
     };
     println!("wake-up round trip between two threads: {one} on one CPU, {across} across two CPUs");
+}
+
+/// The agent binaries to compare: the usual one, or those listed in `MESH_BENCH_AGENTS`
+/// (comma-separated paths), each measured in every round right after the same baseline. On a
+/// noisy machine that is the way to tell whether a change to the agent moved a figure.
+fn agent_variants() -> Result<Vec<Option<PathBuf>>> {
+    let Ok(list) = std::env::var("MESH_BENCH_AGENTS") else {
+        return Ok(vec![None]);
+    };
+    let paths: Vec<PathBuf> = list
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| PathBuf::from(p.trim()))
+        .collect();
+    ensure!(
+        !paths.is_empty(),
+        "MESH_BENCH_AGENTS lists no binary: give comma-separated paths"
+    );
+    for path in &paths {
+        ensure!(
+            path.is_file(),
+            "MESH_BENCH_AGENTS: {} is not a file",
+            path.display()
+        );
+    }
+    Ok(paths.into_iter().map(Some).collect())
+}
+
+/// How results of an agent binary given in `MESH_BENCH_AGENTS` are labelled.
+fn label(variant: &Option<PathBuf>) -> String {
+    variant
+        .as_ref()
+        .map(|path| format!(", agent {}", path.display()))
+        .unwrap_or_default()
 }
 
 /// Rounds to run: [`ROUNDS`], or `MESH_BENCH_ROUNDS`.
