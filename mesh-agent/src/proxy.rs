@@ -65,14 +65,6 @@ impl ProxyContext {
         self.state.borrow().clone()
     }
 
-    /// The pod with this IP, if known.
-    pub fn workload_ref(&self, addr: SocketAddr) -> Option<WorkloadRef> {
-        let IpAddr::V4(ip) = addr.ip() else {
-            return None;
-        };
-        self.state.borrow().workload_by_ip(ip).map(workload_ref)
-    }
-
     /// An enrolled pod of this node with this IP, in `snapshot` (borrowed: nothing is copied
     /// per connection).
     pub fn local_enrolled<'a>(&self, snapshot: &'a Snapshot, ip: IpAddr) -> Option<&'a Workload> {
@@ -93,13 +85,17 @@ impl ProxyContext {
         .ok()
     }
 
-    /// Applies the destination's authorization policies to a connection about to be served:
-    /// registers it when allowed; records, counts and logs it when denied.
-    pub fn admit(&self, info: ConnectionInfo, destination: &Workload) -> Option<ConnectionGuard> {
-        let snapshot = self.snapshot();
+    /// Applies the destination's authorization policies in `snapshot` to a connection about to
+    /// be served: registers it when allowed; records, counts and logs it when denied.
+    pub fn admit(
+        &self,
+        snapshot: &Snapshot,
+        info: ConnectionInfo,
+        destination: &Workload,
+    ) -> Option<ConnectionGuard> {
         let attributes = attributes(&info);
         let decision = policy::authorize(
-            &snapshot,
+            snapshot,
             &self.mesh.root_namespace,
             destination,
             &attributes,
@@ -149,6 +145,14 @@ pub fn connection_attributes(
         destination_ip: v4(destination.ip()),
         destination_port: destination.port(),
     }
+}
+
+/// The pod with this address in `snapshot`, if known.
+pub fn workload_ref_at(snapshot: &Snapshot, addr: SocketAddr) -> Option<WorkloadRef> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        return None;
+    };
+    snapshot.workload_by_ip(ip).map(workload_ref)
 }
 
 pub fn workload_ref(w: &Workload) -> WorkloadRef {

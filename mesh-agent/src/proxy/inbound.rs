@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use super::{
     ProxyContext,
     connections::{ConnectionInfo, Direction, Security},
-    forward, socket, upstream, workload_ref,
+    forward, socket, upstream, workload_ref, workload_ref_at,
 };
 use crate::policy::{self, MtlsMode};
 
@@ -30,7 +30,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     let info = ConnectionInfo {
         direction: Direction::Inbound,
         source: peer,
-        source_workload: ctx.workload_ref(peer),
+        source_workload: workload_ref_at(&snapshot, peer),
         source_identity: None,
         source_certificate_serial: None,
         original_destination,
@@ -55,7 +55,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
         return;
     }
     debug!(src = %peer, dst = %original_destination, "inbound plaintext connection captured");
-    let Some(mut guard) = ctx.admit(info, destination) else {
+    let Some(mut guard) = ctx.admit(&snapshot, info, destination) else {
         socket::reset_on_close(&client);
         return;
     };

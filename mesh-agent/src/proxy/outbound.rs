@@ -46,7 +46,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     {
         match route {
             Route::Local(destination) => {
-                let Some(mut guard) = ctx.admit(info, &destination) else {
+                let Some(mut guard) = ctx.admit(&ctx.snapshot(), info, &destination) else {
                     socket::reset_on_close(&client);
                     return;
                 };

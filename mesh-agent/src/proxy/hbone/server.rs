@@ -20,7 +20,7 @@ use crate::{
     proxy::{
         ProxyContext,
         connections::{ConnectionInfo, Direction, Security},
-        upstream, workload_ref,
+        upstream, workload_ref, workload_ref_at,
     },
 };
 
@@ -154,7 +154,7 @@ async fn stream(
     let info = ConnectionInfo {
         direction: Direction::Inbound,
         source: client,
-        source_workload: ctx.workload_ref(client),
+        source_workload: workload_ref_at(&snapshot, client),
         source_identity: Some(peer_identity.to_string()),
         source_certificate_serial: Some(peer_serial),
         original_destination: target.destination,
@@ -165,7 +165,7 @@ async fn stream(
         route: upstream::TUNNEL,
         security: Security::MutualTls,
     };
-    let Some(mut guard) = ctx.admit(info, destination) else {
+    let Some(mut guard) = ctx.admit(&snapshot, info, destination) else {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
         return;
     };
