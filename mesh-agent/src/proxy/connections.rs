@@ -187,10 +187,7 @@ impl Connections {
             reporter: reporter(info.direction),
             destination_workload: name_of(&info.destination_workload),
             destination_workload_namespace: namespace_of(&info.destination_workload),
-            source_principal: info
-                .source_identity
-                .clone()
-                .unwrap_or_else(|| "unknown".into()),
+            source_principal: principal_of(&info.source_identity),
             policy: policy.unwrap_or("default").to_string(),
             reason: "authorization",
         };
@@ -300,6 +297,10 @@ fn namespace_of(w: &Option<WorkloadRef>) -> String {
         .map_or_else(|| "unknown".into(), |w| w.namespace.clone())
 }
 
+fn principal_of(identity: &Option<String>) -> String {
+    identity.clone().unwrap_or_else(|| "unknown".into())
+}
+
 fn app_of(w: &Option<WorkloadRef>) -> String {
     w.as_ref()
         .and_then(|w| w.app.clone())
@@ -312,17 +313,11 @@ fn tcp_labels(info: &ConnectionInfo) -> Vec<TcpLabels> {
         reporter: reporter(info.direction),
         source_workload: name_of(&info.source_workload),
         source_workload_namespace: namespace_of(&info.source_workload),
-        source_principal: info
-            .source_identity
-            .clone()
-            .unwrap_or_else(|| "unknown".into()),
+        source_principal: principal_of(&info.source_identity),
         source_app: app_of(&info.source_workload),
         destination_workload: name_of(&info.destination_workload),
         destination_workload_namespace: namespace_of(&info.destination_workload),
-        destination_principal: info
-            .destination_identity
-            .clone()
-            .unwrap_or_else(|| "unknown".into()),
+        destination_principal: principal_of(&info.destination_identity),
         destination_app: app_of(&info.destination_workload),
         destination_service: info
             .destination_service
