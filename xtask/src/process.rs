@@ -96,11 +96,7 @@ pub fn run(cmd: &mut Command) -> Result<(), Failure> {
 
 /// Runs quietly and returns stdout; `None` when the program is missing or exits non-zero.
 pub fn output(cmd: &mut Command) -> Option<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+    let out = run_quietly(cmd)?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -109,12 +105,12 @@ pub fn output(cmd: &mut Command) -> Option<String> {
 /// Like [`output`] but keeps stdout even when the exit status is non-zero
 /// (`dpkg-query` exits 1 when one of several packages is unknown, yet reports the others).
 pub fn output_any_status(cmd: &mut Command) -> Option<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_quietly(cmd).map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs with no stdin and stderr discarded; `None` when the program cannot be started.
+fn run_quietly(cmd: &mut Command) -> Option<std::process::Output> {
+    cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()
 }
 
 fn show(cmd: &Command) -> String {
