@@ -122,14 +122,15 @@ mod tests {
         let file = dir.path().join("state.yaml");
         std::fs::write(&file, text).expect("writable");
         let snapshot = crate::state::load(&file).expect("state loads");
-        let table = RouteTable::parse_for_tests(
+        let table = RouteTable::parse(
             r#"[
                 {"dst":"10.7.2.0/24","gateway":"192.168.7.2","dev":"eth0","flags":[]},
                 {"dst":"10.7.3.0/24","gateway":"192.168.8.3","dev":"eth1","flags":[]},
                 {"dst":"10.7.1.10","dev":"veth0a","scope":"link","flags":[]},
                 {"dst":"10.7.1.11","dev":"veth0b","scope":"link","flags":[]}
             ]"#,
-        );
+        )
+        .expect("test routes parse");
         let index = |dev: &str| match dev {
             "eth0" => Some(2),
             "eth1" => Some(3),

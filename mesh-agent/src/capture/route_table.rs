@@ -23,7 +23,8 @@ impl RouteTable {
         })
     }
 
-    fn parse(json: &str) -> Result<RouteTable, String> {
+    /// A table from `ip -json route show` output.
+    pub(super) fn parse(json: &str) -> Result<RouteTable, String> {
         let entries: Vec<serde_json::Value> =
             serde_json::from_str(json).map_err(|e| e.to_string())?;
         let mut routes = Vec::new();
@@ -45,12 +46,6 @@ impl RouteTable {
             routes.push((network, len, dev.to_string()));
         }
         Ok(RouteTable { routes })
-    }
-
-    /// A table from `ip -json route` output (other modules' tests).
-    #[cfg(test)]
-    pub fn parse_for_tests(json: &str) -> RouteTable {
-        RouteTable::parse(json).expect("test routes parse")
     }
 
     /// The device the most specific route for `ip` leaves through; never `lo`.
