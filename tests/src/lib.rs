@@ -38,6 +38,7 @@ mod macros {
 
 pub mod agent;
 mod command;
+pub mod cputime;
 pub mod netns;
 pub mod state_yaml;
 pub mod topology;

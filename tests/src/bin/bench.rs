@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{AgentOptions, Cluster, ClusterSpec, Pod, Server, is_root, wakeup};
+use mesh_tests::{AgentOptions, Cluster, ClusterSpec, Pod, Server, cputime, is_root, wakeup};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -42,6 +42,49 @@ struct Results {
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     conns_per_s: Option<f64>,
+    /// Busy CPU time of the whole machine per connection, in the connection-rate phase.
+    cpu_us_per_conn: Option<f64>,
+}
+
+/// Which figures to measure: all, or those `MESH_BENCH_ONLY` names (comma-separated:
+/// `throughput`, `latency`, `connections`) — for quicker runs while working on one of them.
+#[derive(Clone, Copy)]
+struct Figures {
+    throughput: bool,
+    latency: bool,
+    connections: bool,
+}
+
+impl Figures {
+    fn from_env() -> Result<Self> {
+        let Ok(list) = std::env::var("MESH_BENCH_ONLY") else {
+            return Ok(Self {
+                throughput: true,
+                latency: true,
+                connections: true,
+            });
+        };
+        let mut figures = Self {
+            throughput: false,
+            latency: false,
+            connections: false,
+        };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "throughput" => figures.throughput = true,
+                "latency" => figures.latency = true,
+                "connections" => figures.connections = true,
+                _ => anyhow::bail!(
+                    "MESH_BENCH_ONLY: unknown figure {name:?} (throughput, latency, connections)"
+                ),
+            }
+        }
+        ensure!(
+            figures.throughput || figures.latency || figures.connections,
+            "MESH_BENCH_ONLY names no figure"
+        );
+        Ok(figures)
+    }
 }
 
 // One thread runs both clients and servers: no cross-thread wake-ups in the latency numbers,
@@ -68,6 +111,7 @@ async fn main() -> ExitCode {
 async fn run() -> Result<bool> {
     let started = Instant::now();
     let rounds = rounds()?;
+    let figures = Figures::from_env()?;
     print_wakeup_cost();
     let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
     // Many short connections: widen the port range and reuse TIME_WAIT ports everywhere,
@@ -113,7 +157,7 @@ async fn run() -> Result<bool> {
             batch1.id(),
             batch2.id()
         );
-        plain.push(measure(batch1, batch2).await);
+        plain.push(measure(batch1, batch2, figures).await);
 
         for (variant, results) in variants.iter().zip(&mut mesh) {
             let mut agents = Vec::new();
@@ -135,7 +179,7 @@ async fn run() -> Result<bool> {
                 web2.id(),
                 label(variant)
             );
-            results.push(measure(web1, web2).await);
+            results.push(measure(web1, web2, figures).await);
             for agent in &mut agents {
                 let name = match variant {
                     Some(path) => format!("{} [{}]", agent.node_name(), path.display()),
@@ -157,11 +201,12 @@ async fn run() -> Result<bool> {
     }
 
     let median_of = |runs: &[Results], pick: Pick| median(runs.iter().filter_map(pick).collect());
-    let rows: [(&str, Pick, usize); 4] = [
+    let rows: [(&str, Pick, usize); 5] = [
         ("throughput, Gbit/s", |r| r.gbit_per_s, 2),
         ("latency p50, µs (1 KiB)", |r| r.p50_us, 1),
         ("latency p99, µs (1 KiB)", |r| r.p99_us, 1),
         ("new connections/s", |r| r.conns_per_s, 0),
+        ("CPU µs per connection", |r| r.cpu_us_per_conn, 0),
     ];
     for (variant, mesh) in variants.iter().zip(&mesh) {
         println!();
@@ -182,7 +227,7 @@ async fn run() -> Result<bool> {
             .iter()
             .zip(mesh)
             .map(|(p, m)| match (p.conns_per_s, m.conns_per_s) {
-                (Some(p), Some(m)) => format!("{:.0}/{:.0} = {:.2}", m, p, m / p),
+                (Some(p), Some(m)) => format!("{m:.0}/{p:.0} = {:.2}", m / p),
                 _ => "failed".to_owned(),
             })
             .collect();
@@ -200,10 +245,11 @@ async fn run() -> Result<bool> {
     println!("agent RSS (highest of the rounds): {}", rss.join(", "));
     println!("bench took {:.0} s", started.elapsed().as_secs_f64());
 
-    let complete = plain
-        .iter()
-        .chain(mesh.iter().flatten())
-        .all(|r| r.gbit_per_s.is_some() && r.p50_us.is_some() && r.conns_per_s.is_some());
+    let complete = plain.iter().chain(mesh.iter().flatten()).all(|r| {
+        (!figures.throughput || r.gbit_per_s.is_some())
+            && (!figures.latency || r.p50_us.is_some())
+            && (!figures.connections || r.conns_per_s.is_some())
+    });
     Ok(complete)
 }
 
@@ -296,29 +342,36 @@ fn row(name: &str, plain: Option<f64>, mesh: Option<f64>, decimals: usize) {
     );
 }
 
-/// Runs the three measurements from `client` to `server`; a failed one is reported and skipped.
-async fn measure(client: &Pod, server: &Pod) -> Results {
+/// Runs the chosen measurements from `client` to `server`; a failed one is reported and skipped.
+async fn measure(client: &Pod, server: &Pod, figures: Figures) -> Results {
     let mut results = Results::default();
-    match throughput(client, server).await {
-        Ok(gbit) => {
-            println!("  throughput: {gbit:.2} Gbit/s");
-            results.gbit_per_s = Some(gbit);
+    if figures.throughput {
+        match throughput(client, server).await {
+            Ok(gbit) => {
+                println!("  throughput: {gbit:.2} Gbit/s");
+                results.gbit_per_s = Some(gbit);
+            }
+            Err(e) => println!("  throughput: FAILED: {e:#}"),
         }
-        Err(e) => println!("  throughput: FAILED: {e:#}"),
     }
-    match latency(client, server).await {
-        Ok((p50, p99)) => {
-            println!("  latency:    p50 {p50:.1} µs, p99 {p99:.1} µs");
-            (results.p50_us, results.p99_us) = (Some(p50), Some(p99));
+    if figures.latency {
+        match latency(client, server).await {
+            Ok((p50, p99)) => {
+                println!("  latency:    p50 {p50:.1} µs, p99 {p99:.1} µs");
+                (results.p50_us, results.p99_us) = (Some(p50), Some(p99));
+            }
+            Err(e) => println!("  latency:    FAILED: {e:#}"),
         }
-        Err(e) => println!("  latency:    FAILED: {e:#}"),
     }
-    match connection_rate(client, server).await {
-        Ok(rate) => {
-            println!("  connections: {rate:.0}/s");
-            results.conns_per_s = Some(rate);
+    if figures.connections {
+        match connection_rate(client, server).await {
+            Ok((rate, cpu)) => {
+                println!("  connections: {rate:.0}/s, {cpu:.0} µs of CPU each (whole machine)");
+                results.conns_per_s = Some(rate);
+                results.cpu_us_per_conn = Some(cpu);
+            }
+            Err(e) => println!("  connections: FAILED: {e:#}"),
         }
-        Err(e) => println!("  connections: FAILED: {e:#}"),
     }
     results
 }
@@ -378,12 +431,14 @@ async fn latency(client: &Pod, server: &Pod) -> Result<(f64, f64)> {
     Ok((at(0.50), at(0.99)))
 }
 
-/// Sequential connect + 1-byte echo + close for [`CONNECTIONS_FOR`]; returns connections/s.
-/// The sockets are created on this thread inside the client's namespace, as an application
+/// Sequential connect + 1-byte echo + close for [`CONNECTIONS_FOR`]; returns connections/s and
+/// the machine's busy CPU time per connection in µs (client, server, agents and kernel). The
+/// sockets are created on this thread inside the client's namespace, as an application
 /// creates its own, so no harness thread hop is part of the per-connection cost.
-async fn connection_rate(client: &Pod, server: &Pod) -> Result<f64> {
+async fn connection_rate(client: &Pod, server: &Pod) -> Result<(f64, f64)> {
     let to = server.addr(ECHO_PORT);
     let _inside = client.netns().enter()?;
+    let busy_before = cputime::machine_busy()?;
     let start = Instant::now();
     let mut done = 0u64;
     while start.elapsed() < CONNECTIONS_FOR {
@@ -404,7 +459,13 @@ async fn connection_rate(client: &Pod, server: &Pod) -> Result<f64> {
         ensure!(&byte == b"x", "connection {done}: wrong echo");
         done += 1;
     }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed();
+    let busy = cputime::machine_busy()?.saturating_sub(busy_before);
+    let done = done.max(1) as f64;
+    Ok((
+        done / elapsed.as_secs_f64(),
+        busy.as_secs_f64() * 1e6 / done,
+    ))
 }
 
 /// `bench serve`: the counting sink and the echo server, in the pod this process was started in.
