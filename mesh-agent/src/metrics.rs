@@ -1,6 +1,11 @@
 //! Prometheus metrics with Istio's standard names and labels, so existing dashboards work,
 //! plus the agent's own denial and failure counters. Served as text at `:15020/metrics`.
 
+use std::{
+    collections::HashMap,
+    sync::{PoisonError, RwLock},
+};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -45,8 +50,20 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+/// The four Istio TCP counters of one label set. A connection looks them up once, when it
+/// opens; everything after that is an atomic add.
+#[derive(Clone, Debug)]
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent_bytes: Counter,
+    pub received_bytes: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// The counters of every label set seen, found with one hash instead of one per family.
+    tcp: RwLock<HashMap<TcpLabels, TcpCounters>>,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub sent_bytes: Family<TcpLabels, Counter>,
@@ -102,6 +119,7 @@ impl Metrics {
         );
         Self {
             registry,
+            tcp: RwLock::default(),
             opened,
             closed,
             sent_bytes,
@@ -109,6 +127,31 @@ impl Metrics {
             denied,
             failures,
         }
+    }
+
+    /// The TCP counters of `labels` (created at zero the first time).
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
+        let cached = self
+            .tcp
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(labels)
+            .cloned();
+        if let Some(counters) = cached {
+            return counters;
+        }
+        let counters = TcpCounters {
+            opened: self.opened.get_or_create(labels).clone(),
+            closed: self.closed.get_or_create(labels).clone(),
+            sent_bytes: self.sent_bytes.get_or_create(labels).clone(),
+            received_bytes: self.received_bytes.get_or_create(labels).clone(),
+        };
+        self.tcp
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_insert(counters)
+            .clone()
     }
 
     /// A connection the proxy refused before it was a connection (bad TLS, bad request...).
@@ -156,12 +199,17 @@ mod tests {
             response_flags: "-",
             connection_security_policy: "mutual_tls",
         };
-        m.opened.get_or_create(&labels).inc();
-        m.sent_bytes.get_or_create(&labels).inc_by(10);
+        m.tcp(&labels).opened.inc();
+        m.tcp(&labels).sent_bytes.inc_by(10);
         m.refused("tunnel", "tls handshake");
         let text = m.encode().unwrap();
         assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"source\""));
         assert!(text.contains("istio_tcp_sent_bytes_total{"));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_sent_bytes_total{") && l.ends_with(" 10")),
+            "the cached counters are the exported ones:\n{text}"
+        );
         assert!(text.contains("connection_security_policy=\"mutual_tls\""));
         assert!(text.contains("mesh_agent_connection_failures_total{reporter=\"destination\",listener=\"tunnel\",reason=\"tls handshake\"} 1"));
     }

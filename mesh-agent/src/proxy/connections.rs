@@ -2,7 +2,9 @@
 //! It backs `mesh-agent connections` and the drain on shutdown.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, VecDeque},
+    fmt,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Instant, SystemTime},
@@ -11,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use super::forward::ByteCounts;
-use crate::metrics::{DenialLabels, Metrics, TcpLabels};
+use crate::metrics::{DenialLabels, Metrics, TcpCounters, TcpLabels};
 
 /// How many closed connections are kept for inspection.
 const RECENT: usize = 512;
@@ -21,6 +23,15 @@ const RECENT: usize = 512;
 pub enum Direction {
     Outbound,
     Inbound,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
 }
 
 /// Whether a connection was protected by mutual TLS between the two proxies.
@@ -100,7 +111,7 @@ pub struct ConnectionRecord {
     pub bytes_received: u64,
     pub duration_ms: Option<u64>,
     /// `allow`, or why the connection was denied.
-    pub verdict: String,
+    pub verdict: Cow<'static, str>,
     pub error: Option<String>,
 }
 
@@ -127,6 +138,8 @@ struct Open {
     started: SystemTime,
     since: Instant,
     counts: Arc<ByteCounts>,
+    /// Istio's TCP counters this connection reports to (two for a same-node connection).
+    counters: Vec<TcpCounters>,
 }
 
 #[derive(Default)]
@@ -154,8 +167,12 @@ impl Connections {
     /// Registers an allowed connection; it stays open until the guard is dropped.
     pub fn open(&self, info: ConnectionInfo) -> ConnectionGuard {
         let counts = Arc::new(ByteCounts::default());
-        for labels in tcp_labels(&info) {
-            self.metrics.opened.get_or_create(&labels).inc();
+        let counters: Vec<TcpCounters> = tcp_labels(&info)
+            .iter()
+            .map(|labels| self.metrics.tcp(labels))
+            .collect();
+        for c in &counters {
+            c.opened.inc();
         }
         let mut inner = self.lock();
         inner.next_id += 1;
@@ -171,6 +188,7 @@ impl Connections {
                 started: SystemTime::now(),
                 since: Instant::now(),
                 counts: counts.clone(),
+                counters,
             },
         );
         ConnectionGuard {
@@ -199,7 +217,7 @@ impl Connections {
             bytes_sent: 0,
             bytes_received: 0,
             duration_ms: Some(0),
-            verdict: format!("deny: {reason}"),
+            verdict: Cow::Owned(format!("deny: {reason}")),
             error: None,
         };
         access_log(&record);
@@ -239,37 +257,43 @@ impl Connections {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn close(&self, id: u64, error: Option<String>) -> Option<ConnectionRecord> {
-        let record = {
-            let mut inner = self.lock();
-            let open = inner.open.remove(&id)?;
-            let record = record(
-                id,
-                &open,
-                Some(open.since.elapsed().as_millis() as u64),
-                error,
-            );
-            inner.totals.closed += 1;
-            if record.error.is_some() {
-                inner.totals.failed += 1;
-            }
-            inner.totals.bytes_sent += record.bytes_sent;
-            inner.totals.bytes_received += record.bytes_received;
-            push_recent(&mut inner, record.clone());
-            record
+    /// Moves a connection from the open table to the recent list, counts it and writes its
+    /// access-log line. The record is moved, not copied: this runs once per connection.
+    fn close(&self, id: u64, error: Option<String>) {
+        let Some(open) = self.lock().open.remove(&id) else {
+            return;
         };
-        for labels in tcp_labels(&record.info) {
-            self.metrics.closed.get_or_create(&labels).inc();
-            self.metrics
-                .sent_bytes
-                .get_or_create(&labels)
-                .inc_by(record.bytes_sent);
-            self.metrics
-                .received_bytes
-                .get_or_create(&labels)
-                .inc_by(record.bytes_received);
+        let Open {
+            info,
+            started,
+            since,
+            counts,
+            counters,
+        } = open;
+        let record = ConnectionRecord {
+            id,
+            info,
+            started,
+            bytes_sent: counts.sent.load(Ordering::Relaxed),
+            bytes_received: counts.received.load(Ordering::Relaxed),
+            duration_ms: Some(since.elapsed().as_millis() as u64),
+            verdict: Cow::Borrowed("allow"),
+            error,
+        };
+        for c in &counters {
+            c.closed.inc();
+            c.sent_bytes.inc_by(record.bytes_sent);
+            c.received_bytes.inc_by(record.bytes_received);
         }
-        Some(record)
+        access_log(&record);
+        let mut inner = self.lock();
+        inner.totals.closed += 1;
+        if record.error.is_some() {
+            inner.totals.failed += 1;
+        }
+        inner.totals.bytes_sent += record.bytes_sent;
+        inner.totals.bytes_received += record.bytes_received;
+        push_recent(&mut inner, record);
     }
 }
 
@@ -351,34 +375,47 @@ fn record(
         bytes_sent: open.counts.sent.load(Ordering::Relaxed),
         bytes_received: open.counts.received.load(Ordering::Relaxed),
         duration_ms,
-        verdict: "allow".into(),
+        verdict: Cow::Borrowed("allow"),
         error,
     }
 }
 
-/// One structured line per finished connection.
+/// One structured line per finished connection. Values are written with `Display` (no quoting
+/// or escaping, nothing allocated): pod names, SPIFFE ids and addresses contain no spaces.
 fn access_log(r: &ConnectionRecord) {
-    let none = || "-".to_string();
+    let i = &r.info;
     tracing::info!(
         target: "access",
-        direction = ?r.info.direction,
-        src.addr = %r.info.source,
-        src.workload = r.info.source_workload.as_ref().map_or_else(none, |w| w.to_string()),
-        src.identity = r.info.source_identity.as_deref().unwrap_or("-"),
-        dst.addr = %r.info.destination,
-        dst.original = %r.info.original_destination,
-        dst.service = r.info.destination_service.as_deref().unwrap_or("-"),
-        dst.workload = r.info.destination_workload.as_ref().map_or_else(none, |w| w.to_string()),
-        dst.identity = r.info.destination_identity.as_deref().unwrap_or("-"),
-        route = r.info.route,
-        security = r.info.security.label(),
+        direction = %i.direction.label(),
+        src.addr = %i.source,
+        src.workload = %OrDash(i.source_workload.as_ref()),
+        src.identity = %OrDash(i.source_identity.as_ref()),
+        dst.addr = %i.destination,
+        dst.original = %i.original_destination,
+        dst.service = %OrDash(i.destination_service.as_ref()),
+        dst.workload = %OrDash(i.destination_workload.as_ref()),
+        dst.identity = %OrDash(i.destination_identity.as_ref()),
+        route = %i.route,
+        security = %i.security.label(),
         verdict = %r.verdict,
         bytes_sent = r.bytes_sent,
         bytes_recv = r.bytes_received,
         duration_ms = r.duration_ms.unwrap_or(0),
-        error = r.error.as_deref().unwrap_or("-"),
+        error = %OrDash(r.error.as_ref()),
         "connection complete"
     );
+}
+
+/// A value, or `-` when there is none.
+struct OrDash<'a, T>(Option<&'a T>);
+
+impl<T: fmt::Display> fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(value) => value.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// Keeps a connection in the open table; on drop it moves to the recent list and an access-log
@@ -402,9 +439,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if let Some(record) = self.table.close(self.id, self.error.take()) {
-            access_log(&record);
-        }
+        self.table.close(self.id, self.error.take());
     }
 }
 
@@ -469,6 +504,73 @@ mod tests {
                 .unwrap()
                 .contains("policy=\"shop/deny-all\"")
         );
+    }
+
+    /// What a subscriber writes, for reading back in a test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn closing_writes_one_access_log_line_and_counts_istio_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        let table = Connections::new(metrics.clone());
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut guard = table.open(info());
+            guard.counts().sent.fetch_add(7, Ordering::Relaxed);
+            guard.counts().received.fetch_add(3, Ordering::Relaxed);
+            guard.fail("connection reset");
+        });
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "one line per connection:\n{log}");
+        for field in [
+            "access: connection complete",
+            "direction=outbound",
+            "src.addr=10.0.1.10:40000",
+            "src.workload=shop/web",
+            "src.identity=spiffe://cluster.local/ns/shop/sa/web",
+            "dst.addr=10.0.2.10:8080",
+            "dst.workload=-",
+            "route=direct",
+            "security=none",
+            "verdict=allow",
+            "bytes_sent=7",
+            "bytes_recv=3",
+            "error=connection reset",
+        ] {
+            assert!(lines[0].contains(field), "{field:?} missing from {log}");
+        }
+        let text = metrics.encode().unwrap();
+        for (name, value) in [
+            ("istio_tcp_connections_opened_total", " 1"),
+            ("istio_tcp_connections_closed_total", " 1"),
+            ("istio_tcp_sent_bytes_total", " 7"),
+            ("istio_tcp_received_bytes_total", " 3"),
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)
+                    && l.contains("reporter=\"source\"")
+                    && l.ends_with(value)),
+                "{name}{value} missing from\n{text}"
+            );
+        }
+        assert_eq!(table.view().totals.failed, 1);
     }
 
     #[test]
