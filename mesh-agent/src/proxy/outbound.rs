@@ -16,7 +16,7 @@ use super::{
     connections::{ConnectionInfo, Direction, Security},
     forward,
     hbone::{
-        bridge::{self, Answer, Side},
+        bridge::{self, Answer, Sender, Side},
         pool::{PoolKey, TunnelError},
     },
     socket, upstream, workload_ref,
@@ -87,8 +87,15 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     Ok((send, answer, stream_guard)) => {
                         let mut guard = ctx.connections.open(info);
                         let counts = guard.counts();
-                        if let Err(e) =
-                            bridge::bridge(client, send, answer, first, &counts, Side::Client).await
+                        if let Err(e) = bridge::bridge(
+                            client,
+                            Sender::Ready(send),
+                            answer,
+                            first,
+                            &counts,
+                            Side::Client,
+                        )
+                        .await
                         {
                             guard.fail(e);
                         }

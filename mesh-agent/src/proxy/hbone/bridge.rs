@@ -6,10 +6,13 @@ use std::{
     future::poll_fn,
     io,
     sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream, server::SendResponse};
+use http::Response;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -20,6 +23,10 @@ use crate::proxy::{forward::ByteCounts, socket::reset_on_close};
 
 /// Largest read from the TCP side; also the most a stream asks capacity for at once.
 const CHUNK: usize = 64 * 1024;
+/// First read from the TCP side. Each read that fills the buffer doubles the next, up to
+/// [`CHUNK`]: a bulk transfer reaches full-size reads within a few, while a connection that
+/// carries a request or two never allocates (and frees) a bulk-sized buffer.
+const FIRST_READ: usize = 4 * 1024;
 
 /// Which way the bytes of a stream count: from the client (`sent`) or to it (`received`).
 #[derive(Clone, Copy)]
@@ -48,11 +55,62 @@ impl Answer {
     }
 }
 
+/// How long the destination side holds its 200 back for the destination's first bytes when
+/// the client did not wait for it (see [`Sender::Deferred`]).
+const RESPONSE_HOLD: Duration = Duration::from_millis(2);
+
+/// The sending half of a stream.
+pub enum Sender {
+    Ready(SendStream<Bytes>),
+    /// Destination side, when the client sent bytes behind its CONNECT without waiting for the
+    /// answer: the 200 goes out with the destination's first bytes (one TLS record, one packet,
+    /// one wake-up of the other proxy fewer), or alone after [`RESPONSE_HOLD`], or at its EOF.
+    /// A client that waits for the 200 before sending (ztunnel does) always gets it at once.
+    Deferred(SendResponse<Bytes>),
+}
+
+impl Sender {
+    /// The stream to send on, answering 200 first if that is still due.
+    fn stream(&mut self) -> io::Result<&mut SendStream<Bytes>> {
+        if let Sender::Deferred(respond) = self {
+            let stream = respond
+                .send_response(Response::new(()), false)
+                .map_err(h2_error)?;
+            *self = Sender::Ready(stream);
+        }
+        match self {
+            Sender::Ready(stream) => Ok(stream),
+            Sender::Deferred(_) => unreachable!("answered just above"),
+        }
+    }
+
+    fn reset(&mut self, reason: Reason) {
+        match self {
+            Sender::Ready(stream) => stream.send_reset(reason),
+            Sender::Deferred(respond) => respond.send_reset(reason),
+        }
+    }
+}
+
+/// Data the peer sent right behind its CONNECT request, if it is already here: taken without
+/// waiting (one poll), with its flow-control credit returned. `None` also when the stream
+/// ended or failed, which the bridge then finds for itself.
+pub fn early_data(body: &mut RecvStream) -> Option<Bytes> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match body.poll_data(&mut cx) {
+        Poll::Ready(Some(Ok(data))) => {
+            let _ = body.flow_control().release_capacity(data.len());
+            Some(data)
+        }
+        _ => None,
+    }
+}
+
 /// What the TCP side has already sent and is waiting in its receive queue, without waiting for
 /// more (empty if nothing is there yet). Sent right behind a CONNECT, it shares the request's TLS
 /// record and packet instead of following in its own.
 pub fn already_received(tcp: &TcpStream) -> Bytes {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
     match tcp.try_read_buf(&mut buf) {
         Ok(n) if n > 0 => buf.freeze(),
         _ => Bytes::new(),
@@ -65,7 +123,7 @@ pub fn already_received(tcp: &TcpStream) -> Bytes {
 /// (see [`already_received`]); they go into the stream before anything else.
 pub async fn bridge(
     tcp: TcpStream,
-    send: SendStream<Bytes>,
+    mut send: Sender,
     answer: Answer,
     first: Bytes,
     counts: &ByteCounts,
@@ -76,20 +134,22 @@ pub async fn bridge(
         Side::Destination => (&counts.received, &counts.sent),
     };
     let (mut rd, mut wr) = tcp.into_split();
-    let mut send = send;
     if !first.is_empty() {
         // Within the stream's initial window: h2 queues it behind the request headers.
         from_tcp.fetch_add(first.len() as u64, Ordering::Relaxed);
-        if let Err(e) = send.send_data(first, false) {
-            send.send_reset(Reason::CANCEL);
-            return Err(h2_error(e));
+        let sent = send
+            .stream()
+            .and_then(|s| s.send_data(first, false).map_err(h2_error));
+        if let Err(e) = sent {
+            send.reset(Reason::CANCEL);
+            return Err(e);
         }
     }
     let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
     let down = async { stream_to_tcp(answer.recv().await?, &mut wr, to_tcp).await };
     let result = tokio::try_join!(up, down);
     if result.is_err() {
-        send.send_reset(Reason::CANCEL);
+        send.reset(Reason::CANCEL);
         if let Ok(tcp) = rd.reunite(wr) {
             reset_on_close(&tcp);
         }
@@ -99,16 +159,36 @@ pub async fn bridge(
 
 async fn tcp_to_stream<R: AsyncRead + Unpin>(
     rd: &mut R,
-    send: &mut SendStream<Bytes>,
+    sender: &mut Sender,
     counter: &AtomicU64,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut buf = BytesMut::new();
+    let mut read_size = FIRST_READ;
+    let mut holding = matches!(sender, Sender::Deferred(_));
     loop {
-        buf.reserve(CHUNK);
-        let n = rd.read_buf(&mut buf).await?;
+        buf.reserve(read_size);
+        let room = buf.capacity() - buf.len();
+        let n = if holding {
+            holding = false;
+            // `read_buf` is cancel safe: when the hold ends first, nothing was read.
+            tokio::select! {
+                biased;
+                read = rd.read_buf(&mut buf) => read?,
+                () = tokio::time::sleep(RESPONSE_HOLD) => {
+                    sender.stream()?;
+                    continue;
+                }
+            }
+        } else {
+            rd.read_buf(&mut buf).await?
+        };
+        let send = sender.stream()?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(());
+        }
+        if n == room {
+            read_size = (read_size * 2).min(CHUNK);
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
@@ -238,7 +318,7 @@ mod tests {
         let counts = ByteCounts::default();
         let bridged = bridge(
             proxy,
-            send,
+            Sender::Ready(send),
             Answer::Ready(recv),
             first,
             &counts,
@@ -257,5 +337,125 @@ mod tests {
         assert_eq!(server.await.expect("server"), b"early and late");
         assert_eq!(counts.sent.load(Ordering::Relaxed), 14);
         assert_eq!(counts.received.load(Ordering::Relaxed), 5);
+    }
+
+    /// An HTTP/2 client and server over memory; the server's first CONNECT stream is returned
+    /// once its request data (sent right behind the request, without waiting) has arrived.
+    async fn early_stream() -> (
+        h2::client::ResponseFuture,
+        SendStream<Bytes>,
+        SendResponse<Bytes>,
+        RecvStream,
+        Bytes,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let accepted = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            let (request, respond) = connection
+                .accept()
+                .await
+                .expect("a request")
+                .expect("a valid request");
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            (request.into_body(), respond)
+        });
+        let (send_request, connection) = h2::client::handshake(client_io)
+            .await
+            .expect("client handshake");
+        tokio::spawn(connection);
+        let request = headers::connect_request(
+            "10.0.2.10:8080".parse().expect("address"),
+            "10.0.1.10:40000".parse().expect("address"),
+        )
+        .expect("request");
+        let mut send_request = send_request.ready().await.expect("ready");
+        let (response, mut send) = send_request.send_request(request, false).expect("send");
+        send.send_data(Bytes::from_static(b"ping"), false)
+            .expect("early data");
+        let (mut body, respond) = accepted.await.expect("server");
+        let early = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Some(early) = early_data(&mut body) {
+                    return early;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the early data arrives");
+        (response, send, respond, body, early)
+    }
+
+    /// The destination answers: the held 200 goes out, with its bytes behind it.
+    #[tokio::test]
+    async fn a_held_answer_comes_with_the_first_bytes_back() {
+        let (response, mut send, respond, body, early) = early_stream().await;
+        assert_eq!(&early[..], b"ping");
+        let (mut destination, proxy) = tcp_pair().await;
+        let counts = ByteCounts::default();
+        let bridged = bridge(
+            proxy,
+            Sender::Deferred(respond),
+            Answer::Ready(body),
+            Bytes::new(),
+            &counts,
+            Side::Destination,
+        );
+        let client = async {
+            let response = response.await.expect("an answer");
+            assert_eq!(response.status(), http::StatusCode::OK);
+            let mut recv = response.into_body();
+            let data = recv.data().await.expect("data").expect("no error");
+            send.send_data(Bytes::new(), true).expect("end");
+            data
+        };
+        let destination_side = async {
+            destination.write_all(b"pong").await.expect("write");
+            let mut rest = Vec::new();
+            destination.read_to_end(&mut rest).await.expect("read");
+            destination.shutdown().await.expect("shutdown");
+        };
+        let (bridged, data, ()) = tokio::join!(bridged, client, destination_side);
+        bridged.expect("bridge");
+        assert_eq!(&data[..], b"pong");
+        assert_eq!(counts.received.load(Ordering::Relaxed), 4);
+    }
+
+    /// A destination that says nothing (it waits for more from the client) does not keep the
+    /// client without an answer: the 200 goes alone once the hold is over.
+    #[tokio::test]
+    async fn a_held_answer_goes_alone_when_the_destination_is_silent() {
+        let (response, mut send, respond, body, _early) = early_stream().await;
+        let (mut destination, proxy) = tcp_pair().await;
+        let counts = ByteCounts::default();
+        let bridged = bridge(
+            proxy,
+            Sender::Deferred(respond),
+            Answer::Ready(body),
+            Bytes::new(),
+            &counts,
+            Side::Destination,
+        );
+        let client = async {
+            let response = tokio::time::timeout(std::time::Duration::from_secs(5), response)
+                .await
+                .expect("answered while the destination is silent")
+                .expect("an answer");
+            assert_eq!(response.status(), http::StatusCode::OK);
+            send.send_data(Bytes::new(), true).expect("end");
+            let mut recv = response.into_body();
+            while let Some(data) = recv.data().await {
+                assert!(data.expect("no error").is_empty(), "no data, just the end");
+            }
+        };
+        let destination_side = async {
+            let mut rest = Vec::new();
+            destination.read_to_end(&mut rest).await.expect("read");
+            destination.shutdown().await.expect("shutdown");
+        };
+        let (bridged, (), ()) = tokio::join!(bridged, client, destination_side);
+        bridged.expect("bridge");
     }
 }

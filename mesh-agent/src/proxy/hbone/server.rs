@@ -7,11 +7,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, warn};
 
 use super::{
-    bridge::{self, Answer, Side},
+    bridge::{self, Answer, Sender, Side},
     headers,
     pool::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
@@ -171,7 +171,7 @@ async fn stream(
     };
     // A long stream must not pin the state it started under.
     drop(snapshot);
-    let upstream = match upstream::direct(client, target.destination).await {
+    let mut upstream = match upstream::direct(client, target.destination).await {
         Ok(up) => up,
         Err(e) => {
             guard.fail(&e);
@@ -179,18 +179,34 @@ async fn stream(
             return;
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
-        Err(e) => {
-            guard.fail(e);
-            return;
-        }
-    };
     let counts = guard.counts();
+    let mut body = request.into_body();
+    // A client that sent bytes right behind its CONNECT is not waiting for the 200: hand them
+    // to the destination now, and let the 200 travel with its first bytes back.
+    let send = match bridge::early_data(&mut body) {
+        Some(early) => {
+            if let Err(e) = upstream.write_all(&early).await {
+                guard.fail(&e);
+                reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                return;
+            }
+            counts
+                .sent
+                .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Sender::Deferred(respond)
+        }
+        None => match respond.send_response(Response::new(()), false) {
+            Ok(send) => Sender::Ready(send),
+            Err(e) => {
+                guard.fail(e);
+                return;
+            }
+        },
+    };
     if let Err(e) = bridge::bridge(
         upstream,
         send,
-        Answer::Ready(request.into_body()),
+        Answer::Ready(body),
         Bytes::new(),
         &counts,
         Side::Destination,
