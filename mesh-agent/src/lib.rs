@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod explain;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

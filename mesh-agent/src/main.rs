@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             worker_threads,
             log_json,
         } => {
-            init_logging(log_json);
+            mesh_agent::logging::init(log_json);
             let secs = |s: f64, default: u64| {
                 Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(default))
             };
@@ -174,22 +174,6 @@ fn main() -> ExitCode {
             eprintln!("mesh-agent: {}", error_chain(&e));
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour only for a person at a terminal: escape codes in a log file are noise, and
-        // writing them costs a sixth of an access-log line.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

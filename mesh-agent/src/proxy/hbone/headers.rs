@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use http::{HeaderValue, Method, Request, Uri};
+use http::{HeaderName, HeaderValue, Method, Request, Uri, uri::Authority};
 
 pub const FORWARDED: &str = "forwarded";
 pub const TRACEPARENT: &str = "traceparent";
@@ -19,38 +19,49 @@ pub enum HeaderError {
 }
 
 /// The CONNECT request for a stream to `destination` on behalf of `client`.
+///
+/// Built once per proxied connection, so it is assembled directly rather than through the
+/// request builder. `Forwarded` and `traceparent` differ on every request: they are sent as
+/// never-indexed literals, so they do not churn either side's HPACK table (`:authority`, the
+/// same for every connection to a pod, stays indexed).
 pub fn connect_request(
     destination: SocketAddr,
     client: SocketAddr,
 ) -> Result<Request<()>, HeaderError> {
-    let uri = Uri::builder()
-        .authority(destination.to_string())
-        .build()
+    let authority = Authority::try_from(destination.to_string())
         .map_err(|e| HeaderError::Build(e.to_string()))?;
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(uri)
-        .version(http::Version::HTTP_2)
-        .header(FORWARDED, forwarded_for(client))
-        .header(TRACEPARENT, new_traceparent())
-        .body(())
-        .map_err(|e| HeaderError::Build(e.to_string()))
+    let mut uri = http::uri::Parts::default();
+    uri.authority = Some(authority);
+    let uri = Uri::from_parts(uri).map_err(|e| HeaderError::Build(e.to_string()))?;
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    let headers = request.headers_mut();
+    headers.insert(HeaderName::from_static(FORWARDED), forwarded_for(client));
+    headers.insert(HeaderName::from_static(TRACEPARENT), new_traceparent());
+    Ok(request)
 }
 
 /// `for="1.2.3.4:5678"` (RFC 7239; the quotes are required because of the colon).
 fn forwarded_for(client: SocketAddr) -> HeaderValue {
     // Only digits, dots, colons and quotes: always a valid header value.
-    HeaderValue::from_str(&format!("for=\"{client}\""))
-        .unwrap_or_else(|_| HeaderValue::from_static("for=unknown"))
+    let mut value = HeaderValue::from_str(&format!("for=\"{client}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("for=unknown"));
+    value.set_sensitive(true);
+    value
 }
 
 /// A fresh W3C trace context: version 00, random trace and span ids, sampled.
 pub fn new_traceparent() -> HeaderValue {
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
-    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")).unwrap_or_else(|_| {
-        HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
-    })
+    let mut value = HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01"))
+        .unwrap_or_else(|_| {
+            HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
+        });
+    value.set_sensitive(true);
+    value
 }
 
 /// What the inbound side needs from a CONNECT request.
@@ -116,6 +127,10 @@ mod tests {
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().to_string(), "10.0.2.10:8080");
         assert_eq!(req.headers()[FORWARDED], "for=\"10.0.1.10:40000\"");
+        assert_eq!(req.version(), http::Version::HTTP_2);
+        // Different on every request: kept out of the HPACK tables.
+        assert!(req.headers()[FORWARDED].is_sensitive());
+        assert!(req.headers()[TRACEPARENT].is_sensitive());
         let target = parse_connect(&req).unwrap();
         assert_eq!(target.destination, dst);
         assert_eq!(target.forwarded_for, Some(client));
