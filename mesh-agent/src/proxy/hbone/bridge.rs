@@ -23,7 +23,7 @@ use crate::proxy::{forward::ByteCounts, socket::reset_on_close};
 
 /// Largest read from the TCP side; also the most a stream asks capacity for at once.
 const CHUNK: usize = 64 * 1024;
-/// First read from the TCP side. Each read that fills the buffer doubles the next, up to
+/// First read from the TCP side. Each read that brings at least that much doubles the next, up to
 /// [`CHUNK`]: a bulk transfer reaches full-size reads within a few, while a connection that
 /// carries a request or two never allocates (and frees) a bulk-sized buffer.
 const FIRST_READ: usize = 4 * 1024;
@@ -167,7 +167,6 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     let mut holding = matches!(sender, Sender::Deferred(_));
     loop {
         buf.reserve(read_size);
-        let room = buf.capacity() - buf.len();
         let n = if holding {
             holding = false;
             // `read_buf` is cancel safe: when the hold ends first, nothing was read.
@@ -187,7 +186,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(());
         }
-        if n == room {
+        if n >= read_size {
             read_size = (read_size * 2).min(CHUNK);
         }
         let mut chunk = buf.split().freeze();
