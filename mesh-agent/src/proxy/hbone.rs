@@ -5,3 +5,15 @@ pub mod bridge;
 pub mod headers;
 pub mod pool;
 pub mod server;
+
+use tokio::{io::BufReader, net::TcpStream};
+
+/// Read buffer under a tunnel's TLS.
+const TRANSPORT_BUFFER: usize = 32 * 1024;
+
+/// The TCP connection of a tunnel, as its TLS layer reads it. rustls asks for at most 4 KiB
+/// per read, so a full 16 KiB record would cost four `recv` calls; a buffer underneath serves
+/// those reads from one (writes pass straight through).
+pub fn transport(tcp: TcpStream) -> BufReader<TcpStream> {
+    BufReader::with_capacity(TRANSPORT_BUFFER, tcp)
+}

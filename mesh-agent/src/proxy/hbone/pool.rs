@@ -296,7 +296,7 @@ impl Pool {
                 .local_addr()
                 .map_err(|source| TunnelError::Connect { address, source })?;
             let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(tls::server_name(), tcp)
+                .connect(tls::server_name(), super::transport(tcp))
                 .await
                 .map_err(|source| TunnelError::Tls {
                     address,

@@ -55,7 +55,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(super::transport(tcp));
     let tls = match tokio::time::timeout(TLS_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
