@@ -80,7 +80,7 @@ impl Sender {
         }
         match self {
             Sender::Ready(stream) => Ok(stream),
-            Sender::Deferred(_) => unreachable!("answered just above"),
+            Sender::Deferred(_) => Err(io::Error::other("CONNECT left unanswered")),
         }
     }
 
