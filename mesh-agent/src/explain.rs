@@ -43,7 +43,8 @@ pub struct Endpoint {
 pub struct PathExplanation {
     pub endpoint: SocketAddr,
     pub workload: Option<String>,
-    /// `tunnel`, `local`, `direct`, or `plaintext-inbound`.
+    /// `tunnel`, `local`, `direct`, `host` (from the destination's own node, not captured), or
+    /// `plaintext-inbound`.
     pub route: &'static str,
     /// Whether the destination's node proxy sees the connection at all.
     pub captured_at_destination: bool,
@@ -53,10 +54,19 @@ pub struct PathExplanation {
     pub reason: String,
 }
 
+/// The node whose agent explains: connections its own processes open to its pods are not
+/// captured (as in Istio ambient, host traffic to ambient pods bypasses the proxy).
+pub struct Here<'a> {
+    pub node: &'a str,
+    /// The node's own IPv4 addresses.
+    pub addresses: &'a [Ipv4Addr],
+}
+
 pub fn explain(
     snapshot: &Snapshot,
     mesh: &MeshConfig,
     balancer: &ServiceBalancer,
+    here: &Here<'_>,
     from: &str,
     to: SocketAddr,
 ) -> Result<Explanation, ExplainError> {
@@ -82,6 +92,7 @@ pub fn explain(
         paths.push(explain_path(
             snapshot,
             mesh,
+            here,
             source_ip,
             source_node,
             source_enrolled,
@@ -129,9 +140,11 @@ fn resolve_source(snapshot: &Snapshot, from: &str) -> Result<Option<Workload>, E
         .ok_or_else(|| ExplainError::UnknownPod(from.into()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn explain_path(
     snapshot: &Snapshot,
     mesh: &MeshConfig,
+    here: &Here<'_>,
     source_ip: Ipv4Addr,
     source_node: Option<&str>,
     source_enrolled: bool,
@@ -156,6 +169,14 @@ fn explain_path(
     };
     if !endpoint.address.is_ipv4() {
         return direct("IPv6 is not captured");
+    }
+    if destination.node == here.node && here.addresses.contains(&source_ip) {
+        return PathExplanation {
+            route: "host",
+            ..direct(
+                "from the pod's own node (kubelet probes, host-network pods): not captured, no policy applies",
+            )
+        };
     }
     let attributes =
         crate::proxy::connection_attributes(source_ip.into(), identity, endpoint.address);

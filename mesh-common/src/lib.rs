@@ -102,8 +102,11 @@ pub mod counter {
     pub const PROXY_OWN: u32 = 7;
     /// TCP connection of an enrolled pod established (sock_ops).
     pub const SOCKOPS_ESTABLISHED: u32 = 8;
+    /// Packet for an enrolled pod sent by a process of the node itself (kubelet probes,
+    /// host-network pods), never captured.
+    pub const HOST_OWN: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Names, in index order, as shown by `mesh-agent bpf`.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -116,6 +119,7 @@ pub mod counter {
         "assign_failed",
         "proxy_own",
         "sockops_established",
+        "host_own",
     ];
 }
 

@@ -5,8 +5,9 @@
 //!   `capture_egress`): a SYN is handed to the proxy's transparent listener with `bpf_sk_assign`
 //!   and every packet of a proxied connection is marked so a policy route delivers it locally.
 //! - `capture_egress` (TC egress, packets about to enter the pod): anything not sent by the
-//!   proxy itself (its `SO_MARK`) that belongs to a proxied connection, or opens a new one, is
-//!   turned back to the veth's ingress, where `capture_ingress` hands it to the inbound listener.
+//!   proxy itself (its `SO_MARK`) or by another process of the node that belongs to a proxied
+//!   connection, or opens a new one, is turned back to the veth's ingress, where
+//!   `capture_ingress` hands it to the inbound listener.
 //! - `observe_sockops` (sock_ops on cgroup v2): counts TCP connections that enrolled pods establish.
 #![no_std]
 #![no_main]
@@ -181,6 +182,16 @@ fn try_capture_egress(ctx: &TcContext) -> Result<i32, i64> {
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
     if skb.mark & cfg.proxy_mark_mask == cfg.proxy_mark {
         count(counter::PROXY_OWN);
+        return Ok(TC_ACT_OK as i32);
+    }
+    // Sent by a process of the node itself: only such packets still carry a socket here (a
+    // forwarded one lost its socket crossing into this namespace). Kubelet probes and
+    // host-network pods reach the pod directly, as in Istio ambient, where host traffic to
+    // ambient pods bypasses ztunnel (so STRICT does not refuse a pod's own health probes).
+    // SAFETY: reading the `sk` member of the context; the verifier types it as a nullable
+    // socket pointer, which is only compared with null.
+    if !unsafe { skb.__bindgen_anon_2.sk }.is_null() {
+        count(counter::HOST_OWN);
         return Ok(TC_ACT_OK as i32);
     }
     let mut tuple = tcp.tuple();

@@ -228,3 +228,63 @@ async fn denials_are_reset_counted_and_logged_with_the_policy() -> Result<()> {
     );
     Ok(())
 }
+
+/// Kubelet probes come from the pod's node. As in Istio ambient, where host traffic to ambient
+/// pods bypasses ztunnel, the node's own connections are not captured: STRICT does not refuse a
+/// pod's health probes, while a plaintext client pod is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_leaves_the_nodes_own_probes_alone() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let cluster = Cluster::new(spec())?;
+    cluster.write_state()?;
+    let _agents = [cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    let web2 = cluster.pod("shop", "web-2");
+    let _server = web2.echo_server(8080).await?;
+    apply(
+        &cluster,
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n",
+    )
+    .await?;
+    ensure!(
+        !exchange(cluster.pod("legacy", "batch-1"), web2.addr(8080)).await?,
+        "STRICT let a plaintext pod in"
+    );
+    let before = common::counter(&cluster, 1, "host_own")?;
+    let node = cluster.node(web2.node);
+    let mut probe = node.netns().connect(web2.addr(8080)).await?;
+    probe.write_all(b"ping\n").await?;
+    let mut answer = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), probe.read_exact(&mut answer))
+        .await
+        .context("no answer to the node's probe within 5 s")??;
+    ensure!(&answer == b"ping\n", "wrong answer to the node's probe");
+    ensure!(
+        common::counter(&cluster, 1, "host_own")? > before,
+        "the node's probe was not recognised as the node's own traffic"
+    );
+    let view = cluster.cli_json(1, &["connections", "-o", "json"])?;
+    ensure!(
+        view["totals"]["inbound_opened"].as_u64() == Some(0),
+        "the node's probe went through the proxy: {}",
+        view["totals"]
+    );
+    // explain agrees: from the node itself, allowed, not captured.
+    let node_ip = probe.local_addr()?.ip().to_string();
+    let to = web2.addr(8080).to_string();
+    let explained = cluster.cli_json(
+        1,
+        &["explain", "--from", &node_ip, "--to", &to, "-o", "json"],
+    )?;
+    let path = &explained["paths"][0];
+    ensure!(
+        path["allowed"] == true
+            && path["route"] == "host"
+            && path["captured_at_destination"] == false,
+        "explain disagrees for the node's probe: {explained}"
+    );
+    Ok(())
+}

@@ -228,8 +228,20 @@ impl AdminState {
             .parse()
             .map_err(|_| format!("--to {to:?} is not an ip:port"))?;
         let snapshot = self.proxy.snapshot();
-        explain::explain(&snapshot, &self.proxy.mesh, &self.proxy.services, from, to)
-            .map_err(|e| e.to_string())
+        let addresses = node_addresses();
+        let here = explain::Here {
+            node: &self.proxy.node,
+            addresses: &addresses,
+        };
+        explain::explain(
+            &snapshot,
+            &self.proxy.mesh,
+            &self.proxy.services,
+            &here,
+            from,
+            to,
+        )
+        .map_err(|e| e.to_string())
     }
 
     pub fn bpf(&self) -> Option<CaptureStatus> {
@@ -243,4 +255,16 @@ impl AdminState {
             state: self.proxy.snapshot(),
         }
     }
+}
+
+/// The IPv4 addresses of the network namespace the agent runs in (its node's); none if they
+/// cannot be listed.
+fn node_addresses() -> Vec<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addresses| {
+            addresses
+                .filter_map(|a| a.address?.as_sockaddr_in().map(|sin| sin.ip()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
