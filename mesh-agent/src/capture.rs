@@ -110,6 +110,8 @@ pub struct Capture {
     uplinks: BTreeMap<String, (u32, SchedClassifierLinkId)>,
     /// Why the uplinks could not be found last time, so the same problem is logged once.
     uplink_problem: Problem,
+    /// Why attaching to an uplink failed last time, by device, likewise.
+    uplink_attach_problems: BTreeMap<String, Problem>,
     pods: BTreeMap<Ipv4Addr, PodLink>,
     sockops_link: Option<SockOpsLinkId>,
     features: KernelFeatures,
@@ -211,6 +213,7 @@ impl Capture {
             devices: BTreeMap::new(),
             uplinks: BTreeMap::new(),
             uplink_problem: Problem::default(),
+            uplink_attach_problems: BTreeMap::new(),
             pods: BTreeMap::new(),
             sockops_link: Some(sockops_link),
             features,
@@ -354,6 +357,8 @@ impl Capture {
             }
             info!(device = %name, "uplink capture detached");
         }
+        self.uplink_attach_problems
+            .retain(|name, _| wanted.contains_key(name));
         for (name, ifindex) in wanted {
             if self.uplinks.contains_key(name) {
                 continue;
@@ -361,10 +366,15 @@ impl Capture {
             match self.attach(PROG_UPLINK, *ifindex, TcAttachType::Ingress) {
                 Ok(link) => {
                     info!(device = %name, "uplink capture attached");
+                    self.uplink_attach_problems.remove(name);
                     self.uplinks.insert(name.clone(), (*ifindex, link));
                 }
                 Err(e) => {
-                    tracing::warn!(device = %name, error = %e, "attaching to the uplink failed")
+                    // Retried every reconcile; the same failure is logged once.
+                    let problem = self.uplink_attach_problems.entry(name.clone()).or_default();
+                    if problem.report(e.to_string()) {
+                        tracing::warn!(device = %name, error = %e, "attaching to the uplink failed; traffic from other nodes takes the detour through the pods' veths");
+                    }
                 }
             }
         }
