@@ -123,16 +123,20 @@ impl ServiceBalancer {
         if let Some(service) = snapshot.service_by_ip(ip)
             && let Some(port) = service.ports.iter().find(|p| p.port == destination.port())
         {
-            let target = match &port.target_port {
-                Some(TargetPort::Number(n)) => *n,
-                // Named ports need container specs the state does not carry: use the port.
-                Some(TargetPort::Name(_)) | None => port.port,
-            };
             let mut endpoints: Vec<Endpoint> = snapshot
                 .endpoints(service)
-                .map(|w| Endpoint {
-                    address: SocketAddr::from((w.ip, target)),
-                    workload: Some(w),
+                .filter_map(|w| {
+                    let target = match &port.target_port {
+                        Some(TargetPort::Number(n)) => *n,
+                        // Each pod's container port of that name; a pod that declares none is
+                        // no endpoint of this port (as in Kubernetes' EndpointSlices).
+                        Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
+                        None => port.port,
+                    };
+                    Some(Endpoint {
+                        address: SocketAddr::from((w.ip, target)),
+                        workload: Some(w),
+                    })
                 })
                 .collect();
             endpoints.sort_by_key(|e| e.address);
@@ -155,5 +159,52 @@ impl ServiceBalancer {
                 workload,
             }],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(text: &str) -> Snapshot {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("state.yaml");
+        std::fs::write(&file, text).expect("writable");
+        crate::state::load(&file).unwrap_or_else(|errors| panic!("test state must load: {errors}"))
+    }
+
+    fn pod(name: &str, ip: &str, ports: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: web}}}}\nspec: {{nodeName: n, containers: [{{name: app, ports: [{ports}]}}]}}\nstatus: {{podIP: \"{ip}\", phase: Running}}\n"
+        )
+    }
+
+    /// A named targetPort means each pod's own container port of that name; a pod without
+    /// one is not an endpoint, as in Kubernetes.
+    #[test]
+    fn a_named_target_port_is_each_pods_container_port() {
+        let text = [
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n".to_string(),
+            pod("web-a", "10.0.0.1", "{name: http, containerPort: 8080}"),
+            pod("web-b", "10.0.0.2", "{name: http, containerPort: 9090}"),
+            pod("web-c", "10.0.0.3", "{name: admin, containerPort: 8080}"),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: web, port: 80, targetPort: http}, {name: num, port: 81, targetPort: 7070}]}\n".to_string(),
+        ]
+        .concat();
+        let snapshot = snapshot(&text);
+        let balancer = ServiceBalancer::default();
+        let addresses = |port: u16| -> Vec<String> {
+            balancer
+                .peek(&snapshot, SocketAddr::from(([10, 96, 0, 10], port)))
+                .endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect()
+        };
+        assert_eq!(addresses(80), ["10.0.0.1:8080", "10.0.0.2:9090"]);
+        assert_eq!(
+            addresses(81),
+            ["10.0.0.1:7070", "10.0.0.2:7070", "10.0.0.3:7070"]
+        );
     }
 }

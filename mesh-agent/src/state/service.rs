@@ -307,6 +307,7 @@ mod tests {
             host_network: false,
             phase: None,
             enrollment: crate::state::Enrollment::NotEnrolled { reason: "r".into() },
+            named_ports: BTreeMap::new(),
         };
         assert!(model.selects(&workload));
         workload.namespace = "other".into();

@@ -30,6 +30,9 @@ pub struct Workload {
     /// `status.phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`).
     pub phase: Option<String>,
     pub enrollment: Enrollment,
+    /// The pod's named TCP container ports (`spec.containers[].ports[]`): what a Service's
+    /// named `targetPort` means on this pod.
+    pub named_ports: BTreeMap<String, u16>,
 }
 
 /// A Pod that cannot be turned into a workload; `field()` says where.
@@ -115,6 +118,7 @@ impl Workload {
             phase: phase.as_deref(),
         };
         let enrollment = enrollment::evaluate(facts, namespace_labels);
+        let named_ports = spec.map(named_tcp_ports).unwrap_or_default();
         Ok(Some(Workload {
             uid: metadata
                 .uid
@@ -134,8 +138,29 @@ impl Workload {
             host_network,
             phase,
             enrollment,
+            named_ports,
         }))
     }
+}
+
+/// Named TCP ports of a pod's containers (the first of a name wins, as the API server forbids
+/// duplicates anyway); unnamed, non-TCP and out-of-range ports are not addressable by name.
+fn named_tcp_ports(spec: &k8s::PodSpec) -> BTreeMap<String, u16> {
+    let mut ports = BTreeMap::new();
+    let declared = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten());
+    for port in declared {
+        let tcp = port.protocol.as_deref().is_none_or(|p| p == "TCP");
+        if let (Some(name), true, Ok(number)) =
+            (&port.name, tcp, u16::try_from(port.container_port))
+            && number != 0
+        {
+            ports.entry(name.clone()).or_insert(number);
+        }
+    }
+    ports
 }
 
 #[cfg(test)]
@@ -193,6 +218,46 @@ mod tests {
         assert_eq!(workload.uid, "1234");
         assert_eq!(workload.service_account, "web");
         assert!(!workload.is_enrolled());
+    }
+
+    #[test]
+    fn named_tcp_ports_are_kept() {
+        use k8s_openapi::api::core::v1::{Container, ContainerPort};
+        let port = |name: Option<&str>, number: i32, protocol: Option<&str>| ContainerPort {
+            name: name.map(Into::into),
+            container_port: number,
+            protocol: protocol.map(Into::into),
+            ..ContainerPort::default()
+        };
+        let mut pod = pod(Some("10.0.0.5"), Some("node-a"));
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.containers = vec![
+                Container {
+                    name: "app".into(),
+                    ports: Some(vec![
+                        port(Some("http"), 8080, None),
+                        port(Some("dns"), 53, Some("UDP")),
+                        port(None, 9000, Some("TCP")),
+                    ]),
+                    ..Container::default()
+                },
+                Container {
+                    name: "sidecar".into(),
+                    ports: Some(vec![
+                        port(Some("admin"), 9901, Some("TCP")),
+                        port(Some("bad"), 70000, None),
+                    ]),
+                    ..Container::default()
+                },
+            ];
+        }
+        let workload = Workload::from_pod(&pod, &ambient())
+            .expect("valid")
+            .expect("has an IP");
+        assert_eq!(
+            workload.named_ports,
+            [("admin".to_string(), 9901), ("http".to_string(), 8080)].into()
+        );
     }
 
     #[test]
