@@ -8,6 +8,7 @@
 mod authorization;
 mod cidr;
 mod document;
+mod endpoint_slice;
 mod enrollment;
 mod error;
 mod istio;
@@ -27,6 +28,7 @@ pub use authorization::{
 };
 pub use cidr::{Cidr, CidrError};
 pub use document::{Format, Object, Sourced};
+pub use endpoint_slice::EndpointSlice;
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
 pub use error::{Origin, StateError, StateErrors};
 pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource};

@@ -58,3 +58,42 @@ async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<
     );
     Ok(())
 }
+
+/// A Service without a selector is served by its EndpointSlice: the connection to the service
+/// address reaches the slice's pod, on the slice's port, through the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selectorless_service_is_served_by_its_endpoint_slice() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let vip = std::net::Ipv4Addr::new(10, 96, cluster.octet(), 20);
+    let web2 = cluster.pod("shop", "web-2");
+    let state = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ext\n  namespace: shop\nspec:\n  clusterIP: {vip}\n  ports:\n  - name: web\n    port: 80\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext-1\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: ext\naddressType: IPv4\nports:\n- name: web\n  port: 8081\nendpoints:\n- addresses: [\"{}\"]\n",
+        web2.ip
+    );
+    apply(&cluster, "service-ext.yaml", &state).await?;
+    let server = web2.echo_server(8081).await?;
+    let address = std::net::SocketAddr::from((vip, 80));
+    for i in 0..3 {
+        ensure!(
+            exchange(cluster.pod("shop", "web-1"), address).await?,
+            "connection {i} to the selector-less service failed"
+        );
+    }
+    ensure!(
+        server.accepted() == 3,
+        "the slice's pod took {} of 3",
+        server.accepted()
+    );
+    let records = common::connections(&cluster, 0)?;
+    ensure!(
+        records
+            .iter()
+            .any(|r| r["destination_service"] == "shop/ext"
+                && r["route"] == "tunnel"
+                && r["destination"] == std::net::SocketAddr::from((web2.ip, 8081)).to_string()),
+        "no tunnelled record to the slice's pod: {records:#?}"
+    );
+    Ok(())
+}

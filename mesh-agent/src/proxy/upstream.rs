@@ -123,23 +123,41 @@ impl ServiceBalancer {
         if let Some(service) = snapshot.service_by_ip(ip)
             && let Some(port) = service.ports.iter().find(|p| p.port == destination.port())
         {
-            let mut endpoints: Vec<Endpoint> = snapshot
-                .endpoints(service)
-                .filter_map(|w| {
-                    let target = match &port.target_port {
-                        Some(TargetPort::Number(n)) => *n,
-                        // Each pod's container port of that name; a pod that declares none is
-                        // no endpoint of this port (as in Kubernetes' EndpointSlices).
-                        Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
-                        None => port.port,
-                    };
-                    Some(Endpoint {
-                        address: SocketAddr::from((w.ip, target)),
-                        workload: Some(w),
+            let mut slices = snapshot.slices_of(service).peekable();
+            let mut endpoints: Vec<Endpoint> = if slices.peek().is_some() {
+                // The slices say where the traffic goes: their ready addresses, on the port
+                // each slice gives for this service port's name.
+                slices
+                    .flat_map(|slice| {
+                        let target = slice.port_for(port.name.as_deref());
+                        slice.ready.iter().filter_map(move |&ip| {
+                            Some(Endpoint {
+                                address: SocketAddr::from((ip, target?)),
+                                workload: snapshot.workload_by_ip(ip),
+                            })
+                        })
                     })
-                })
-                .collect();
+                    .collect()
+            } else {
+                snapshot
+                    .endpoints(service)
+                    .filter_map(|w| {
+                        let target = match &port.target_port {
+                            Some(TargetPort::Number(n)) => *n,
+                            // Each pod's container port of that name; a pod that declares none is
+                            // no endpoint of this port (as in Kubernetes' EndpointSlices).
+                            Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
+                            None => port.port,
+                        };
+                        Some(Endpoint {
+                            address: SocketAddr::from((w.ip, target)),
+                            workload: Some(w),
+                        })
+                    })
+                    .collect()
+            };
             endpoints.sort_by_key(|e| e.address);
+            endpoints.dedup_by_key(|e| e.address);
             if !endpoints.is_empty() && advance {
                 let start =
                     self.start((format!("{}/{}", service.namespace, service.name), port.port));
@@ -206,5 +224,35 @@ mod tests {
             addresses(81),
             ["10.0.0.1:7070", "10.0.0.2:7070", "10.0.0.3:7070"]
         );
+    }
+
+    /// A Service without a selector is served by its EndpointSlices: ready addresses only, on
+    /// the port each slice gives for the service port's name; a pod among them is known as one.
+    #[test]
+    fn endpoint_slices_serve_a_service() {
+        let text = [
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n".to_string(),
+            pod("web-a", "10.0.0.1", "{name: http, containerPort: 8080}"),
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: demo}\nspec: {clusterIP: 10.96.0.20, ports: [{name: web, port: 80}]}\n".to_string(),
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, namespace: demo, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nports: [{name: web, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}, {addresses: [192.0.2.7]}, {addresses: [192.0.2.8], conditions: {ready: false}}]\n".to_string(),
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-2, namespace: demo, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nports: [{name: other, port: 9999}]\nendpoints: [{addresses: [192.0.2.9]}]\n".to_string(),
+        ]
+        .concat();
+        let snapshot = snapshot(&text);
+        let resolved =
+            ServiceBalancer::default().peek(&snapshot, SocketAddr::from(([10, 96, 0, 20], 80)));
+        let endpoints: Vec<(String, Option<&str>)> = resolved
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.workload.map(|w| w.name.as_str())))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                ("10.0.0.1:8080".to_string(), Some("web-a")),
+                ("192.0.2.7:8080".to_string(), None)
+            ]
+        );
+        assert_eq!(resolved.service.as_deref(), Some("demo/ext"));
     }
 }

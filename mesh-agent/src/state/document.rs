@@ -13,7 +13,6 @@ use super::istio::{self, AuthorizationPolicyResource, PeerAuthenticationResource
 /// Groups whose other kinds the agent will read later (waypoints, request authentication):
 /// skipped quietly, never errors.
 const LATER_GROUPS: [&str; 2] = ["security.istio.io/", "gateway.networking.k8s.io/"];
-const LATER_KINDS: [&str; 1] = ["EndpointSlice"];
 
 /// How a file is parsed; YAML also reads most JSON, but JSON files get JSON's exact rules and messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +37,7 @@ pub enum Object {
     Namespace(Box<k8s::Namespace>),
     Pod(Box<k8s::Pod>),
     Service(Box<k8s::Service>),
+    EndpointSlice(Box<k8s_openapi::api::discovery::v1::EndpointSlice>),
     AuthorizationPolicy(Box<AuthorizationPolicyResource>),
     PeerAuthentication(Box<PeerAuthenticationResource>),
 }
@@ -217,6 +217,11 @@ impl Parsed {
             ("v1", "Service") => self.typed(value, origin, &kind, true, |service| {
                 Object::Service(Box::new(service))
             }),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                self.typed(value, origin, &kind, true, |slice| {
+                    Object::EndpointSlice(Box::new(slice))
+                })
+            }
             (version, "AuthorizationPolicy") if istio::API_VERSIONS.contains(&version) => self
                 .typed(value, origin, &kind, true, |policy| {
                     Object::AuthorizationPolicy(Box::new(policy))
@@ -243,7 +248,7 @@ impl Parsed {
                 };
                 self.fail(&origin, label, Some("apiVersion"), error);
             }
-            (api_version, kind) if is_later(api_version, kind) => {
+            (api_version, kind) if is_later(api_version) => {
                 tracing::debug!(file = %origin.file.display(), document = %origin.document, api_version, kind,
                     "skipping object: kind not supported yet");
             }
@@ -367,11 +372,10 @@ fn is_istio_security(api_version: &str) -> bool {
         .is_some_and(|(group, _)| group == istio::GROUP)
 }
 
-fn is_later(api_version: &str, kind: &str) -> bool {
+fn is_later(api_version: &str) -> bool {
     LATER_GROUPS
         .iter()
         .any(|group| api_version.starts_with(group))
-        || LATER_KINDS.contains(&kind)
 }
 
 fn describe(value: &Value) -> &'static str {
@@ -437,10 +441,18 @@ mod tests {
 
     #[test]
     fn skips_other_and_later_kinds() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
         let parsed = yaml(text);
         assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
         assert!(parsed.objects.is_empty());
+    }
+
+    #[test]
+    fn reads_endpoint_slices() {
+        let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: demo}\naddressType: IPv4\nendpoints: []\n";
+        let parsed = yaml(text);
+        assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
+        assert!(matches!(parsed.objects[0].object, Object::EndpointSlice(_)));
     }
 
     #[test]

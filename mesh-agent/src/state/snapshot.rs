@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::authorization::AuthorizationPolicy;
 use super::document::{Object, Sourced};
+use super::endpoint_slice::EndpointSlice;
 use super::error::{StateError, StateErrors};
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::Namespace;
@@ -24,6 +25,8 @@ pub struct Snapshot {
     pub workloads: Vec<Workload>,
     /// Sorted by (namespace, name).
     pub services: Vec<Service>,
+    /// IPv4 EndpointSlices, sorted by (namespace, service, name).
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// Istio `AuthorizationPolicy`s, sorted by (namespace, name).
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Istio `PeerAuthentication`s, sorted by (namespace, name).
@@ -70,7 +73,7 @@ impl Snapshot {
     ) -> Result<Snapshot, StateErrors> {
         let mut errors = Vec::new();
         let (mut k8s_namespaces, mut pods, mut services) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut authorizations, mut peers) = (Vec::new(), Vec::new());
+        let (mut authorizations, mut peers, mut slices) = (Vec::new(), Vec::new(), Vec::new());
         for Sourced { origin, object } in objects {
             match object {
                 Object::Namespace(object) => k8s_namespaces.push(Sourced {
@@ -82,6 +85,10 @@ impl Snapshot {
                     object: *object,
                 }),
                 Object::Service(object) => services.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::EndpointSlice(object) => slices.push(Sourced {
                     origin,
                     object: *object,
                 }),
@@ -142,6 +149,27 @@ impl Snapshot {
             })
             .collect();
 
+        let slices = validate::named::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+            &slices,
+            true,
+            &mut errors,
+        );
+        validate::namespaces_exist(&slices, &namespaces, &mut errors);
+        let endpoint_slices: Vec<EndpointSlice> = slices
+            .iter()
+            .filter_map(|slice| {
+                EndpointSlice::from_k8s(slice.object)
+                    .map_err(|problems| {
+                        errors.extend(problems.into_iter().map(|problem| {
+                            let field = problem.field();
+                            slice.error(Some(&field), problem)
+                        }))
+                    })
+                    .ok()
+                    .flatten()
+            })
+            .collect();
+
         let authorizations =
             validate::named::<AuthorizationPolicyResource>(&authorizations, true, &mut errors);
         validate::namespaces_exist(&authorizations, &namespaces, &mut errors);
@@ -167,7 +195,17 @@ impl Snapshot {
             services,
             files,
         )
-        .with_policies(authorization_policies, peer_authentications))
+        .with_policies(authorization_policies, peer_authentications)
+        .with_endpoint_slices(endpoint_slices))
+    }
+
+    /// Sets the EndpointSlices, sorting them so equal states compare equal.
+    pub fn with_endpoint_slices(mut self, mut slices: Vec<EndpointSlice>) -> Snapshot {
+        slices.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.name).cmp(&(&b.namespace, &b.service, &b.name))
+        });
+        self.endpoint_slices = slices;
+        self
     }
 
     /// Assembles a snapshot, sorting workloads and services so equal states compare equal.
@@ -185,6 +223,7 @@ impl Snapshot {
             namespaces,
             workloads,
             services,
+            endpoint_slices: Vec::new(),
             files,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
@@ -241,6 +280,17 @@ impl Snapshot {
             .services
             .get(&ip)
             .and_then(|&i| self.services.get(i))
+    }
+
+    /// The EndpointSlices of a service. When it has any, they, not its selector, say where its
+    /// traffic goes (a selector-less Service gets its endpoints this way).
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.endpoint_slices.iter().filter(move |slice| {
+            slice.namespace == service.namespace && slice.service == service.name
+        })
     }
 
     /// The workloads a service sends traffic to (running pods its selector matches).
@@ -567,5 +617,19 @@ status: {{podIP: \"{ip}\", phase: Running}}
             .map(|w| w.name.as_str())
             .collect();
         assert_eq!(endpoints, ["web"]);
+    }
+
+    #[test]
+    fn a_bad_endpoint_slice_is_rejected_with_its_field() {
+        let text = format!(
+            "{NAMESPACES}{}",
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.300]}]\n",
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: EndpointSlice demo/web-1: endpoints[0].addresses[0]: \"10.0.0.300\" is not an IPv4 address (the slice's addressType is IPv4)"
+            ]
+        );
     }
 }
