@@ -64,10 +64,11 @@ pub struct Metrics {
     registry: Registry,
     /// The counters of every label set seen, found with one hash instead of one per family.
     tcp: RwLock<HashMap<TcpLabels, TcpCounters>>,
-    pub opened: Family<TcpLabels, Counter>,
-    pub closed: Family<TcpLabels, Counter>,
-    pub sent_bytes: Family<TcpLabels, Counter>,
-    pub received_bytes: Family<TcpLabels, Counter>,
+    // Istio's TCP families; reached through `tcp`, which caches a label set's four counters.
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent_bytes: Family<TcpLabels, Counter>,
+    received_bytes: Family<TcpLabels, Counter>,
     pub denied: Family<DenialLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
 }
