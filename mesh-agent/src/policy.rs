@@ -53,15 +53,8 @@ status: {podIP: 10.0.2.1, phase: Running}
 ",
         );
         text.push_str(extra);
-        try_snapshot(&text).unwrap_or_else(|errors| panic!("test state must load: {errors}"))
-    }
-
-    /// Loads `text` as a state file.
-    pub fn try_snapshot(text: &str) -> Result<Snapshot, crate::state::StateErrors> {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let file = dir.path().join("test.yaml");
-        std::fs::write(&file, text).expect("writable");
-        crate::state::load(&file)
+        crate::state::testing::load_text(&text)
+            .unwrap_or_else(|errors| panic!("test state must load: {errors}"))
     }
 
     pub fn workload<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> &'a Workload {

@@ -40,3 +40,17 @@ pub use source::load;
 pub use string_match::StringMatch;
 pub use watch::{POLL_INTERVAL, StateStatus, Watcher, watch};
 pub use workload::Workload;
+
+/// For tests anywhere in the crate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Snapshot, StateErrors};
+
+    /// The snapshot of one state file with this text, loaded the way the agent loads its state.
+    pub fn load_text(text: &str) -> Result<Snapshot, StateErrors> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("test.yaml");
+        std::fs::write(&file, text).expect("writable");
+        super::load(&file)
+    }
+}

@@ -118,10 +118,7 @@ mod tests {
             pod("d1", "node-d", "10.7.4.10"),
         ]
         .concat();
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let file = dir.path().join("state.yaml");
-        std::fs::write(&file, text).expect("writable");
-        let snapshot = crate::state::load(&file).expect("state loads");
+        let snapshot = crate::state::testing::load_text(&text).expect("state loads");
         let table = RouteTable::parse(
             r#"[
                 {"dst":"10.7.2.0/24","gateway":"192.168.7.2","dev":"eth0","flags":[]},

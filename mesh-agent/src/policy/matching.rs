@@ -139,7 +139,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::policy::testing::{authorization, try_snapshot};
+    use crate::{policy::testing::authorization, state::testing::load_text};
 
     const NAMESPACES: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 
@@ -153,7 +153,7 @@ mod tests {
                 &format!("{{action: {action}, rules: {rules}}}")
             )
         );
-        let mut state = try_snapshot(&text).unwrap_or_else(|errors| panic!("{errors}"));
+        let mut state = load_text(&text).unwrap_or_else(|errors| panic!("{errors}"));
         state.authorization_policies.remove(0)
     }
 

@@ -242,7 +242,7 @@ impl Connections {
             open: inner
                 .open
                 .iter()
-                .map(|(id, o)| record(*id, o, None, None))
+                .map(|(id, o)| record(*id, o.info.clone(), o.started, &o.counts, None, None))
                 .collect(),
             recent: inner.recent.iter().cloned().collect(),
             totals: inner.totals.clone(),
@@ -270,16 +270,8 @@ impl Connections {
             counts,
             counters,
         } = open;
-        let record = ConnectionRecord {
-            id,
-            info,
-            started,
-            bytes_sent: counts.sent.load(Ordering::Relaxed),
-            bytes_received: counts.received.load(Ordering::Relaxed),
-            duration_ms: Some(since.elapsed().as_millis() as u64),
-            verdict: Cow::Borrowed("allow"),
-            error,
-        };
+        let duration_ms = since.elapsed().as_millis() as u64;
+        let record = record(id, info, started, &counts, Some(duration_ms), error);
         for c in &counters {
             c.closed.inc();
             c.sent_bytes.inc_by(record.bytes_sent);
@@ -362,18 +354,21 @@ fn tcp_labels(info: &ConnectionInfo) -> Vec<TcpLabels> {
     }
 }
 
+/// The record of an allowed connection, open (no duration yet) or closed.
 fn record(
     id: u64,
-    open: &Open,
+    info: ConnectionInfo,
+    started: SystemTime,
+    counts: &ByteCounts,
     duration_ms: Option<u64>,
     error: Option<String>,
 ) -> ConnectionRecord {
     ConnectionRecord {
         id,
-        info: open.info.clone(),
-        started: open.started,
-        bytes_sent: open.counts.sent.load(Ordering::Relaxed),
-        bytes_received: open.counts.received.load(Ordering::Relaxed),
+        info,
+        started,
+        bytes_sent: counts.sent.load(Ordering::Relaxed),
+        bytes_received: counts.received.load(Ordering::Relaxed),
         duration_ms,
         verdict: Cow::Borrowed("allow"),
         error,

@@ -185,10 +185,8 @@ mod tests {
     use super::*;
 
     fn snapshot(text: &str) -> Snapshot {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let file = dir.path().join("state.yaml");
-        std::fs::write(&file, text).expect("writable");
-        crate::state::load(&file).unwrap_or_else(|errors| panic!("test state must load: {errors}"))
+        crate::state::testing::load_text(text)
+            .unwrap_or_else(|errors| panic!("test state must load: {errors}"))
     }
 
     fn pod(name: &str, ip: &str, ports: &str) -> String {

@@ -9,12 +9,12 @@ use serde::Serialize;
 
 use super::authorization::AuthorizationPolicy;
 use super::document::{Object, Sourced};
-use super::endpoint_slice::EndpointSlice;
+use super::endpoint_slice::{EndpointSlice, EndpointSliceError};
 use super::error::{StateError, StateErrors};
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::Namespace;
 use super::peer_authentication::PeerAuthentication;
-use super::service::Service;
+use super::service::{Service, ServiceError};
 use super::validate::{self, Named};
 use super::workload::Workload;
 
@@ -135,19 +135,11 @@ impl Snapshot {
 
         let services = validate::named::<k8s::Service>(&services, true, &mut errors);
         validate::namespaces_exist(&services, &namespaces, &mut errors);
-        let services: Vec<Service> = services
-            .iter()
-            .filter_map(|service| {
-                Service::from_k8s(service.object)
-                    .map_err(|problems| {
-                        errors.extend(problems.into_iter().map(|problem| {
-                            let field = problem.field();
-                            service.error(Some(&field), problem)
-                        }))
-                    })
-                    .ok()
-            })
-            .collect();
+        let services = build_each(
+            &services,
+            |service| Service::from_k8s(service).map_err(at_fields(ServiceError::field)),
+            &mut errors,
+        );
 
         let slices = validate::named::<k8s_openapi::api::discovery::v1::EndpointSlice>(
             &slices,
@@ -155,20 +147,15 @@ impl Snapshot {
             &mut errors,
         );
         validate::namespaces_exist(&slices, &namespaces, &mut errors);
-        let endpoint_slices: Vec<EndpointSlice> = slices
-            .iter()
-            .filter_map(|slice| {
-                EndpointSlice::from_k8s(slice.object)
-                    .map_err(|problems| {
-                        errors.extend(problems.into_iter().map(|problem| {
-                            let field = problem.field();
-                            slice.error(Some(&field), problem)
-                        }))
-                    })
-                    .ok()
-                    .flatten()
-            })
-            .collect();
+        // Slices of other address types build to `None`: skipped.
+        let endpoint_slices: Vec<EndpointSlice> = build_each(
+            &slices,
+            |slice| EndpointSlice::from_k8s(slice).map_err(at_fields(EndpointSliceError::field)),
+            &mut errors,
+        )
+        .into_iter()
+        .flatten()
+        .collect();
 
         let authorizations =
             validate::named::<AuthorizationPolicyResource>(&authorizations, true, &mut errors);
@@ -324,6 +311,11 @@ fn build_each<R, M, E: std::fmt::Display>(
                 .ok()
         })
         .collect()
+}
+
+/// Pairs each problem with the field it names, as [`build_each`] takes them.
+fn at_fields<E>(field: impl Fn(&E) -> String) -> impl FnOnce(Vec<E>) -> Vec<(String, E)> {
+    move |problems| problems.into_iter().map(|p| (field(&p), p)).collect()
 }
 
 #[cfg(test)]

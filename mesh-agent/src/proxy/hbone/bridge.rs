@@ -269,21 +269,12 @@ mod tests {
     /// Bytes read before the bridge starts lead the stream, in order, and are counted.
     #[tokio::test]
     async fn first_bytes_lead_the_stream() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (response, send, accepted) = connect_stream().await;
         let server = tokio::spawn(async move {
-            let mut connection = h2::server::handshake(server_io)
-                .await
-                .expect("server handshake");
-            let (request, mut respond) = connection
-                .accept()
-                .await
-                .expect("a request")
-                .expect("a valid request");
-            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let (mut body, mut respond) = accepted.await.expect("server");
             let mut send = respond
                 .send_response(http::Response::new(()), false)
                 .expect("respond");
-            let mut body = request.into_body();
             let mut got = Vec::new();
             while let Some(chunk) = body.data().await {
                 let chunk = chunk.expect("data");
@@ -296,17 +287,6 @@ mod tests {
                 .expect("reply");
             got
         });
-        let (send_request, connection) = h2::client::handshake(client_io)
-            .await
-            .expect("client handshake");
-        tokio::spawn(connection);
-        let request = headers::connect_request(
-            "10.0.2.10:8080".parse().expect("address"),
-            "10.0.1.10:40000".parse().expect("address"),
-        )
-        .expect("request");
-        let mut send_request = send_request.ready().await.expect("ready");
-        let (response, send) = send_request.send_request(request, false).expect("send");
         let recv = response.await.expect("response").into_body();
 
         let (mut app, proxy) = tcp_pair().await;
@@ -338,14 +318,12 @@ mod tests {
         assert_eq!(counts.received.load(Ordering::Relaxed), 5);
     }
 
-    /// An HTTP/2 client and server over memory; the server's first CONNECT stream is returned
-    /// once its request data (sent right behind the request, without waiting) has arrived.
-    async fn early_stream() -> (
+    /// An HTTP/2 client and server over memory with one CONNECT stream: the client's halves,
+    /// and the server's once it has accepted the stream.
+    async fn connect_stream() -> (
         h2::client::ResponseFuture,
         SendStream<Bytes>,
-        SendResponse<Bytes>,
-        RecvStream,
-        Bytes,
+        tokio::task::JoinHandle<(RecvStream, SendResponse<Bytes>)>,
     ) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let accepted = tokio::spawn(async move {
@@ -370,7 +348,20 @@ mod tests {
         )
         .expect("request");
         let mut send_request = send_request.ready().await.expect("ready");
-        let (response, mut send) = send_request.send_request(request, false).expect("send");
+        let (response, send) = send_request.send_request(request, false).expect("send");
+        (response, send, accepted)
+    }
+
+    /// [`connect_stream`], whose server stream is returned once its request data (sent right
+    /// behind the request, without waiting) has arrived.
+    async fn early_stream() -> (
+        h2::client::ResponseFuture,
+        SendStream<Bytes>,
+        SendResponse<Bytes>,
+        RecvStream,
+        Bytes,
+    ) {
+        let (response, mut send, accepted) = connect_stream().await;
         send.send_data(Bytes::from_static(b"ping"), false)
             .expect("early data");
         let (mut body, respond) = accepted.await.expect("server");
