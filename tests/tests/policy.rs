@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{apply, exchange};
-use mesh_tests::{Cluster, ClusterSpec, MODE_AMBIENT, MODE_LABEL, PodSpec};
+use mesh_tests::{ClusterSpec, MODE_AMBIENT, MODE_LABEL, PodSpec};
 
 const WEB: &str = "cluster.local/ns/shop/sa/web";
+/// PeerAuthentication: STRICT for the whole `shop` namespace.
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
 
 fn spec() -> ClusterSpec {
     ClusterSpec::new()
@@ -132,7 +134,7 @@ fn cases(batch_ip: std::net::Ipv4Addr) -> Vec<Case> {
         },
         Case {
             name: "PeerAuthentication STRICT refuses plaintext",
-            yaml: "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".into(),
+            yaml: STRICT.into(),
             expect: vec![("legacy/batch-1", 8080, false), ("shop/web-1", 8080, true)],
         },
         Case {
@@ -148,12 +150,9 @@ fn cases(batch_ip: std::net::Ipv4Addr) -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_and_explain_agrees() -> Result<()> {
-    if !mesh_tests::require_root() {
+    let Some((cluster, _agents)) = common::mesh_of(spec(), &[]).await? else {
         return Ok(());
-    }
-    let cluster = Cluster::new(spec())?;
-    cluster.write_state()?;
-    let _agents = [cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    };
     let web2 = cluster.pod("shop", "web-2");
     let _servers = (web2.echo_server(8080).await?, web2.echo_server(9090).await?);
     let batch_ip = cluster.pod("legacy", "batch-1").ip;
@@ -190,12 +189,9 @@ async fn policies_decide_and_explain_agrees() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_are_reset_counted_and_logged_with_the_policy() -> Result<()> {
-    if !mesh_tests::require_root() {
+    let Some((cluster, mut agents)) = common::mesh_of(spec(), &[]).await? else {
         return Ok(());
-    }
-    let cluster = Cluster::new(spec())?;
-    cluster.write_state()?;
-    let mut agents = [cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    };
     let web2 = cluster.pod("shop", "web-2");
     let _server = web2.echo_server(8080).await?;
     apply(&cluster, "policy.yaml", &authz("shop", "deny-ops", "spec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [ops]\n")).await?;
@@ -234,21 +230,12 @@ async fn denials_are_reset_counted_and_logged_with_the_policy() -> Result<()> {
 /// pod's health probes, while a plaintext client pod is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_leaves_the_nodes_own_probes_alone() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if !mesh_tests::require_root() {
+    let Some((cluster, _agents)) = common::mesh_of(spec(), &[]).await? else {
         return Ok(());
-    }
-    let cluster = Cluster::new(spec())?;
-    cluster.write_state()?;
-    let _agents = [cluster.start_agent(0).await?, cluster.start_agent(1).await?];
+    };
     let web2 = cluster.pod("shop", "web-2");
     let _server = web2.echo_server(8080).await?;
-    apply(
-        &cluster,
-        "policy.yaml",
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n",
-    )
-    .await?;
+    apply(&cluster, "policy.yaml", STRICT).await?;
     ensure!(
         !exchange(cluster.pod("legacy", "batch-1"), web2.addr(8080)).await?,
         "STRICT let a plaintext pod in"
@@ -256,12 +243,10 @@ async fn strict_leaves_the_nodes_own_probes_alone() -> Result<()> {
     let before = common::counter(&cluster, 1, "host_own")?;
     let node = cluster.node(web2.node);
     let mut probe = node.netns().connect(web2.addr(8080)).await?;
-    probe.write_all(b"ping\n").await?;
-    let mut answer = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), probe.read_exact(&mut answer))
-        .await
-        .context("no answer to the node's probe within 5 s")??;
-    ensure!(&answer == b"ping\n", "wrong answer to the node's probe");
+    ensure!(
+        common::echoes(&mut probe).await,
+        "no echo to the node's probe within 5 s"
+    );
     ensure!(
         common::counter(&cluster, 1, "host_own")? > before,
         "the node's probe was not recognised as the node's own traffic"

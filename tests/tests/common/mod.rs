@@ -17,10 +17,16 @@ pub async fn mesh() -> Result<Option<(Cluster, Vec<Agent>)>> {
 
 /// [`mesh`] with extra `mesh-agent run` arguments for both agents.
 pub async fn mesh_with(args: &[&str]) -> Result<Option<(Cluster, Vec<Agent>)>> {
+    mesh_of(ClusterSpec::shop_and_legacy(), args).await
+}
+
+/// The cluster of `spec` with an agent on each node, each run with `args`; `None` (after a
+/// loud skip message) when not root.
+pub async fn mesh_of(spec: ClusterSpec, args: &[&str]) -> Result<Option<(Cluster, Vec<Agent>)>> {
     if !mesh_tests::require_root() {
         return Ok(None);
     }
-    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    let cluster = Cluster::new(spec)?;
     cluster.write_state()?;
     let options = || {
         args.iter()
@@ -129,20 +135,25 @@ pub mod pcap;
 /// Sends a line and expects it echoed: `true` when the connection carried it, `false` when it
 /// was refused, reset or closed without an answer (what a policy denial looks like to a client).
 pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<bool> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = pod.connect(to).await else {
         return Ok(false);
     };
+    Ok(echoes(&mut stream).await)
+}
+
+/// Whether a line written to `stream` comes back within 5 s.
+pub async fn echoes(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         stream.write_all(b"ping\n").await?;
         let mut buf = [0u8; 5];
         stream.read_exact(&mut buf).await?;
         std::io::Result::Ok(&buf == b"ping\n")
     };
-    Ok(matches!(
+    matches!(
         tokio::time::timeout(Duration::from_secs(5), attempt).await,
         Ok(Ok(true))
-    ))
+    )
 }
 
 /// The agent's current state generation (bumps on every accepted state change).
