@@ -38,12 +38,15 @@ pub struct Snapshot {
     by_ip: IpIndex,
 }
 
+/// Lookups a connection makes, built once with the snapshot so none of them scans every pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct IpIndex {
     /// Workloads that own their IP (not hostNetwork, not finished).
     workloads: HashMap<Ipv4Addr, usize>,
     /// Services by ClusterIP.
     services: HashMap<Ipv4Addr, usize>,
+    /// For each service (same order as the services), the workloads its selector picks.
+    selected: Vec<Vec<usize>>,
 }
 
 impl IpIndex {
@@ -60,6 +63,18 @@ impl IpIndex {
                 index.services.entry(ip).or_insert(i);
             }
         }
+        index.selected = services
+            .iter()
+            .map(|service| {
+                // Workloads are sorted by namespace first: a service looks only at its own.
+                let namespace = service.namespace.as_str();
+                let start = workloads.partition_point(|w| w.namespace.as_str() < namespace);
+                let end = workloads.partition_point(|w| w.namespace.as_str() <= namespace);
+                (start..end)
+                    .filter(|&i| workloads[i].owns_ip() && service.selects(&workloads[i]))
+                    .collect()
+            })
+            .collect();
         index
     }
 }
@@ -275,9 +290,18 @@ impl Snapshot {
         &'a self,
         service: &'a Service,
     ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        self.endpoint_slices.iter().filter(move |slice| {
-            slice.namespace == service.namespace && slice.service == service.name
-        })
+        // Sorted by (namespace, service, name): the service's slices are one run.
+        let key = (service.namespace.as_str(), service.name.as_str());
+        fn of(slice: &EndpointSlice) -> (&str, &str) {
+            (&slice.namespace, &slice.service)
+        }
+        let start = self
+            .endpoint_slices
+            .partition_point(|slice| of(slice) < key);
+        let end = self
+            .endpoint_slices
+            .partition_point(|slice| of(slice) <= key);
+        self.endpoint_slices[start..end].iter()
     }
 
     /// The workloads a service sends traffic to (running pods its selector matches).
@@ -285,9 +309,28 @@ impl Snapshot {
         &'a self,
         service: &'a Service,
     ) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads
-            .iter()
-            .filter(move |workload| workload.owns_ip() && service.selects(workload))
+        // A service of this snapshot has its selection indexed; any other is matched by a scan.
+        let indexed = self
+            .services
+            .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&service.namespace, &service.name)))
+            .ok()
+            .filter(|&i| std::ptr::eq(&self.services[i], service))
+            .and_then(|i| self.by_ip.selected.get(i));
+        let (indexed, scanned) = match indexed {
+            Some(selected) => (Some(selected.iter().map(|&i| &self.workloads[i])), None),
+            None => (
+                None,
+                Some(
+                    self.workloads
+                        .iter()
+                        .filter(move |w| w.owns_ip() && service.selects(w)),
+                ),
+            ),
+        };
+        indexed
+            .into_iter()
+            .flatten()
+            .chain(scanned.into_iter().flatten())
     }
 }
 
@@ -609,6 +652,62 @@ status: {{podIP: \"{ip}\", phase: Running}}
             .map(|w| w.name.as_str())
             .collect();
         assert_eq!(endpoints, ["web"]);
+    }
+
+    #[test]
+    fn a_service_finds_its_own_endpoints_and_slices_only() {
+        let service = |namespace: &str, name: &str, ip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{clusterIP: {ip}, selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let slice = |namespace: &str, service: &str, name: &str, ip: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\n"
+            )
+        };
+        let text = [
+            NAMESPACES.to_owned(),
+            pod("demo", "web", "n", "10.0.0.1", ""),
+            pod("plain", "web", "n", "10.0.0.2", ""),
+            pod("demo", "api", "n", "10.0.0.3", ""),
+            service("demo", "web", "10.96.0.1"),
+            service("demo", "webx", "10.96.0.2"),
+            service("plain", "web", "10.96.0.3"),
+            slice("plain", "web", "web-b", "10.0.0.2"),
+            slice("demo", "webx", "webx-a", "10.0.0.9"),
+            slice("plain", "web", "web-a", "10.0.0.2"),
+            slice("demo", "web", "web-a", "10.0.0.1"),
+        ]
+        .concat();
+        let snapshot = build(&text).expect("must succeed");
+        let by_ip = |ip| snapshot.service_by_ip(ip).expect("service");
+        let endpoints = |service| -> Vec<String> {
+            snapshot
+                .endpoints(service)
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .collect()
+        };
+        let slices = |service| -> Vec<String> {
+            snapshot
+                .slices_of(service)
+                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .collect()
+        };
+        let (web, webx, plain_web) = (
+            by_ip(Ipv4Addr::new(10, 96, 0, 1)),
+            by_ip(Ipv4Addr::new(10, 96, 0, 2)),
+            by_ip(Ipv4Addr::new(10, 96, 0, 3)),
+        );
+        assert_eq!(endpoints(web), ["demo/web"]);
+        assert_eq!(endpoints(webx), ["demo/web"]);
+        assert_eq!(endpoints(plain_web), ["plain/web"]);
+        assert_eq!(slices(web), ["demo/web-a"]);
+        assert_eq!(slices(webx), ["demo/webx-a"]);
+        assert_eq!(slices(plain_web), ["plain/web-a", "plain/web-b"]);
+        // A Service that is not this snapshot's own is still answered, by a scan.
+        let copy = web.clone();
+        assert_eq!(endpoints(&copy), ["demo/web"]);
     }
 
     #[test]
