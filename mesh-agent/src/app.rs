@@ -30,13 +30,28 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 pub fn run(config: Config) -> anyhow::Result<()> {
     info!(config = ?config, "starting mesh-agent");
     let features = kernel::check()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .thread_name("dataplane")
+    // One worker: tokio's current-thread scheduler on a thread of its own, which skips the
+    // multi-thread scheduler's per-poll bookkeeping (work stealing, queue-interval tuning).
+    if config.worker_threads > 1 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads)
+            .thread_name("dataplane")
+            .enable_all()
+            .build()
+            .context("starting the data-plane runtime")?;
+        return runtime.block_on(serve(config, features));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .thread_name("dataplane-blocking")
         .enable_all()
         .build()
         .context("starting the data-plane runtime")?;
-    runtime.block_on(serve(config, features))
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || runtime.block_on(serve(config, features)))
+        .context("starting the data-plane thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the data-plane thread panicked"))?
 }
 
 async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {

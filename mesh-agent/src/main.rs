@@ -61,9 +61,9 @@ enum Command {
         /// Seconds open connections get to finish on SIGTERM.
         #[arg(long, default_value_t = 5.0)]
         drain_timeout: f64,
-        /// Data-plane worker threads. One is fastest when the node's cores are busy with the
-        /// workloads themselves (measured: 1 KiB echo p50 39 µs with 1 thread, 243 µs with 2, on
-        /// 2 cores shared with the applications).
+        /// Data-plane worker threads. One (a single-threaded runtime) is fastest when the node's
+        /// cores are busy with the workloads themselves (measured: 1 KiB echo p50 39 µs with 1
+        /// thread, 243 µs with 2, on 2 cores shared with the applications).
         #[arg(long, default_value_t = 1)]
         worker_threads: usize,
         /// Log as JSON lines instead of text.

@@ -25,7 +25,10 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 use tracing::{info, warn};
 
 use self::{
@@ -208,28 +211,35 @@ impl Listener {
         if let Ok(addr) = self.address() {
             info!(component = self.name, address = %addr, "listener established");
         }
-        let mut tasks = JoinSet::new();
+        // Each connection's task holds a sender; when the last is gone, `drained` ends. Unlike a
+        // JoinSet, a connection that ends wakes nobody here.
+        let (open, mut drained) = mpsc::channel::<()>(1);
         loop {
             tokio::select! {
                 _ = crate::shutdown::requested(&mut shutdown) => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tasks.spawn(handle(ctx.clone(), stream, peer));
+                        let task = handle(ctx.clone(), stream, peer);
+                        let open = open.clone();
+                        tokio::spawn(async move {
+                            task.await;
+                            drop(open);
+                        });
                     }
                     Err(e) => {
                         warn!(component = self.name, error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         drop(self.listener);
         info!(
             component = self.name,
-            open = tasks.len(),
+            open = open.strong_count() - 1,
             "listener closed, draining"
         );
-        while tasks.join_next().await.is_some() {}
+        drop(open);
+        let _ = drained.recv().await;
     }
 }
