@@ -219,7 +219,9 @@ impl Listener {
                 _ = crate::shutdown::requested(&mut shutdown) => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let task = handle(ctx.clone(), stream, peer);
+                        // Boxed once here: the handler's future is KiBs, and the spawn would
+                        // otherwise copy it several times over.
+                        let task = Box::pin(handle(ctx.clone(), stream, peer));
                         let open = open.clone();
                         tokio::spawn(async move {
                             task.await;

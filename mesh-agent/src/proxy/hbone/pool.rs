@@ -245,7 +245,9 @@ impl Pool {
         if let Some(c) = self.reserve_existing(key, cert.serial()) {
             return Ok(c);
         }
-        let connection = Arc::new(self.dial(key, &cert).await?);
+        // Boxed: dialing (TLS and HTTP/2 handshakes) is rare, and inline it would make every
+        // outbound connection's future several KiB larger, copied at each spawn and move.
+        let connection = Arc::new(Box::pin(self.dial(key, &cert)).await?);
         connection.streams.fetch_add(1, Ordering::AcqRel);
         connection.total_streams.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.connections)
