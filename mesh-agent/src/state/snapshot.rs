@@ -35,12 +35,12 @@ pub struct Snapshot {
     pub files: Vec<PathBuf>,
     /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
     #[serde(skip)]
-    by_ip: IpIndex,
+    lookups: Lookups,
 }
 
 /// Lookups a connection makes, built once with the snapshot so none of them scans every pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct IpIndex {
+struct Lookups {
     /// Workloads that own their IP (not hostNetwork, not finished).
     workloads: HashMap<Ipv4Addr, usize>,
     /// Services by ClusterIP.
@@ -49,10 +49,10 @@ struct IpIndex {
     selected: Vec<Vec<usize>>,
 }
 
-impl IpIndex {
+impl Lookups {
     /// The first owner of each IP in the (sorted) lists, as a scan would find it.
-    fn build(workloads: &[Workload], services: &[Service]) -> IpIndex {
-        let mut index = IpIndex::default();
+    fn build(workloads: &[Workload], services: &[Service]) -> Lookups {
+        let mut index = Lookups::default();
         for (i, workload) in workloads.iter().enumerate() {
             if workload.owns_ip() {
                 index.workloads.entry(workload.ip).or_insert(i);
@@ -221,7 +221,7 @@ impl Snapshot {
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         files.sort();
         Snapshot {
-            by_ip: IpIndex::build(&workloads, &services),
+            lookups: Lookups::build(&workloads, &services),
             namespaces,
             workloads,
             services,
@@ -248,7 +248,7 @@ impl Snapshot {
 
     /// The pod that has this IP; never a hostNetwork pod (the IP is the node's) nor a finished one.
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
-        self.by_ip
+        self.lookups
             .workloads
             .get(&ip)
             .and_then(|&i| self.workloads.get(i))
@@ -278,7 +278,7 @@ impl Snapshot {
 
     /// The service whose cluster IP this is.
     pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<&Service> {
-        self.by_ip
+        self.lookups
             .services
             .get(&ip)
             .and_then(|&i| self.services.get(i))
@@ -315,7 +315,7 @@ impl Snapshot {
             .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&service.namespace, &service.name)))
             .ok()
             .filter(|&i| std::ptr::eq(&self.services[i], service))
-            .and_then(|i| self.by_ip.selected.get(i));
+            .and_then(|i| self.lookups.selected.get(i));
         let (indexed, scanned) = match indexed {
             Some(selected) => (Some(selected.iter().map(|&i| &self.workloads[i])), None),
             None => (
@@ -681,7 +681,7 @@ status: {{podIP: \"{ip}\", phase: Running}}
         ]
         .concat();
         let snapshot = build(&text).expect("must succeed");
-        let by_ip = |ip| snapshot.service_by_ip(ip).expect("service");
+        let lookups = |ip| snapshot.service_by_ip(ip).expect("service");
         let endpoints = |service| -> Vec<String> {
             snapshot
                 .endpoints(service)
@@ -695,9 +695,9 @@ status: {{podIP: \"{ip}\", phase: Running}}
                 .collect()
         };
         let (web, webx, plain_web) = (
-            by_ip(Ipv4Addr::new(10, 96, 0, 1)),
-            by_ip(Ipv4Addr::new(10, 96, 0, 2)),
-            by_ip(Ipv4Addr::new(10, 96, 0, 3)),
+            lookups(Ipv4Addr::new(10, 96, 0, 1)),
+            lookups(Ipv4Addr::new(10, 96, 0, 2)),
+            lookups(Ipv4Addr::new(10, 96, 0, 3)),
         );
         assert_eq!(endpoints(web), ["demo/web"]);
         assert_eq!(endpoints(webx), ["demo/web"]);
