@@ -86,20 +86,29 @@ pub fn explain(
         })
         .map(|i| i.to_string());
     let resolved = balancer.peek(snapshot, to);
-    let mut paths = Vec::new();
     let source_node = source.as_ref().map(|w| w.node.as_str());
-    for endpoint in &resolved.endpoints {
-        paths.push(explain_path(
-            snapshot,
-            mesh,
-            here,
-            source_ip,
-            source_node,
-            source_enrolled,
-            identity.as_deref(),
-            endpoint,
-        ));
-    }
+    let source_endpoint = Endpoint {
+        ip: source_ip,
+        workload: source
+            .as_ref()
+            .map(|w| format!("{}/{}", w.namespace, w.name)),
+        enrolled: source_enrolled,
+        identity,
+    };
+    let paths: Vec<PathExplanation> = resolved
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            explain_path(
+                snapshot,
+                mesh,
+                here,
+                &source_endpoint,
+                source_node,
+                endpoint,
+            )
+        })
+        .collect();
     let summary = match (&resolved.service, paths.first()) {
         (Some(service), None) => {
             format!("service {service} has no ready endpoint: the connection is reset")
@@ -111,14 +120,7 @@ pub fn explain(
         (_, Some(_)) => "depends on the endpoint chosen; see paths".into(),
     };
     Ok(Explanation {
-        source: Endpoint {
-            ip: source_ip,
-            workload: source
-                .as_ref()
-                .map(|w| format!("{}/{}", w.namespace, w.name)),
-            enrolled: source_enrolled,
-            identity,
-        },
+        source: source_endpoint,
         destination: to,
         service: resolved.service,
         paths,
@@ -140,17 +142,21 @@ fn resolve_source(snapshot: &Snapshot, from: &str) -> Result<Option<Workload>, E
         .ok_or_else(|| ExplainError::UnknownPod(from.into()))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What happens on the way from `source` (on `source_node`, if a pod) to one endpoint.
 fn explain_path(
     snapshot: &Snapshot,
     mesh: &MeshConfig,
     here: &Here<'_>,
-    source_ip: Ipv4Addr,
+    source: &Endpoint,
     source_node: Option<&str>,
-    source_enrolled: bool,
-    identity: Option<&str>,
     endpoint: &crate::proxy::upstream::Endpoint,
 ) -> PathExplanation {
+    let Endpoint {
+        ip: source_ip,
+        enrolled: source_enrolled,
+        ..
+    } = *source;
+    let identity = source.identity.as_deref();
     let workload = endpoint
         .workload
         .map(|w| format!("{}/{}", w.namespace, w.name));
