@@ -39,9 +39,18 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
     }
     pending.retain(|ip, _| desired.contains(ip));
     let captured: BTreeSet<Ipv4Addr> = capture.enrolled().map(|(ip, _)| *ip).collect();
-    for ip in desired.difference(&captured) {
-        let result = routing::pod_link(*ip)
-            .map_err(|e| e.to_string())
+    let missing: Vec<Ipv4Addr> = desired.difference(&captured).copied().collect();
+    if missing.is_empty() {
+        return;
+    }
+    // One read of the routing table for every pod still to capture (an agent starting on a
+    // full node finds them all here), not one `ip route get` each.
+    let table = RouteTable::read().map_err(|e| e.to_string());
+    for ip in &missing {
+        let result = table
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|table| routing::pod_link(table, *ip).map_err(|e| e.to_string()))
             .and_then(|link| capture.enroll(*ip, link).map_err(|e| e.to_string()));
         match result {
             Ok(()) => {

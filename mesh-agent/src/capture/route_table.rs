@@ -8,8 +8,17 @@ use super::routing::{self, RoutingError};
 /// Unicast IPv4 routes of the main table that leave through a device.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouteTable {
-    /// (network, prefix length, device).
-    routes: Vec<(u32, u8, String)>,
+    routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Route {
+    /// Masked network.
+    network: u32,
+    prefix: u8,
+    device: String,
+    /// Through a next hop rather than directly connected.
+    via_gateway: bool,
 }
 
 impl RouteTable {
@@ -42,21 +51,38 @@ impl RouteTable {
             if !unicast {
                 continue;
             }
-            let (network, len) = parse_destination(dst)?;
-            routes.push((network, len, dev.to_string()));
+            let (network, prefix) = parse_destination(dst)?;
+            routes.push(Route {
+                network,
+                prefix,
+                device: dev.to_string(),
+                via_gateway: entry.get("gateway").is_some(),
+            });
         }
         Ok(RouteTable { routes })
     }
 
-    /// The device the most specific route for `ip` leaves through; never `lo`.
-    pub fn device_for(&self, ip: Ipv4Addr) -> Option<&str> {
+    /// The most specific route for `ip`, unless it leaves through `lo`.
+    fn route_for(&self, ip: Ipv4Addr) -> Option<&Route> {
         let ip = u32::from(ip);
         self.routes
             .iter()
-            .filter(|(network, len, _)| ip & mask(*len) == *network)
-            .max_by_key(|(_, len, _)| *len)
-            .map(|(_, _, dev)| dev.as_str())
-            .filter(|dev| *dev != "lo")
+            .filter(|route| ip & mask(route.prefix) == route.network)
+            .max_by_key(|route| route.prefix)
+            .filter(|route| route.device != "lo")
+    }
+
+    /// The device the most specific route for `ip` leaves through; never `lo`.
+    pub fn device_for(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.route_for(ip).map(|route| route.device.as_str())
+    }
+
+    /// The device `ip` is directly connected through (no next hop; never `lo`): a pod's veth,
+    /// as a routed CNI installs `<podIP>/32 dev <veth> scope link`.
+    pub fn link_for(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.route_for(ip)
+            .filter(|route| !route.via_gateway)
+            .map(|route| route.device.as_str())
     }
 }
 
@@ -117,6 +143,17 @@ mod tests {
         );
         assert_eq!(dev([192, 168, 7, 2]), Some("eth0"));
         assert_eq!(dev([8, 8, 8, 8]), Some("eth1"));
+    }
+
+    #[test]
+    fn a_link_is_a_route_without_a_next_hop() {
+        let table = RouteTable::parse(NODE).expect("parses");
+        let link = |ip: [u8; 4]| table.link_for(Ipv4Addr::from(ip));
+        assert_eq!(link([10, 7, 1, 10]), Some("veth1a2b3c4d"));
+        assert_eq!(link([192, 168, 7, 2]), Some("eth0"));
+        assert_eq!(link([10, 7, 1, 11]), None, "through a gateway");
+        assert_eq!(link([8, 8, 8, 8]), None, "the default route");
+        assert_eq!(link([10, 7, 4, 1]), None, "unreachable");
     }
 
     #[test]

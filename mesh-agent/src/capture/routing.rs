@@ -8,6 +8,8 @@ use std::{net::Ipv4Addr, process::Command};
 
 use mesh_common::{CAPTURE_MARK, CAPTURE_MARK_MASK, CAPTURE_ROUTE_TABLE, CAPTURE_RULE_PRIORITY};
 
+use super::route_table::RouteTable;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
     #[error("running `ip {args}`: {source}")]
@@ -110,60 +112,20 @@ fn table_has_routes() -> Result<bool, RoutingError> {
     }
 }
 
-/// Finds the device the node routes `ip` through, which must be a local link (no gateway),
-/// as a routed CNI installs `<podIP>/32 dev <veth> scope link`.
-pub fn pod_link(ip: Ipv4Addr) -> Result<PodLink, RoutingError> {
-    let addr = ip.to_string();
-    let args = ["-json", "route", "get", addr.as_str()];
-    let out = self::ip(&args)?;
-    let ifname = parse_route_get(&out).map_err(|reason| RoutingError::Output {
-        args: args.join(" "),
-        reason,
-    })?;
-    let Some(ifname) = ifname else {
-        return Err(RoutingError::NoLocalRoute { ip });
-    };
+/// The device `table` routes `ip` through, which must be a local link (no gateway), as a
+/// routed CNI installs `<podIP>/32 dev <veth> scope link`. (The main table only: the pod
+/// routes of routed CNIs live there; hostNetwork pods, whose IP is the node's, are never
+/// enrolled.)
+pub fn pod_link(table: &RouteTable, ip: Ipv4Addr) -> Result<PodLink, RoutingError> {
+    let ifname = table
+        .link_for(ip)
+        .ok_or(RoutingError::NoLocalRoute { ip })?
+        .to_owned();
     let ifindex = ifindex(&ifname).ok_or(RoutingError::NoLocalRoute { ip })?;
     Ok(PodLink { ifname, ifindex })
-}
-
-/// `Ok(Some(dev))` for a directly connected route through a device other than `lo`.
-fn parse_route_get(json: &str) -> Result<Option<String>, String> {
-    let routes: Vec<serde_json::Value> = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let Some(route) = routes.first() else {
-        return Ok(None);
-    };
-    if route.get("gateway").is_some() || route.get("type").and_then(|t| t.as_str()) == Some("local")
-    {
-        return Ok(None);
-    }
-    match route.get("dev").and_then(|d| d.as_str()) {
-        Some("lo") | None => Ok(None),
-        Some(dev) => Ok(Some(dev.to_string())),
-    }
 }
 
 /// Current index of a device in this network namespace.
 pub fn ifindex(ifname: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(ifname).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_through_veth_is_a_pod_link() {
-        let json = r#"[{"dst":"10.7.1.10","dev":"veth1a2b3c4d","prefsrc":"169.254.1.1","flags":[],"uid":0,"cache":[]}]"#;
-        assert_eq!(parse_route_get(json), Ok(Some("veth1a2b3c4d".into())));
-    }
-
-    #[test]
-    fn routes_via_gateway_or_local_are_not() {
-        let via = r#"[{"dst":"10.7.2.10","gateway":"192.168.7.2","dev":"eth0","flags":[]}]"#;
-        assert_eq!(parse_route_get(via), Ok(None));
-        let local = r#"[{"type":"local","dst":"127.0.0.1","dev":"lo","flags":[]}]"#;
-        assert_eq!(parse_route_get(local), Ok(None));
-        assert!(parse_route_get("not json").is_err());
-    }
 }
