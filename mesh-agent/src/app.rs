@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    capture::{Capture, kernel, reconcile},
+    capture::{Capture, kernel, reconcile, route_table::RouteTable},
     config::Config,
     identity::{CertificateAuthority, CertificateManager},
     metrics::Metrics,
@@ -170,9 +170,11 @@ fn apply_state(
         let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(capture) = capture.as_mut() {
-            reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending);
-            match reconcile::uplinks(&snapshot, &ctx.node) {
-                Ok(uplinks) => capture.set_uplinks(&uplinks),
+            // One read of the main routing table serves both: pods' veths and the uplinks.
+            let routes = RouteTable::read();
+            reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending, routes.as_ref());
+            match &routes {
+                Ok(table) => capture.set_uplinks(&reconcile::uplinks(table, &snapshot, &ctx.node)),
                 Err(e) => {
                     if capture.uplinks_unknown(e.to_string()) {
                         warn!(error = %e, "reading the routing table for uplinks failed; keeping the current ones");

@@ -18,8 +18,15 @@ use crate::state::Snapshot;
 pub type Pending = BTreeMap<Ipv4Addr, String>;
 
 /// Applies `snapshot` to `capture`. Cheap when nothing changed: captured pods are only checked
-/// for a changed interface index; route lookups happen for pods not captured yet.
-pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending: &mut Pending) {
+/// for a changed interface index; pods not captured yet are looked up in `routes` (the node's
+/// main table, read once per pass; if it could not be read, they stay pending with that reason).
+pub fn reconcile(
+    capture: &mut Capture,
+    snapshot: &Snapshot,
+    node: &str,
+    pending: &mut Pending,
+    routes: Result<&RouteTable, &RoutingError>,
+) {
     let desired: BTreeSet<Ipv4Addr> = snapshot
         .workloads_on_node(node)
         .filter(|w| w.is_enrolled())
@@ -39,17 +46,9 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
     }
     pending.retain(|ip, _| desired.contains(ip));
     let captured: BTreeSet<Ipv4Addr> = capture.enrolled().map(|(ip, _)| *ip).collect();
-    let missing: Vec<Ipv4Addr> = desired.difference(&captured).copied().collect();
-    if missing.is_empty() {
-        return;
-    }
-    // One read of the routing table for every pod still to capture (an agent starting on a
-    // full node finds them all here), not one `ip route get` each.
-    let table = RouteTable::read().map_err(|e| e.to_string());
-    for ip in &missing {
-        let result = table
-            .as_ref()
-            .map_err(Clone::clone)
+    for ip in desired.difference(&captured) {
+        let result = routes
+            .map_err(|e| e.to_string())
             .and_then(|table| routing::pod_link(table, *ip).map_err(|e| e.to_string()))
             .and_then(|link| capture.enroll(*ip, link).map_err(|e| e.to_string()));
         match result {
@@ -71,9 +70,8 @@ pub fn reconcile(capture: &mut Capture, snapshot: &Snapshot, node: &str, pending
 /// The node's uplinks: the devices its routes to other nodes' pods go through (one pod per
 /// other node, looked up in one read of the routing table). Pod veths of this node are never
 /// among them.
-pub fn uplinks(snapshot: &Snapshot, node: &str) -> Result<BTreeMap<String, u32>, RoutingError> {
-    let table = RouteTable::read()?;
-    Ok(uplinks_in(&table, snapshot, node, routing::ifindex))
+pub fn uplinks(table: &RouteTable, snapshot: &Snapshot, node: &str) -> BTreeMap<String, u32> {
+    uplinks_in(table, snapshot, node, routing::ifindex)
 }
 
 fn uplinks_in(
