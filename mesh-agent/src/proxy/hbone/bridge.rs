@@ -378,6 +378,23 @@ mod tests {
         (response, send, respond, body, early)
     }
 
+    /// The destination side's bridge over `proxy`, its 200 held until the destination speaks.
+    fn held_bridge(
+        proxy: TcpStream,
+        respond: SendResponse<Bytes>,
+        body: RecvStream,
+        counts: &ByteCounts,
+    ) -> impl Future<Output = io::Result<()>> + '_ {
+        bridge(
+            proxy,
+            Sender::Deferred(respond),
+            Answer::Ready(body),
+            Bytes::new(),
+            counts,
+            Side::Destination,
+        )
+    }
+
     /// The destination answers: the held 200 goes out, with its bytes behind it.
     #[tokio::test]
     async fn a_held_answer_comes_with_the_first_bytes_back() {
@@ -385,14 +402,7 @@ mod tests {
         assert_eq!(&early[..], b"ping");
         let (mut destination, proxy) = tcp_pair().await;
         let counts = ByteCounts::default();
-        let bridged = bridge(
-            proxy,
-            Sender::Deferred(respond),
-            Answer::Ready(body),
-            Bytes::new(),
-            &counts,
-            Side::Destination,
-        );
+        let bridged = held_bridge(proxy, respond, body, &counts);
         let client = async {
             let response = response.await.expect("an answer");
             assert_eq!(response.status(), http::StatusCode::OK);
@@ -420,14 +430,7 @@ mod tests {
         let (response, mut send, respond, body, _early) = early_stream().await;
         let (mut destination, proxy) = tcp_pair().await;
         let counts = ByteCounts::default();
-        let bridged = bridge(
-            proxy,
-            Sender::Deferred(respond),
-            Answer::Ready(body),
-            Bytes::new(),
-            &counts,
-            Side::Destination,
-        );
+        let bridged = held_bridge(proxy, respond, body, &counts);
         let client = async {
             let response = tokio::time::timeout(std::time::Duration::from_secs(5), response)
                 .await
