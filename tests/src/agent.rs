@@ -134,6 +134,10 @@ impl Registry {
     }
 }
 
+/// A byte offset into an agent's log (see [`Agent::log_mark`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogMark(usize);
+
 /// A running agent. Dropping it SIGKILLs it (use [`Agent::terminate`] for a graceful stop).
 pub struct Agent {
     node_index: usize,
@@ -198,14 +202,47 @@ impl Agent {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// A position in the log: [`Agent::log_since`] and [`Agent::wait_for_log_since`] see only
+    /// what was printed after it.
+    pub fn log_mark(&self) -> LogMark {
+        LogMark(fs::metadata(&self.log_path).map_or(0, |m| m.len() as usize))
+    }
+
+    /// The complete lines printed since `mark`.
+    pub fn log_since(&self, mark: LogMark) -> Vec<String> {
+        let log = self.log();
+        let new = log.get(mark.0..).unwrap_or_default();
+        // A line still being written (no newline yet) is left for the next read.
+        let complete = new.rfind('\n').map_or("", |end| &new[..end]);
+        complete.lines().map(str::to_owned).collect()
+    }
+
+    /// The lines since `mark` that contain `needle`.
+    pub fn log_lines_since(&self, mark: LogMark, needle: &str) -> Vec<String> {
+        self.log_since(mark)
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
     /// Waits until a log line contains `needle` and returns that line; fails on timeout, or at
     /// once if the agent exits without printing it.
     pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_log_since(LogMark(0), needle, timeout).await
+    }
+
+    /// [`Agent::wait_for_log`] for lines printed after `mark`.
+    pub async fn wait_for_log_since(
+        &mut self,
+        mark: LogMark,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let exited = self.try_exit()?.is_some();
-            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
-                return Ok(line.to_owned());
+            if let Some(line) = self.log_lines_since(mark, needle).into_iter().next() {
+                return Ok(line);
             }
             if exited {
                 bail!(

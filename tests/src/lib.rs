@@ -45,7 +45,7 @@ pub mod topology;
 pub mod traffic;
 pub mod wakeup;
 
-pub use agent::{Agent, AgentOptions, agent_binary};
+pub use agent::{Agent, AgentOptions, LogMark, agent_binary};
 pub use netns::Netns;
 pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec};
 pub use traffic::{FlowReport, HttpResponse, PeerReport, Server};
@@ -67,12 +67,38 @@ pub fn is_root() -> bool {
 ///     return;
 /// }
 /// ```
+///
+/// Under CI (`CI=true`) a test that needs root and does not have it panics instead: CI runs as
+/// root, so a skip there would turn the whole end-to-end suite green without running it.
 pub fn require_root() -> bool {
-    if is_root() {
-        true
-    } else {
-        skip("needs root (network namespaces, veth pairs, eBPF)");
-        false
+    const WHY: &str = "needs root (network namespaces, veth pairs, eBPF)";
+    match root_gate(is_root(), under_ci()) {
+        Gate::Run => true,
+        Gate::Skip => {
+            skip(WHY);
+            false
+        }
+        Gate::Fail => panic!("{WHY}, and CI=true: a root test must not be skipped under CI"),
+    }
+}
+
+/// Whether this runs under CI (`CI=true`, as GitHub Actions, GitLab and `.ci/run` set it).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Gate {
+    Run,
+    Skip,
+    Fail,
+}
+
+fn root_gate(root: bool, ci: bool) -> Gate {
+    match (root, ci) {
+        (true, _) => Gate::Run,
+        (false, false) => Gate::Skip,
+        (false, true) => Gate::Fail,
     }
 }
 
@@ -88,4 +114,17 @@ pub fn skip(reason: &str) {
         std::io::stderr().lock(),
         "==== SKIPPED: {reason}{test} ===="
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_test_skips_outside_ci_and_fails_under_it() {
+        assert_eq!(root_gate(true, false), Gate::Run);
+        assert_eq!(root_gate(true, true), Gate::Run);
+        assert_eq!(root_gate(false, false), Gate::Skip);
+        assert_eq!(root_gate(false, true), Gate::Fail);
+    }
 }

@@ -84,12 +84,18 @@ mod tests {
 
     use super::*;
 
-    /// Socket marks and transparent sockets need CAP_NET_ADMIN; CI runs as root. A skip is
-    /// written straight to stderr, past libtest's capture, so it shows even when the test passes.
+    /// Socket marks and transparent sockets need CAP_NET_ADMIN; CI runs as root, so under
+    /// `CI=true` a missing root fails the test instead of skipping it. A skip is written straight
+    /// to stderr, past libtest's capture, so it shows even when the test passes.
     fn root(test: &str) -> bool {
         use std::io::Write as _;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
+        let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        assert!(
+            root || !ci,
+            "{test}: SO_MARK and IP_TRANSPARENT need root, and CI=true: not skipped under CI"
+        );
         if !root {
             let _ = writeln!(
                 std::io::stderr().lock(),
