@@ -6,9 +6,12 @@
 //! matches no positive field (`principals`, `namespaces`) and every negative one
 //! (`notPrincipals`, `notNamespaces`), as in Istio: `notPrincipals: ["*"]` catches plaintext.
 //!
-//! Attributes only an L7 proxy sees (request principals, hosts, methods, paths, `request.*` and
-//! unknown `when` keys) fail closed, as in ztunnel: an ALLOW rule using any of them never
-//! matches; in a DENY rule they are ignored, so it denies more, never less.
+//! Attributes only an L7 proxy sees (request principals, remote IPs — `remoteIpBlocks` and the
+//! `remote.ip` condition —, hosts, methods, paths, `request.*` and unknown `when` keys) fail
+//! closed, as in ztunnel: an ALLOW rule using any of them never matches; in a DENY rule they are
+//! ignored, so it denies more, never less. (ztunnel goes one step further for a DENY source or
+//! operation made only of such fields: it drops the empty match, and the rule then denies
+//! nothing; we deny instead, since what cannot be enforced fails closed.)
 
 use std::net::IpAddr;
 
@@ -51,7 +54,7 @@ fn rule_matches(action: Action, rule: &Rule, conn: &ConnectionAttributes) -> boo
             .all(|condition| condition_matches(condition, conn))
 }
 
-/// L4 fields only: request principals are left to the caller (see the module docs).
+/// L4 fields only: request principals and remote IPs are left to the caller (see the module docs).
 fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
     let principal = conn.source_principal.as_deref();
     let namespace = conn.source_namespace.as_deref();
@@ -67,13 +70,6 @@ fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
             },
         )
         && check(&source.ip_blocks, &source.not_ip_blocks, ip, Cidr::contains)
-        // Nothing forwards a client address to the agent, so the remote IP is the source IP.
-        && check(
-            &source.remote_ip_blocks,
-            &source.not_remote_ip_blocks,
-            ip,
-            Cidr::contains,
-        )
 }
 
 /// L4 fields only: hosts, methods and paths are left to the caller.
@@ -349,17 +345,49 @@ mod tests {
                 true,
                 true,
             ),
+            // Remote IPs are L7 (what a proxy in front forwarded), matching or not: ALLOW
+            // never matches, DENY ignores them — alone, or beside an L4 field that decides.
             (
                 "[{from: [{source: {remoteIpBlocks: [10.0.9.9]}}]}]",
                 plaintext(src, 80),
+                false,
                 true,
+            ),
+            (
+                "[{from: [{source: {remoteIpBlocks: [10.1.0.0/16]}}]}]",
+                plaintext(src, 80),
+                false,
                 true,
             ),
             (
                 "[{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]}]",
                 plaintext(src, 80),
                 false,
+                true,
+            ),
+            (
+                "[{from: [{source: {namespaces: [shop], remoteIpBlocks: [10.1.0.0/16]}}]}]",
+                mtls(CART, src, 80),
                 false,
+                true,
+            ),
+            (
+                "[{from: [{source: {namespaces: [batch], remoteIpBlocks: [10.0.9.9]}}]}]",
+                mtls(CART, src, 80),
+                false,
+                false,
+            ),
+            (
+                "[{when: [{key: remote.ip, values: [10.0.9.9]}]}]",
+                plaintext(src, 80),
+                false,
+                true,
+            ),
+            (
+                "[{when: [{key: remote.ip, values: [10.1.0.0/16]}]}]",
+                plaintext(src, 80),
+                false,
+                true,
             ),
             (
                 "[{from: [{source: {ipBlocks: [\"fd00::/8\"]}}]}]",

@@ -70,7 +70,10 @@ pub struct Rule {
 }
 
 /// `from[].source`: every field present must match. Request principals are kept as written:
-/// they are L7 attributes the agent cannot see.
+/// they are L7 attributes the agent cannot see. Remote IP blocks are parsed (a malformed one is
+/// rejected) but count as L7 too: the remote IP is the client address a proxy in front forwarded
+/// (`X-Forwarded-For`, PROXY protocol), which only an L7 proxy learns — istiod and ztunnel treat
+/// `remoteIpBlocks` that way in ambient mode, like the `remote.ip` condition.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
@@ -104,7 +107,10 @@ pub struct Source {
 impl Source {
     /// Whether the source names attributes only an L7 proxy sees.
     pub fn uses_l7(&self) -> bool {
-        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
+        !self.request_principals.is_empty()
+            || !self.not_request_principals.is_empty()
+            || !self.remote_ip_blocks.is_empty()
+            || !self.not_remote_ip_blocks.is_empty()
     }
 }
 

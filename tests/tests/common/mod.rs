@@ -132,28 +132,104 @@ pub async fn eventually<F: FnMut() -> Result<bool>>(
 
 pub mod pcap;
 
-/// Sends a line and expects it echoed: `true` when the connection carried it, `false` when it
-/// was refused, reset or closed without an answer (what a policy denial looks like to a client).
-pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<bool> {
-    let Ok(mut stream) = pod.connect(to).await else {
-        return Ok(false);
-    };
-    Ok(echoes(&mut stream).await)
+/// What became of a connection that sent a line to an echo server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The line came back.
+    Echoed,
+    /// The connection was established, then reset (a policy denial looks like this).
+    Reset,
+    /// The connect itself was refused (RST to the SYN).
+    Refused,
+    /// A clean end (FIN) without the echo.
+    Closed,
+    /// Nothing happened within [`EXCHANGE_TIMEOUT`]: a hang, never a verdict.
+    Hung,
+    /// Anything else (another error, a wrong echo).
+    Other(String),
 }
 
-/// Whether a line written to `stream` comes back within 5 s.
+/// How long [`exchange`] waits for any answer, echo or reset.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A denial must reset the client within this (it is decided without any waiting).
+pub const DENIAL_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Connects to an echo server at `to`, sends a line and says what happened, and how long it took.
+pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<(Outcome, Duration)> {
+    let start = tokio::time::Instant::now();
+    let outcome = match pod.netns().connect(to).await {
+        Ok(mut stream) => echo_outcome(&mut stream).await,
+        Err(e) => match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
+            Some(std::io::ErrorKind::ConnectionRefused) => Outcome::Refused,
+            Some(std::io::ErrorKind::ConnectionReset) => Outcome::Reset,
+            _ if format!("{e:#}").contains("no answer within") => Outcome::Hung,
+            _ => Outcome::Other(format!("connect: {e:#}")),
+        },
+    };
+    Ok((outcome, start.elapsed()))
+}
+
+/// Expects `pod` -> `to` to be denied: reset within [`DENIAL_DEADLINE`].
+pub async fn expect_reset(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
+    let (outcome, took) = exchange(pod, to).await?;
+    anyhow::ensure!(
+        outcome == Outcome::Reset && took <= DENIAL_DEADLINE,
+        "{} -> {to}: expected a reset within {DENIAL_DEADLINE:?}, got {outcome:?} after {took:?}",
+        pod.id()
+    );
+    Ok(())
+}
+
+/// Whether a line written to `stream` comes back within [`EXCHANGE_TIMEOUT`].
 pub async fn echoes(stream: &mut tokio::net::TcpStream) -> bool {
+    echo_outcome(stream).await == Outcome::Echoed
+}
+
+async fn echo_outcome(stream: &mut tokio::net::TcpStream) -> Outcome {
+    use std::io::ErrorKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         stream.write_all(b"ping\n").await?;
         let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf).await?;
-        std::io::Result::Ok(&buf == b"ping\n")
+        let mut got = 0;
+        while got < buf.len() {
+            match stream.read(&mut buf[got..]).await? {
+                0 => return std::io::Result::Ok(Outcome::Closed),
+                n => got += n,
+            }
+        }
+        Ok(if &buf == b"ping\n" {
+            Outcome::Echoed
+        } else {
+            Outcome::Other(format!("echo differs: {buf:?}"))
+        })
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), attempt).await,
-        Ok(Ok(true))
-    )
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, attempt).await {
+        Err(_) => Outcome::Hung,
+        Ok(Ok(outcome)) => outcome,
+        // A write after the peer's RST reports it as EPIPE once the reset was taken.
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+            Outcome::Reset
+        }
+        Ok(Err(e)) => Outcome::Other(e.to_string()),
+    }
+}
+
+/// The sum of every sample of a counter family in Prometheus text (0 when it has none yet).
+pub fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every denial a node's agent counted (`mesh_agent_connections_denied_total`, all policies).
+pub async fn denied_total(cluster: &Cluster, node: usize) -> Result<u64> {
+    let text = metrics(cluster, node).await?;
+    Ok(metric_sum(&text, "mesh_agent_connections_denied_total") as u64)
 }
 
 /// The agent's current state generation (bumps on every accepted state change).
