@@ -41,12 +41,14 @@ mod command;
 pub mod cputime;
 pub mod netns;
 pub mod state_yaml;
+pub mod tcx;
 pub mod topology;
 pub mod traffic;
 pub mod wakeup;
 
 pub use agent::{Agent, AgentOptions, LogMark, agent_binary};
 pub use netns::Netns;
+pub use tcx::{Attached, TcxPrograms};
 pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec};
 pub use traffic::{FlowReport, HttpResponse, PeerReport, Server};
 

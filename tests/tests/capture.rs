@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use common::{
-    PORT, capture_device, connections, counter, eventually, mesh, records_to, wait_records,
+    PORT, capture_device, connections, counter, eventually, mesh, proxy_sockets, records_to,
+    wait_records,
 };
 
 const SIZES: [usize; 3] = [1, 64 * 1024, 16 * 1024 * 1024];
@@ -104,10 +105,6 @@ async fn plain_pods_are_never_touched() -> Result<()> {
     );
     let _echo = batch2.echo_server(PORT).await?;
     let _peer = batch2.peer_server(PORT + 1).await?;
-    let before = [
-        counter(&cluster, 0, "passed")?,
-        counter(&cluster, 1, "passed")?,
-    ];
     batch1.send_and_verify(batch2.addr(PORT), 64 * 1024).await?;
     let report = batch1.ask_peer(batch2.addr(PORT + 1)).await?;
     ensure!(
@@ -115,7 +112,16 @@ async fn plain_pods_are_never_touched() -> Result<()> {
         "address changed on the way: {report:?}"
     );
 
+    // While a plain connection is open, neither node's namespace holds a socket of it: no
+    // proxy carries it (seen from outside the agents, with ss).
+    let mut open = batch1.connect(batch2.addr(PORT)).await?;
+    ensure!(common::echoes(&mut open).await, "plain echo failed");
     for node in 0..2 {
+        let sockets = proxy_sockets(&cluster, node, batch1.ip, batch2.addr(PORT))?;
+        ensure!(
+            sockets.is_empty(),
+            "node {node}'s namespace holds sockets of a plain flow: {sockets:#?}"
+        );
         let seen: Vec<_> = connections(&cluster, node)?
             .into_iter()
             .filter(|c| {
@@ -127,24 +133,30 @@ async fn plain_pods_are_never_touched() -> Result<()> {
             seen.is_empty(),
             "node {node}'s proxy saw plain traffic: {seen:#?}"
         );
-        // No program on a non-enrolled pod's device.
-        let bpf = cluster.cli_json(node, &["bpf", "-o", "json"])?;
-        for pod in [batch1, batch2] {
-            ensure!(
-                !bpf.to_string().contains(&pod.host_veth),
-                "node {node} attached to {}'s veth: {bpf}",
-                pod.id()
-            );
-        }
     }
-    let after = [
-        counter(&cluster, 0, "passed")?,
-        counter(&cluster, 1, "passed")?,
-    ];
-    ensure!(
-        before == after,
-        "capture programs looked at plain traffic: passed {before:?} -> {after:?}"
-    );
+    drop(open);
+
+    // The kernel's view of each veth (TCX, queried directly): the capture programs sit on the
+    // enrolled pod's device — the query sees them — and nothing at all on the plain pods'.
+    for (node, web) in [(0, "web-1"), (1, "web-2")] {
+        let web = cluster.pod("shop", web);
+        let netns = cluster.node(node).netns();
+        let enrolled = netns.tcx_programs(&web.host_veth)?;
+        ensure!(
+            enrolled.names() == ["capture_ingress", "capture_egress"],
+            "node {node}: {}'s veth carries {enrolled:?}",
+            web.id()
+        );
+        let plain = if node == 0 { batch1 } else { batch2 };
+        let attached = netns.tcx_programs(&plain.host_veth)?;
+        ensure!(
+            attached.is_empty(),
+            "node {node}: a program sits on {}'s veth: {attached:?}",
+            plain.id()
+        );
+        let tc = cluster.node_exec(node, &["tc", "filter", "show", "dev", &plain.host_veth, "ingress"])?;
+        ensure!(tc.trim().is_empty(), "node {node}: tc filter on {}'s veth: {tc}", plain.id());
+    }
     Ok(())
 }
 
@@ -157,12 +169,11 @@ async fn enrolled_and_plain_pods_reach_each_other_both_ways() -> Result<()> {
     let web2 = cluster.pod("shop", "web-2");
     let batch1 = cluster.pod("legacy", "batch-1");
     let batch2 = cluster.pod("legacy", "batch-2");
-    let _servers = (
-        web1.peer_server(PORT).await?,
-        web2.peer_server(PORT).await?,
-        batch1.peer_server(PORT).await?,
-        batch2.peer_server(PORT).await?,
-    );
+    let mut servers = Vec::new();
+    for pod in [web1, web2, batch1, batch2] {
+        servers.push(pod.peer_server(PORT).await?);
+        servers.push(pod.echo_server(PORT + 1).await?);
+    }
     // (client, server, node whose proxy must carry it, direction there)
     let cases = [
         (web1, batch2, 0, "outbound"), // enrolled -> plain, across nodes
@@ -171,41 +182,52 @@ async fn enrolled_and_plain_pods_reach_each_other_both_ways() -> Result<()> {
         (batch1, web1, 0, "inbound"),  // plain -> enrolled, same node
     ];
     for (client, server, node, direction) in cases {
+        let what = format!("{} -> {}", client.id(), server.id());
         let report = client.ask_peer(server.addr(PORT)).await?;
         ensure!(
             report.seen_by_server.ip() == client.ip,
-            "{} -> {}: server saw {report:?}",
-            client.id(),
-            server.id()
+            "{what}: server saw {report:?}"
         );
         let records = wait_records(&cluster, node, direction, server.addr(PORT), 1).await?;
         ensure!(
             records
                 .iter()
                 .any(|r| r["source_workload"] == client.id().as_str() && r["error"].is_null()),
-            "{} -> {}: node {node} has no {direction} record: {records:#?}",
-            client.id(),
-            server.id()
+            "{what}: node {node} has no {direction} record: {records:#?}"
         );
-        let other = 1 - node;
+
+        // An open connection, seen from outside: the carrying node's namespace holds the
+        // proxy's sockets of it; across nodes, the other node's holds none, and its proxy has
+        // no record of it, open or closed.
+        let to = server.addr(PORT + 1);
+        let mut open = client.connect(to).await?;
+        ensure!(common::echoes(&mut open).await, "{what}: no echo");
+        let carried = proxy_sockets(&cluster, node, client.ip, to)?;
+        ensure!(
+            !carried.is_empty(),
+            "{what}: node {node}'s namespace has no proxy socket for the open connection"
+        );
         if client.node != server.node {
+            let other = 1 - node;
+            let sockets = proxy_sockets(&cluster, other, client.ip, to)?;
             ensure!(
-                records_to(
-                    &cluster,
-                    other,
-                    if direction == "inbound" {
-                        "outbound"
-                    } else {
-                        "inbound"
-                    },
-                    server.addr(PORT)
-                )?
-                .is_empty(),
-                "{} -> {}: node {other}'s proxy should not carry a flow with a plain end there",
-                client.id(),
-                server.id()
+                sockets.is_empty(),
+                "{what}: node {other}'s namespace holds sockets of it: {sockets:#?}"
+            );
+            let seen: Vec<_> = connections(&cluster, other)?
+                .into_iter()
+                .filter(|c| {
+                    [server.addr(PORT), to]
+                        .iter()
+                        .any(|a| c["original_destination"] == a.to_string())
+                })
+                .collect();
+            ensure!(
+                seen.is_empty(),
+                "{what}: node {other}'s proxy should not carry a flow with a plain end there: {seen:#?}"
             );
         }
+        drop(open);
     }
     Ok(())
 }
@@ -220,6 +242,7 @@ async fn label_edit_enrolls_and_releases_a_pod_live() -> Result<()> {
         cluster.pod("legacy", "batch-2"),
     );
     let _server = batch2.peer_server(PORT).await?;
+    let _echo = batch2.echo_server(PORT + 1).await?;
     ensure!(capture_device(&cluster, 0, "legacy", "batch-1")?.is_none());
 
     // Enroll the whole namespace: both batch pods are captured without any restart.
@@ -258,5 +281,28 @@ async fn label_edit_enrolls_and_releases_a_pod_live() -> Result<()> {
         outbound.len() == 1,
         "released pod's connection still went through node 0's proxy: {outbound:#?}"
     );
+    // An open connection of the released pod: node 0's namespace holds no socket of it and its
+    // proxy no record, while batch-2 (still enrolled) is served by node 1's proxy.
+    let to = batch2.addr(PORT + 1);
+    let mut open = batch1.connect(to).await?;
+    ensure!(common::echoes(&mut open).await, "no echo after release");
+    let sockets = proxy_sockets(&cluster, 0, batch1.ip, to)?;
+    ensure!(
+        sockets.is_empty(),
+        "the released pod's open connection has proxy sockets on node 0: {sockets:#?}"
+    );
+    ensure!(
+        !proxy_sockets(&cluster, 1, batch1.ip, to)?.is_empty(),
+        "node 1's proxy does not serve the enrolled end"
+    );
+    let seen: Vec<_> = connections(&cluster, 0)?
+        .into_iter()
+        .filter(|c| c["original_destination"] == to.to_string())
+        .collect();
+    ensure!(
+        seen.is_empty(),
+        "node 0's proxy carries the released pod's open connection: {seen:#?}"
+    );
+    drop(open);
     Ok(())
 }

@@ -8,19 +8,38 @@ use anyhow::{Context, Result, ensure};
 /// Runs `mesh-agent run` after `hide` (shell) in a private mount namespace. The state path does
 /// not exist, so even if the kernel check passed the agent would stop before touching anything.
 fn run_agent_hiding(hide: &str) -> Result<(bool, String)> {
+    let (ok, stderr, _) = run_agent_hiding_then(hide, "true")?;
+    Ok((ok, stderr))
+}
+
+/// [`run_agent_hiding`], then runs `after` (shell) in the same mount namespace once the agent
+/// has exited; returns its stdout too.
+fn run_agent_hiding_then(hide: &str, after: &str) -> Result<(bool, String, String)> {
     let bin = mesh_tests::agent_binary()?;
+    // The agent's exit status is carried out through a file descriptor the script owns, so
+    // `after` can still run and print.
     let script = format!(
-        "set -e; {hide}; exec {} run --node kernel-test --state /nonexistent/mesh-agent-state",
+        "set -e; {hide}; if {} run --node kernel-test --state /nonexistent/mesh-agent-state; then echo ok >&3; else echo failed >&3; fi; {after}",
         bin.display()
     );
+    let status = tempfile::NamedTempFile::new()?;
     let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("exec 3>{}; {script}", status.path().display()))
         .env("NO_COLOR", "1")
         .output()
         .context("running unshare")?;
-    Ok((
+    ensure!(
         out.status.success(),
+        "the test script failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = std::fs::read_to_string(status.path())?;
+    Ok((
+        agent.trim() == "ok",
         String::from_utf8_lossy(&out.stderr).into_owned(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
     ))
 }
 
@@ -70,8 +89,10 @@ fn absent_bpffs_is_mounted_by_the_agent() -> Result<()> {
         return Ok(());
     }
     // With bpffs gone the agent mounts it and carries on to the (missing) state, which it names.
-    let (ok, stderr) = run_agent_hiding(
-        "for m in $(findmnt -n -l -t bpf -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done",
+    // `findmnt` runs before and after the agent in the same mount namespace: none, then one.
+    let (ok, stderr, mounts) = run_agent_hiding_then(
+        "for m in $(findmnt -n -l -t bpf -o TARGET | sort -u); do while umount -l \"$m\" 2>/dev/null; do :; done; done; echo \"before: $(findmnt -n -l -t bpf -o TARGET | tr '\\n' ' ')\"",
+        "echo \"after: $(findmnt -n -l -t bpf -o TARGET | tr '\\n' ' ')\"",
     )?;
     ensure!(!ok, "agent started on a missing state path: {stderr}");
     let errors = error_lines(&stderr);
@@ -80,6 +101,21 @@ fn absent_bpffs_is_mounted_by_the_agent() -> Result<()> {
             && errors[0].contains("/nonexistent/mesh-agent-state")
             && !errors[0].contains("bpffs"),
         "expected the state error after mounting bpffs: {stderr}"
+    );
+    let line = |prefix: &str| -> Vec<String> {
+        mounts
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|m| m.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    ensure!(
+        line("before: ").is_empty(),
+        "bpffs was still mounted before the agent ran: {mounts}"
+    );
+    ensure!(
+        line("after: ") == ["/sys/fs/bpf"],
+        "the agent did not leave bpffs mounted at /sys/fs/bpf: {mounts}"
     );
     Ok(())
 }

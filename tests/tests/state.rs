@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use common::{PORT, eventually, mesh, wait_records};
+use common::{PORT, SETTLE, eventually, mesh, wait_records};
 use mesh_tests::AgentOptions;
 
 const BROKEN: &str = "\
@@ -31,7 +31,7 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
 
     cluster.write_state_file("zz-broken.yaml", BROKEN)?;
     let logged = agents[0]
-        .wait_for_log("zz-broken.yaml", Duration::from_secs(3))
+        .wait_for_log("zz-broken.yaml", SETTLE)
         .await?;
     ensure!(
         logged.contains("intruder") && logged.contains("podIP"),
@@ -66,21 +66,35 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
         web2.ip
     );
     cluster.write_state_file("zz-twin.yaml", &twin)?;
-    eventually(Duration::from_secs(3), "duplicate IP reported", || {
+    let mut error = String::new();
+    eventually(SETTLE, "duplicate IP reported", || {
         let status = cluster.cli_json(1, &["status", "-o", "json"])?;
-        let error = status["state"]["status"]["last_error"]
+        error = status["state"]["status"]["last_error"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        Ok(error.contains("zz-twin.yaml") && error.contains(&web2.ip.to_string()))
+        Ok(!error.is_empty())
     })
     .await?;
+    // File, object, field and value of the rejected pod, and the pod it collides with.
+    for part in [
+        "zz-twin.yaml",
+        "Pod shop/twin",
+        "status.podIP",
+        &web2.ip.to_string(),
+        "shop/web-2",
+    ] {
+        ensure!(
+            error.contains(part),
+            "duplicate IP error lacks {part:?}: {error}"
+        );
+    }
     web1.send_and_verify(web2.addr(PORT), 1024).await?;
     wait_records(&cluster, 1, "inbound", web2.addr(PORT), 2).await?;
 
     // Fixed: the error clears.
     cluster.remove_state_file("zz-twin.yaml")?;
-    eventually(Duration::from_secs(3), "error cleared", || {
+    eventually(SETTLE, "error cleared", || {
         let status = cluster.cli_json(1, &["status", "-o", "json"])?;
         Ok(status["state"]["status"]["last_error"].is_null())
     })

@@ -9,6 +9,11 @@ use serde_json::Value;
 
 pub const PORT: u16 = 8080;
 
+/// The ceiling for waits on something the agents do by themselves (accept a state change,
+/// record a connection, log a line): generous, because CI is a loaded 2-core machine, and
+/// free, because every wait returns as soon as its condition holds.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
 /// The demo cluster (`shop` enrolled, `legacy` not; `web-N`, `batch-N` on node N-1) with an
 /// agent on each node. `None` (after a loud skip message) when not root.
 pub async fn mesh() -> Result<Option<(Cluster, Vec<Agent>)>> {
@@ -74,7 +79,8 @@ pub async fn wait_records(
     count: usize,
 ) -> Result<Vec<Value>> {
     let mut last = Vec::new();
-    for _ in 0..50 {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while tokio::time::Instant::now() < deadline {
         last = records_to(cluster, node, direction, destination)?;
         if last.len() >= count {
             return Ok(last);
@@ -85,6 +91,33 @@ pub async fn wait_records(
         "node {node}: expected {count} {direction} connection(s) to {destination}, found {}: {last:#?}",
         last.len()
     )
+}
+
+/// The established TCP sockets in node `node`'s own namespace that join `client_ip` (any port)
+/// and `server`, as `ss` lists them. Pods have namespaces of their own, so these are the node
+/// proxy's sockets for that flow: an accepted client connection, or its upstream one.
+pub fn proxy_sockets(
+    cluster: &Cluster,
+    node: usize,
+    client_ip: std::net::Ipv4Addr,
+    server: SocketAddr,
+) -> Result<Vec<String>> {
+    let out = cluster.node_exec(node, &["ss", "-tnH", "state", "established"])?;
+    Ok(out
+        .lines()
+        .filter(|line| {
+            let ends: Vec<SocketAddr> = line
+                .split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            ends.len() == 2
+                && ends.contains(&server)
+                && ends
+                    .iter()
+                    .any(|a| *a != server && a.ip() == std::net::IpAddr::V4(client_ip))
+        })
+        .map(str::to_owned)
+        .collect())
 }
 
 /// A kernel counter of a node's capture programs.
@@ -245,7 +278,7 @@ pub async fn apply(cluster: &Cluster, file: &str, contents: &str) -> Result<()> 
     let before = [generation(cluster, 0)?, generation(cluster, 1)?];
     cluster.write_state_file(file, contents)?;
     eventually(
-        Duration::from_secs(5),
+        SETTLE,
         &format!("agents to accept {file}"),
         || Ok(generation(cluster, 0)? > before[0] && generation(cluster, 1)? > before[1]),
     )
