@@ -248,15 +248,50 @@ async fn echo_outcome(stream: &mut tokio::net::TcpStream) -> Outcome {
     }
 }
 
+/// Every sample of `family` in Prometheus text: its labels and value.
+pub fn samples(text: &str, family: &str) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(family)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => {
+                    let (labels, value) = rest.rsplit_once('}')?;
+                    (parse_labels(labels)?, value)
+                }
+                None if rest.starts_with(' ') => (Default::default(), rest),
+                None => return None,
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `a="x",b="y\"z"` as a map; `None` when malformed.
+fn parse_labels(mut text: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let mut labels = std::collections::BTreeMap::new();
+    while !text.is_empty() {
+        let (name, rest) = text.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(name.trim_start_matches(',').to_owned(), value);
+        text = rest[end + 1..].trim_start_matches(',');
+    }
+    Some(labels)
+}
+
 /// The sum of every sample of a counter family in Prometheus text (0 when it has none yet).
 pub fn metric_sum(text: &str, family: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(family)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    samples(text, family).iter().map(|(_, v)| v).sum()
 }
 
 /// Every denial a node's agent counted (`mesh_agent_connections_denied_total`, all policies).

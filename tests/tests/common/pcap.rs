@@ -1,8 +1,83 @@
-//! Reads TCP segments out of a classic pcap file (as `tcpdump -w` writes on an Ethernet device).
+//! Captures with `tcpdump -w` in a namespace, and reads the TCP segments out of the classic pcap
+//! file it writes on an Ethernet device.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
+
+/// A running `tcpdump -w FILE` (stopped with SIGTERM by [`Capture::finish`], killed on drop).
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts tcpdump on `device` of `netns` with a capture `filter`, and returns once tcpdump
+    /// says it is listening, so that nothing sent afterwards can be missed.
+    pub fn start(netns: &mesh_tests::Netns, device: &str, file: &Path, filter: &str) -> Result<Capture> {
+        let mut child = netns
+            .command("tcpdump")
+            .args(["-i", device, "-n", "-U", "-s", "0", "-w"])
+            .arg(file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let stderr = child.stderr.take().context("tcpdump's stderr")?;
+        let (tx, rx) = mpsc::channel();
+        // Drains tcpdump's stderr for its whole life; the first line that says it listens wakes us.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let capture = Capture {
+            child,
+            file: file.to_owned(),
+        };
+        let deadline = std::time::Instant::now() + super::SETTLE;
+        let mut said = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(line) if line.contains("listening on") => return Ok(capture),
+                Ok(line) => said.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("tcpdump exited before listening: {said:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
+                    bail!("tcpdump not listening after {:?}: {said:?}", super::SETTLE)
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Stops tcpdump (it writes out what it holds on SIGTERM) and reads the capture.
+    pub fn finish(mut self) -> Result<Vec<Segment>> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.child.wait()?;
+        tcp_segments(&std::fs::read(&self.file)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 pub struct Segment {
     pub source: SocketAddrV4,
