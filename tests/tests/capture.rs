@@ -250,12 +250,12 @@ async fn label_edit_enrolls_and_releases_a_pod_live() -> Result<()> {
         "legacy",
         &[(mesh_tests::MODE_LABEL, mesh_tests::MODE_AMBIENT)],
     )?;
-    eventually(Duration::from_secs(3), "batch-1 captured", || {
+    eventually(common::SETTLE, "batch-1 captured", || {
         Ok(capture_device(&cluster, 0, "legacy", "batch-1")?.as_deref()
             == Some(batch1.host_veth.as_str()))
     })
     .await?;
-    eventually(Duration::from_secs(3), "batch-2 captured", || {
+    eventually(common::SETTLE, "batch-2 captured", || {
         Ok(capture_device(&cluster, 1, "legacy", "batch-2")?.is_some())
     })
     .await?;
@@ -269,7 +269,7 @@ async fn label_edit_enrolls_and_releases_a_pod_live() -> Result<()> {
         "batch-1",
         &[("app", "batch"), (mesh_tests::MODE_LABEL, "none")],
     )?;
-    eventually(Duration::from_secs(3), "batch-1 released", || {
+    eventually(common::SETTLE, "batch-1 released", || {
         Ok(capture_device(&cluster, 0, "legacy", "batch-1")?.is_none())
     })
     .await?;

@@ -282,7 +282,7 @@ async fn agent_handles_start_stop_and_report_with_a_stand_in_agent() {
     ];
     for (i, agent) in agents.iter_mut().enumerate() {
         let line = agent
-            .wait_for_log("started", Duration::from_secs(5))
+            .wait_for_log("started", Duration::from_secs(20))
             .await
             .unwrap();
         assert!(

@@ -109,7 +109,7 @@ async fn streams_share_pooled_connections() -> Result<()> {
         let mut s = web1.connect(web2.addr(PORT)).await?;
         s.write_all(b"hello\n").await?;
         let mut buf = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await??;
         streams.push(s);
     }
     let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
@@ -135,7 +135,7 @@ async fn streams_share_pooled_connections() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_limit_opens_more_connections() -> Result<()> {
-    let args = ["--pool-max-streams", "10", "--pool-idle-timeout", "1"];
+    let args = ["--pool-max-streams", "10", "--pool-idle-timeout", "3"];
     let Some((cluster, _agents)) = mesh_with(&args).await? else {
         return Ok(());
     };
@@ -146,7 +146,7 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
         let mut s = web1.connect(web2.addr(PORT)).await?;
         s.write_all(b"x").await?;
         let mut buf = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await??;
         streams.push(s);
     }
     let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
@@ -162,8 +162,9 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
         sockets.len()
     );
 
-    // Unused, they close after the idle timeout, not before.
+    // Unused, they close after the idle timeout (3 s), not before.
     drop(streams);
+    let idle_since = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
     ensure!(
@@ -173,6 +174,15 @@ async fn stream_limit_opens_more_connections() -> Result<()> {
     common::eventually(common::SETTLE, "idle tunnels closed", || {
         let view = cluster.cli_json(0, &["connections", "-o", "json"])?;
         Ok(view["tunnels"].as_array().is_some_and(|t| t.is_empty()))
+    })
+    .await?;
+    let idle = idle_since.elapsed();
+    ensure!(
+        idle >= Duration::from_secs(3),
+        "tunnels closed after {idle:?}, before the 3 s idle timeout"
+    );
+    common::eventually(common::SETTLE, "node 0's tunnel sockets closed", || {
+        Ok(proxy_sockets(&cluster, 0, web1.ip, web2.addr(15008))?.is_empty())
     })
     .await?;
     Ok(())
@@ -200,7 +210,7 @@ async fn rotation_keeps_open_streams_and_new_streams_use_the_new_certificate() -
     let mut long = web1.connect(web2.addr(PORT)).await?;
     let mut buf = [0u8; 32];
     long.write_all(b"before rotation\n").await?;
-    tokio::time::timeout(Duration::from_secs(5), long.read_exact(&mut buf[..16])).await??;
+    tokio::time::timeout(Duration::from_secs(10), long.read_exact(&mut buf[..16])).await??;
     let first = serial(0)?;
 
     // Keep talking on the same stream until the certificate has been replaced, and a little
@@ -375,7 +385,7 @@ async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
     let mut client = web1.connect(web2.addr(PORT + 1)).await?;
     client.write_all(b"hello").await?;
     let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await?;
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await?;
     match read {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => anyhow::bail!("expected a reset through the tunnel, got {other:?}"),
