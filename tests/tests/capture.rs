@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use anyhow::{Result, ensure};
 use common::{
     PORT, capture_device, connections, counter, eventually, mesh, proxy_sockets, records_to,
@@ -154,8 +152,15 @@ async fn plain_pods_are_never_touched() -> Result<()> {
             "node {node}: a program sits on {}'s veth: {attached:?}",
             plain.id()
         );
-        let tc = cluster.node_exec(node, &["tc", "filter", "show", "dev", &plain.host_veth, "ingress"])?;
-        ensure!(tc.trim().is_empty(), "node {node}: tc filter on {}'s veth: {tc}", plain.id());
+        let tc = cluster.node_exec(
+            node,
+            &["tc", "filter", "show", "dev", &plain.host_veth, "ingress"],
+        )?;
+        ensure!(
+            tc.trim().is_empty(),
+            "node {node}: tc filter on {}'s veth: {tc}",
+            plain.id()
+        );
     }
     Ok(())
 }

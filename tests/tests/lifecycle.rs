@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use anyhow::{Context, Result, ensure};
 use common::{PORT, eventually, mesh, wait_records};
 use mesh_tests::Cluster;
@@ -31,8 +30,16 @@ fn footprint_while_running(cluster: &Cluster, node: usize, veths: &[&str]) -> Re
     ensure!(programs.len() == 4, "expected 4 programs, got {bpf}");
     let mut maps = Vec::new();
     for id in &programs {
-        let shown: Value = serde_json::from_str(&cluster.bpftool(node, &["-j", "prog", "show", "id", &id.to_string()])?)?;
-        maps.extend(shown["map_ids"].as_array().into_iter().flatten().filter_map(Value::as_u64));
+        let shown: Value = serde_json::from_str(
+            &cluster.bpftool(node, &["-j", "prog", "show", "id", &id.to_string()])?,
+        )?;
+        maps.extend(
+            shown["map_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64),
+        );
     }
     maps.sort_unstable();
     maps.dedup();
@@ -50,7 +57,11 @@ fn footprint_while_running(cluster: &Cluster, node: usize, veths: &[&str]) -> Re
         let tcx = netns.tcx_programs(veth)?;
         ensure!(
             tcx.names() == ["capture_ingress", "capture_egress"]
-                && tcx.ingress.iter().chain(&tcx.egress).all(|p| programs.contains(&u64::from(p.id))),
+                && tcx
+                    .ingress
+                    .iter()
+                    .chain(&tcx.egress)
+                    .all(|p| programs.contains(&u64::from(p.id))),
             "node {node}: {veth} carries {tcx:?}, not this agent's capture programs"
         );
     }
@@ -70,7 +81,10 @@ fn footprint_while_running(cluster: &Cluster, node: usize, veths: &[&str]) -> Re
         "node {node}: no capture route while running: {routes:?}"
     );
     let demux = cluster.node_exec(node, &["cat", "/proc/sys/net/ipv4/tcp_early_demux"])?;
-    ensure!(demux.trim() == "0", "node {node}: tcp_early_demux is {demux} while running");
+    ensure!(
+        demux.trim() == "0",
+        "node {node}: tcp_early_demux is {demux} while running"
+    );
     Ok(Footprint {
         programs,
         maps,
@@ -102,7 +116,12 @@ fn capture_routes(cluster: &Cluster, node: usize) -> Result<Vec<String>> {
 }
 
 /// Nothing of ours is left in a node's namespace or the kernel.
-fn assert_clean(cluster: &Cluster, node: usize, footprint: &Footprint, veths: &[&str]) -> Result<()> {
+fn assert_clean(
+    cluster: &Cluster,
+    node: usize,
+    footprint: &Footprint,
+    veths: &[&str],
+) -> Result<()> {
     for id in &footprint.programs {
         let shown = cluster.bpftool(node, &["prog", "show", "id", &id.to_string()]);
         ensure!(shown.is_err(), "program {id} is still loaded: {shown:?}");
@@ -124,7 +143,10 @@ fn assert_clean(cluster: &Cluster, node: usize, footprint: &Footprint, veths: &[
     let netns = cluster.node(node).netns();
     for device in veths.iter().copied().chain(["eth0"]) {
         let tcx = netns.tcx_programs(device)?;
-        ensure!(tcx.is_empty(), "node {node}: {device} still carries {tcx:?}");
+        ensure!(
+            tcx.is_empty(),
+            "node {node}: {device} still carries {tcx:?}"
+        );
     }
     let rules = cluster.ip(node, &["rule", "show"])?;
     ensure!(
@@ -227,9 +249,13 @@ async fn killed_agent_is_cleaned_up_and_pods_talk_directly() -> Result<()> {
     eventually(common::SETTLE, "programs and maps unloaded", || {
         Ok(footprints.iter().all(|f| {
             f.programs.iter().all(|id| {
-                cluster.bpftool(0, &["prog", "show", "id", &id.to_string()]).is_err()
+                cluster
+                    .bpftool(0, &["prog", "show", "id", &id.to_string()])
+                    .is_err()
             }) && f.maps.iter().all(|id| {
-                cluster.bpftool(0, &["map", "show", "id", &id.to_string()]).is_err()
+                cluster
+                    .bpftool(0, &["map", "show", "id", &id.to_string()])
+                    .is_err()
             })
         }))
     })

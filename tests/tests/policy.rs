@@ -312,7 +312,11 @@ async fn policies_decide_and_explain_agrees() -> Result<()> {
             let mark = agents[1].log_mark();
             let (outcome, took) = exchange(pod, to).await?;
             // Allowed: the echo; denied: a reset, at once, counted once by web-2's node.
-            let expected = if *allowed { Outcome::Echoed } else { Outcome::Reset };
+            let expected = if *allowed {
+                Outcome::Echoed
+            } else {
+                Outcome::Reset
+            };
             if outcome != expected || (!allowed && took > DENIAL_DEADLINE) {
                 failures.push(format!(
                     "{what}: expected {expected:?}, got {outcome:?} after {took:?}"
@@ -327,7 +331,15 @@ async fn policies_decide_and_explain_agrees() -> Result<()> {
             }
             let explained = cluster.cli_json(
                 1,
-                &["explain", "--from", client, "--to", &to.to_string(), "-o", "json"],
+                &[
+                    "explain",
+                    "--from",
+                    client,
+                    "--to",
+                    &to.to_string(),
+                    "-o",
+                    "json",
+                ],
             )?;
             let predicted = explained["paths"][0]["allowed"].as_bool();
             if predicted != Some(*allowed) {

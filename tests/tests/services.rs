@@ -3,8 +3,8 @@
 
 mod common;
 
-use anyhow::{Result, ensure};
-use common::{apply, exchange, mesh};
+use anyhow::{Context, Result, ensure};
+use common::{apply, expect_echo, mesh};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<()> {
@@ -22,10 +22,9 @@ async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<
     let server2 = web2.echo_server(8080).await?;
     let address = std::net::SocketAddr::from((vip, 80));
     for i in 0..10 {
-        ensure!(
-            exchange(client, address).await?,
-            "connection {i} to the service failed"
-        );
+        expect_echo(client, address)
+            .await
+            .with_context(|| format!("connection {i} to the service"))?;
     }
     ensure!(
         server1.accepted() >= 3 && server2.accepted() >= 3,
@@ -46,10 +45,9 @@ async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<
     drop(server1);
     let before = server2.accepted();
     for i in 0..6 {
-        ensure!(
-            exchange(client, address).await?,
-            "connection {i} after web-1 died failed"
-        );
+        expect_echo(client, address)
+            .await
+            .with_context(|| format!("connection {i} after web-1 died"))?;
     }
     ensure!(
         server2.accepted() == before + 6,
@@ -76,10 +74,9 @@ async fn a_selectorless_service_is_served_by_its_endpoint_slice() -> Result<()> 
     let server = web2.echo_server(8081).await?;
     let address = std::net::SocketAddr::from((vip, 80));
     for i in 0..3 {
-        ensure!(
-            exchange(cluster.pod("shop", "web-1"), address).await?,
-            "connection {i} to the selector-less service failed"
-        );
+        expect_echo(cluster.pod("shop", "web-1"), address)
+            .await
+            .with_context(|| format!("connection {i} to the selector-less service"))?;
     }
     ensure!(
         server.accepted() == 3,

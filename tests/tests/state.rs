@@ -30,9 +30,7 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
     let _echo = web2.echo_server(PORT).await?;
 
     cluster.write_state_file("zz-broken.yaml", BROKEN)?;
-    let logged = agents[0]
-        .wait_for_log("zz-broken.yaml", SETTLE)
-        .await?;
+    let logged = agents[0].wait_for_log("zz-broken.yaml", SETTLE).await?;
     ensure!(
         logged.contains("intruder") && logged.contains("podIP"),
         "log line lacks object or field: {logged}"

@@ -264,7 +264,10 @@ async fn rotation_keeps_open_streams_and_new_streams_use_the_new_certificate() -
         checked = true;
         break;
     }
-    ensure!(checked, "a rotation fell inside every one of 5 short streams");
+    ensure!(
+        checked,
+        "a rotation fell inside every one of 5 short streams"
+    );
     drop(long);
     Ok(())
 }
@@ -305,7 +308,11 @@ async fn metrics_use_istio_names() -> Result<()> {
         ] {
             let samples: Vec<_> = common::samples(body, family)
                 .into_iter()
-                .filter(|(l, _)| labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+                .filter(|(l, _)| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+                })
                 .collect();
             ensure!(
                 samples.len() == 1 && samples[0].1 == value,
@@ -332,7 +339,11 @@ async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
     let mut client = web1.connect(web2.addr(PORT)).await?;
     let chunk = vec![7u8; 1024 * 1024];
     // Bytes the client's kernel took within `window`, one write at a time.
-    async fn written_within(client: &mut tokio::net::TcpStream, chunk: &[u8], window: Duration) -> Result<usize> {
+    async fn written_within(
+        client: &mut tokio::net::TcpStream,
+        chunk: &[u8],
+        window: Duration,
+    ) -> Result<usize> {
         let deadline = tokio::time::Instant::now() + window;
         let mut written = 0;
         while let Ok(n) = tokio::time::timeout_at(deadline, client.write(chunk)).await {
@@ -356,7 +367,10 @@ async fn resets_and_backpressure_cross_the_tunnel() -> Result<()> {
             break;
         }
     }
-    let rss_at_stall: Vec<u64> = agents.iter().map(|a| a.rss_kib().context("agent RSS")).collect::<Result<_>>()?;
+    let rss_at_stall: Vec<u64> = agents
+        .iter()
+        .map(|a| a.rss_kib().context("agent RSS"))
+        .collect::<Result<_>>()?;
     let more = written_within(&mut client, &chunk, Duration::from_secs(5)).await?;
     ensure!(
         more == 0,

@@ -202,6 +202,17 @@ pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<(Outcome,
     Ok((outcome, start.elapsed()))
 }
 
+/// Expects `pod` -> `to` to carry a line to an echo server and back.
+pub async fn expect_echo(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
+    let (outcome, took) = exchange(pod, to).await?;
+    anyhow::ensure!(
+        outcome == Outcome::Echoed,
+        "{} -> {to}: expected the echo, got {outcome:?} after {took:?}",
+        pod.id()
+    );
+    Ok(())
+}
+
 /// Expects `pod` -> `to` to be denied: reset within [`DENIAL_DEADLINE`].
 pub async fn expect_reset(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
     let (outcome, took) = exchange(pod, to).await?;
@@ -312,11 +323,9 @@ pub fn generation(cluster: &Cluster, node: usize) -> Result<u64> {
 pub async fn apply(cluster: &Cluster, file: &str, contents: &str) -> Result<()> {
     let before = [generation(cluster, 0)?, generation(cluster, 1)?];
     cluster.write_state_file(file, contents)?;
-    eventually(
-        SETTLE,
-        &format!("agents to accept {file}"),
-        || Ok(generation(cluster, 0)? > before[0] && generation(cluster, 1)? > before[1]),
-    )
+    eventually(SETTLE, &format!("agents to accept {file}"), || {
+        Ok(generation(cluster, 0)? > before[0] && generation(cluster, 1)? > before[1])
+    })
     .await?;
     for node in 0..2 {
         let status = cluster.cli_json(node, &["status", "-o", "json"])?;

@@ -21,7 +21,12 @@ pub struct Capture {
 impl Capture {
     /// Starts tcpdump on `device` of `netns` with a capture `filter`, and returns once tcpdump
     /// says it is listening, so that nothing sent afterwards can be missed.
-    pub fn start(netns: &mesh_tests::Netns, device: &str, file: &Path, filter: &str) -> Result<Capture> {
+    pub fn start(
+        netns: &mesh_tests::Netns,
+        device: &str,
+        file: &Path,
+        filter: &str,
+    ) -> Result<Capture> {
         let mut child = netns
             .command("tcpdump")
             .args(["-i", device, "-n", "-U", "-s", "0", "-w"])
