@@ -1,7 +1,9 @@
-//! End to end, as root: the tunnel port (15008) refuses peers whose certificate is untrusted,
-//! expired or of another trust domain, and answers bad requests with a 4xx; a well-formed
-//! HBONE client with a good certificate (not our agent: this test) gets through, as a ztunnel
-//! on another node would.
+//! End to end, as root: the tunnel port (15008) refuses, in the TLS handshake, peers whose
+//! certificate is untrusted, expired, of another trust domain, missing, or without a SPIFFE
+//! identity, logging each refusal once with its reason; it answers bad requests (GET, CONNECT
+//! to anything but an enrolled pod of its node) with a 4xx and a policy denial with 401; and a
+//! well-formed HBONE client with a good certificate (not our agent: this test) gets through,
+//! as a ztunnel on another node would.
 
 mod common;
 
@@ -9,144 +11,117 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use common::{PORT, mesh};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-use rustls::{
-    DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+use common::{
+    PORT,
+    certs::{self, AnyServer, Leaf, Validity},
+    mesh,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use mesh_tests::Agent;
+use rcgen::SanType;
+use rustls::AlertDescription;
+use rustls_pki_types::ServerName;
+use tokio::io::AsyncReadExt;
 
-/// This test checks the server's side only, so it takes any server certificate.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+/// What the agent logs for each refused handshake.
+const TLS_REFUSED: &str = "TLS handshake refused";
+/// What it logs for a CONNECT to anything but an enrolled pod of its node.
+const NOT_LOCAL: &str = "CONNECT to a destination that is not an enrolled pod of this node";
+/// What it logs for a connection its policy denies.
+const DENIED: &str = "connection denied";
+/// Ceiling for the agent's log line about something that already happened.
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A leaf for `spiffe` signed by `issuer`; expired when asked.
-fn leaf(
-    spiffe: &str,
-    issuer: &Issuer<'_, KeyPair>,
-    expired: bool,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
-    if expired {
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    }
-    let cert = params.signed_by(&key, issuer)?;
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    Ok((vec![cert.der().clone()], der))
-}
-
-fn untrusted_ca() -> Result<Issuer<'static, KeyPair>> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "rogue root");
-    Ok(Issuer::new(params, key))
-}
-
-fn cluster_ca(dir: &std::path::Path) -> Result<Issuer<'static, KeyPair>> {
-    let cert = std::fs::read_to_string(dir.join("ca-cert.pem")).context("reading ca-cert.pem")?;
-    let key = KeyPair::from_pem(
-        &std::fs::read_to_string(dir.join("ca-key.pem")).context("reading ca-key.pem")?,
-    )?;
-    Ok(Issuer::from_ca_cert_pem(&cert, key)?)
-}
-
-/// What a CONNECT through the tunnel port came to.
+/// What a well-formed CONNECT through the tunnel port came to.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
-    /// TLS or HTTP/2 failed: the peer was refused.
-    Refused(String),
     Status(u16),
     /// 200 and the echo came back.
     Echoed,
 }
 
+/// A TLS 1.3 client for the tunnel port, presenting `cert` (none at all when `None`).
+fn client_config(cert: Option<Leaf>) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn name() -> Result<ServerName<'static>> {
+    Ok(ServerName::try_from("mesh.invalid")?.to_owned())
+}
+
+/// A handshake the server must refuse: the TLS alert the client received for it, during the
+/// handshake or (TLS 1.3: the server checks the client's certificate after the client is done)
+/// on its first read, and the client's address (as the agent logs it). Anything else — a
+/// completed connection, a close without an alert, a reset, a hang — is an error.
+async fn refusal(
+    pod: &mesh_tests::Pod,
+    tunnel: SocketAddr,
+    cert: Option<Leaf>,
+) -> Result<(AlertDescription, SocketAddr)> {
+    let tcp = pod.connect(tunnel).await?;
+    let local = tcp.local_addr()?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(cert)?);
+    let attempt = async {
+        let error = match connector.connect(name()?, tcp).await {
+            Err(e) => e,
+            Ok(mut tls) => {
+                let mut buf = [0u8; 1];
+                match tls.read(&mut buf).await {
+                    Err(e) => e,
+                    Ok(0) => bail!("the server closed the connection without a TLS alert"),
+                    Ok(_) => bail!("the server sent application data to a peer it should refuse"),
+                }
+            }
+        };
+        let alert = certs::alert_received(&error)
+            .with_context(|| format!("the refusal is not a TLS alert: {error}"))?;
+        anyhow::Ok(alert)
+    };
+    let alert = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .context("no refusal within 10 s")??;
+    Ok((alert, local))
+}
+
+/// A CONNECT (or another method) with a certificate the server accepts: its HTTP outcome,
+/// and the client's address. A TLS or HTTP/2 failure is an error.
 async fn attempt(
     pod: &mesh_tests::Pod,
     tunnel: SocketAddr,
-    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    cert: Leaf,
     method: http::Method,
     authority: &str,
-) -> Result<Outcome> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
-        .with_client_auth_cert(cert.0, cert.1)?;
-    let mut config = config;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+) -> Result<(Outcome, SocketAddr)> {
+    let config = client_config(Some(cert))?;
     let tcp = pod.connect(tunnel).await?;
-    let name = ServerName::try_from("mesh.invalid")?.to_owned();
+    let local = tcp.local_addr()?;
     let attempt = async {
-        let tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name()?, tcp)
             .await
-        {
-            Ok(tls) => tls,
-            Err(e) => return Ok(Outcome::Refused(format!("tls: {e}"))),
-        };
-        let (send, connection) = match h2::client::handshake(tls).await {
-            Ok(h) => h,
-            Err(e) => return Ok(Outcome::Refused(format!("h2 handshake: {e}"))),
-        };
+            .context("TLS handshake")?;
+        let (send, connection) = h2::client::handshake(tls)
+            .await
+            .context("HTTP/2 handshake")?;
         tokio::spawn(connection);
-        let mut send = match send.ready().await {
-            Ok(s) => s,
-            Err(e) => return Ok(Outcome::Refused(format!("h2 ready: {e}"))),
-        };
+        let mut send = send.ready().await.context("HTTP/2 ready")?;
         let uri = if method == http::Method::CONNECT {
             authority.to_string()
         } else {
             format!("http://{authority}/")
         };
         let request = http::Request::builder().method(method).uri(uri).body(())?;
-        let (response, mut body) = match send.send_request(request, false) {
-            Ok(r) => r,
-            Err(e) => return Ok(Outcome::Refused(format!("h2 request: {e}"))),
-        };
-        let response = match response.await {
-            Ok(r) => r,
-            Err(e) => return Ok(Outcome::Refused(format!("h2 response: {e}"))),
-        };
+        let (response, mut body) = send.send_request(request, false).context("request")?;
+        let response = response.await.context("response")?;
         if response.status() != 200 {
             return Ok(Outcome::Status(response.status().as_u16()));
         }
@@ -156,101 +131,194 @@ async fn attempt(
         ensure!(&data[..] == b"ping\n", "echo differs: {data:?}");
         anyhow::Ok(Outcome::Echoed)
     };
-    tokio::time::timeout(Duration::from_secs(10), attempt)
+    let outcome = tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
-        .context("attempt timed out")?
+        .context("attempt timed out")??;
+    Ok((outcome, local))
+}
+
+/// The agent's log lines containing `message`.
+fn lines_with(agent: &Agent, message: &str) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains(message))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the agent has logged a `message` line beyond the `before` it had, checks it
+/// logged exactly one and that it names the peer `src` and each of `reasons`; returns it.
+async fn one_new_line(
+    agent: &Agent,
+    message: &str,
+    before: usize,
+    src: SocketAddr,
+    reasons: &[&str],
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + LOG_WAIT;
+    let lines = loop {
+        let lines = lines_with(agent, message);
+        if lines.len() > before {
+            break lines;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "no new {message:?} line within {LOG_WAIT:?}; log:\n{}",
+                agent.log_tail(50)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        lines.len() == before + 1,
+        "one attempt, {} new {message:?} lines: {:#?}",
+        lines.len() - before,
+        &lines[before..]
+    );
+    let line = lines[before].clone();
+    let peer = format!("src={src}");
+    for needle in std::iter::once(peer.as_str()).chain(reasons.iter().copied()) {
+        ensure!(
+            line.contains(needle),
+            "{message:?} line lacks {needle:?}: {line}"
+        );
+    }
+    Ok(line)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
-    let Some((cluster, mut agents)) = mesh().await? else {
+    let Some((cluster, agents)) = mesh().await? else {
         return Ok(());
     };
     // A plain pod plays the remote proxy: its traffic is not captured on its own node.
-    let (rogue, web2, batch2) = (
+    let (rogue, web1, web2, batch2) = (
         cluster.pod("legacy", "batch-1"),
+        cluster.pod("shop", "web-1"),
         cluster.pod("shop", "web-2"),
         cluster.pod("legacy", "batch-2"),
     );
-    let _echo = web2.echo_server(PORT).await?;
+    let echo = web2.echo_server(PORT).await?;
     let tunnel = web2.addr(15008);
     let target = web2.addr(PORT).to_string();
-    let ca = cluster_ca(&cluster.ca_dir())?;
+    let ca = certs::cluster_ca(&cluster.ca_dir())?;
     let good = "spiffe://cluster.local/ns/legacy/sa/batch";
+    let agent = &agents[1];
 
-    let outcome = attempt(
-        rogue,
-        tunnel,
-        leaf(good, &untrusted_ca()?, false)?,
-        http::Method::CONNECT,
-        &target,
-    )
-    .await?;
-    ensure!(
-        matches!(outcome, Outcome::Refused(_)),
-        "untrusted root got {outcome:?}"
-    );
-    let outcome = attempt(
-        rogue,
-        tunnel,
-        leaf(good, &ca, true)?,
-        http::Method::CONNECT,
-        &target,
-    )
-    .await?;
-    ensure!(
-        matches!(outcome, Outcome::Refused(_)),
-        "expired certificate got {outcome:?}"
-    );
-    let outcome = attempt(
-        rogue,
-        tunnel,
-        leaf("spiffe://evil.example/ns/legacy/sa/batch", &ca, false)?,
-        http::Method::CONNECT,
-        &target,
-    )
-    .await?;
-    ensure!(
-        matches!(outcome, Outcome::Refused(_)),
-        "foreign trust domain got {outcome:?}"
-    );
-    let log = agents[1]
-        .wait_for_log("TLS handshake refused", Duration::from_secs(3))
-        .await?;
-    ensure!(
-        log.contains(&rogue.ip.to_string()),
-        "refusal log line lacks the peer: {log}"
-    );
+    // Each refused handshake: a TLS alert naming the problem reaches the client, and the
+    // agent logs one line with the peer and the reason.
+    let no_spiffe = certs::leaf_with_sans(
+        vec![SanType::DnsName(
+            "batch.legacy.svc.cluster.local".try_into()?,
+        )],
+        &ca,
+        Validity::Current,
+    )?;
+    let refused: [(&str, Option<Leaf>, AlertDescription, &str); 5] = [
+        (
+            "untrusted root",
+            Some(certs::leaf(
+                good,
+                &certs::untrusted_ca()?,
+                Validity::Current,
+            )?),
+            AlertDescription::UnknownCA,
+            "UnknownIssuer",
+        ),
+        (
+            "expired certificate",
+            Some(certs::leaf(good, &ca, Validity::Expired)?),
+            AlertDescription::CertificateExpired,
+            "certificate expired",
+        ),
+        (
+            "foreign trust domain",
+            Some(certs::leaf(
+                "spiffe://evil.example/ns/legacy/sa/batch",
+                &ca,
+                Validity::Current,
+            )?),
+            AlertDescription::CertificateUnknown,
+            "is outside trust domain cluster.local",
+        ),
+        (
+            "no client certificate",
+            None,
+            AlertDescription::CertificateRequired,
+            "peer sent no certificates",
+        ),
+        (
+            "certificate without a SPIFFE identity",
+            Some(no_spiffe),
+            AlertDescription::CertificateUnknown,
+            "has no URI SAN, so no SPIFFE identity",
+        ),
+    ];
+    let refusals = refused.len();
+    for (case, cert, alert, reason) in refused {
+        let before = lines_with(agent, TLS_REFUSED).len();
+        let (got, src) = refusal(rogue, tunnel, cert)
+            .await
+            .with_context(|| format!("{case}: not refused in the handshake"))?;
+        ensure!(
+            got == alert,
+            "{case}: the client got alert {got:?}, not {alert:?}"
+        );
+        one_new_line(agent, TLS_REFUSED, before, src, &[reason])
+            .await
+            .with_context(|| case)?;
+    }
 
-    // Well-formed peer, bad requests: 4xx.
-    let outcome = attempt(
+    // Well-formed peer, bad requests: 4xx, each logged once.
+    let (outcome, _) = attempt(
         rogue,
         tunnel,
-        leaf(good, &ca, false)?,
+        certs::leaf(good, &ca, Validity::Current)?,
         http::Method::GET,
         &target,
     )
     .await?;
     ensure!(outcome == Outcome::Status(405), "GET got {outcome:?}");
-    let elsewhere = batch2.addr(PORT).to_string();
-    let outcome = attempt(
-        rogue,
-        tunnel,
-        leaf(good, &ca, false)?,
-        http::Method::CONNECT,
-        &elsewhere,
-    )
-    .await?;
-    ensure!(
-        outcome == Outcome::Status(400),
-        "CONNECT to a pod that is not enrolled here got {outcome:?}"
-    );
+    let node1_admin = SocketAddr::from((cluster.node(1).link_ip, 15000));
+    let not_local = [
+        ("a pod that is not enrolled", batch2.addr(PORT)),
+        ("an enrolled pod of another node", web1.addr(PORT)),
+        ("the agent's admin address", "127.0.0.1:15000".parse()?),
+        ("the node's own address, admin port", node1_admin),
+    ];
+    let not_local_count = not_local.len();
+    for (case, authority) in not_local {
+        let before = lines_with(agent, NOT_LOCAL).len();
+        let (outcome, src) = attempt(
+            rogue,
+            tunnel,
+            certs::leaf(good, &ca, Validity::Current)?,
+            http::Method::CONNECT,
+            &authority.to_string(),
+        )
+        .await
+        .with_context(|| case)?;
+        ensure!(
+            outcome == Outcome::Status(400),
+            "CONNECT to {case} ({authority}) got {outcome:?}"
+        );
+        one_new_line(
+            agent,
+            NOT_LOCAL,
+            before,
+            src,
+            &[&format!("dst={authority}")],
+        )
+        .await
+        .with_context(|| case)?;
+    }
 
     // And a good one is carried, with its identity recorded.
-    let outcome = attempt(
+    let (outcome, _) = attempt(
         rogue,
         tunnel,
-        leaf(good, &ca, false)?,
+        certs::leaf(good, &ca, Validity::Current)?,
         http::Method::CONNECT,
         &target,
     )
@@ -261,9 +329,69 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
         records.iter().any(|r| r["source_identity"] == good),
         "{records:#?}"
     );
+
+    // A valid peer that policy denies: 401, logged with the policy, and the destination
+    // never sees a connection.
+    common::apply(
+        &cluster,
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-rogue\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/legacy/sa/rogue\"]\n",
+    )
+    .await?;
+    let accepted = echo.accepted();
+    let before = lines_with(agent, DENIED).len();
+    let (outcome, src) = attempt(
+        rogue,
+        tunnel,
+        certs::leaf(
+            "spiffe://cluster.local/ns/legacy/sa/rogue",
+            &ca,
+            Validity::Current,
+        )?,
+        http::Method::CONNECT,
+        &target,
+    )
+    .await?;
+    ensure!(
+        outcome == Outcome::Status(401),
+        "a peer denied by policy got {outcome:?}"
+    );
+    one_new_line(agent, DENIED, before, src, &["shop/deny-rogue"]).await?;
+    ensure!(
+        echo.accepted() == accepted,
+        "the destination accepted a connection of a denied peer"
+    );
+
+    // Nothing was logged twice, late; the counters say the same.
+    let logged = lines_with(agent, TLS_REFUSED).len();
+    ensure!(
+        logged == refusals,
+        "{refusals} refused handshakes, {logged} {TLS_REFUSED:?} lines"
+    );
     let metrics = common::metrics(&cluster, 1).await?;
-    if !metrics.contains("mesh_agent_connection_failures_total{reporter=\"destination\",listener=\"tunnel\",reason=\"tls handshake\"} 3") {
-        bail!("refusals not counted:\n{metrics}");
+    let failures =
+        "mesh_agent_connection_failures_total{reporter=\"destination\",listener=\"tunnel\",reason=";
+    for expected in [
+        format!("{failures}\"tls handshake\"}} {refusals}"),
+        format!("{failures}\"unknown destination\"}} {not_local_count}"),
+        format!("{failures}\"bad request\"}} 1"),
+    ] {
+        if !metrics.lines().any(|l| l == expected) {
+            bail!("no sample {expected:?}:\n{metrics}");
+        }
     }
+    // The certificate without a SPIFFE identity was refused in the handshake, not after it.
+    ensure!(
+        !metrics.contains("reason=\"no peer identity\""),
+        "a peer without identity got past the handshake:\n{metrics}"
+    );
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_agent_connections_denied_total{")
+                && l.contains("policy=\"shop/deny-rogue\"")
+                && l.ends_with(" 1")),
+        "denial not counted:\n{metrics}"
+    );
     Ok(())
 }
