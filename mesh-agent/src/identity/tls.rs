@@ -436,6 +436,115 @@ mod tests {
         }
     }
 
+    /// A certificate from the cluster's own CA, but with only a DNS SAN: it chains to the
+    /// root, so only the identity check can refuse it, and it must do so in the handshake.
+    #[tokio::test]
+    async fn the_server_refuses_a_client_certificate_without_a_spiffe_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            &std::fs::read_to_string(dir.path().join("ca-cert.pem")).unwrap(),
+            rcgen::KeyPair::from_pem(
+                &std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["client.shop.svc".to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = params.signed_by(&key, &issuer).unwrap();
+        let provider = crypto_provider();
+        let verifier = Arc::new(ExpectedIdentity {
+            roots: ca.roots(),
+            expected: vec![id("server")],
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+                    key.serialize_der(),
+                )),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let (client, server) = handshake(
+            Arc::new(config),
+            server_config(&issue(&ca, "server"), ca.roots()).unwrap(),
+        )
+        .await;
+        let err = refused(server);
+        assert!(
+            err.contains("carries no workload identity")
+                && err.contains("has no URI SAN, so no SPIFFE identity"),
+            "{err}"
+        );
+        if let Ok(client) = client {
+            client_sees_refusal(client).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_refuses_a_client_without_a_certificate() {
+        let ca = ca();
+        let provider = crypto_provider();
+        let verifier = Arc::new(ExpectedIdentity {
+            roots: ca.roots(),
+            expected: vec![id("server")],
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let (client, server) = handshake(
+            Arc::new(config),
+            server_config(&issue(&ca, "server"), ca.roots()).unwrap(),
+        )
+        .await;
+        let err = refused(server);
+        assert!(err.contains("peer sent no certificates"), "{err}");
+        if let Ok(client) = client {
+            client_sees_refusal(client).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_refuses_a_server_certificate_outside_its_validity() {
+        let ca = ca();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let cases = [
+            ("expired", now - 2 * hour, now - hour, "certificate expired"),
+            (
+                "not yet valid",
+                now + hour,
+                now + 2 * hour,
+                "certificate not valid yet",
+            ),
+        ];
+        for (case, not_before, not_after, reason) in cases {
+            let server_cert = ca.issue_with(&id("server"), not_before, not_after).unwrap();
+            let (client, server) = handshake(
+                client_config(&issue(&ca, "client"), ca.roots(), vec![id("server")]).unwrap(),
+                server_config(&server_cert, ca.roots()).unwrap(),
+            )
+            .await;
+            let err = refused(client);
+            assert!(err.contains(reason), "{case}: {err}");
+            assert!(server.is_err(), "{case}: the server's handshake completed");
+        }
+    }
+
     #[tokio::test]
     async fn the_client_refuses_a_server_with_another_identity() {
         let ca = ca();
