@@ -112,6 +112,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     }
                     Err(e) => {
                         warn!(src = %peer, dst = %address, error = %e, "tunnel failed");
+                        // Counted like the destination's refusals: a rogue or broken server
+                        // on 15008 shows in the metrics of the node that refused it.
+                        ctx.metrics.refused("outbound", e.reason());
                         let mut guard = ctx.connections.open(info);
                         guard.fail(&e);
                         last_error = Some(e.to_string());
@@ -240,5 +243,268 @@ fn plan(
         service: resolved.service,
         candidates: resolved.endpoints.len(),
         attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::{
+        identity::{CertificateAuthority, CertificateManager, Identity},
+        metrics::Metrics,
+        proxy::{
+            MeshConfig,
+            connections::Connections,
+            hbone::pool::{Pool, PoolSettings},
+            upstream::ServiceBalancer,
+        },
+    };
+
+    /// Namespaces `shop` (enrolled) and `legacy` (not); on node `n1` the pods `shop/web-1`
+    /// (10.0.1.1), `legacy/batch-1` (10.0.1.2) and `shop/cart-1` (10.0.1.3), on `n2`
+    /// `shop/web-2` (10.0.2.1), `legacy/batch-2` (10.0.2.2) and `shop/plain-2` (10.0.2.3,
+    /// released from the mesh by its label). The Service `shop/web` (10.96.0.10:80 -> 8080)
+    /// selects `app: web` in `shop`: web-1, web-2 and plain-2.
+    const STATE: &str = "---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh-agent.dev/mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web}
+status: {podIP: 10.0.1.1, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch-1, namespace: legacy, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: batch}
+status: {podIP: 10.0.1.2, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {nodeName: n1, serviceAccountName: cart}
+status: {podIP: 10.0.1.3, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: n2, serviceAccountName: web}
+status: {podIP: 10.0.2.1, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch-2, namespace: legacy, labels: {app: web}}
+spec: {nodeName: n2, serviceAccountName: batch}
+status: {podIP: 10.0.2.2, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-2, namespace: shop, labels: {app: web, mesh-agent.dev/mode: none}}
+spec: {nodeName: n2, serviceAccountName: plain}
+status: {podIP: 10.0.2.3, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
+";
+
+    /// The proxy of node `n1` over [`STATE`].
+    fn context() -> ProxyContext {
+        let snapshot = crate::state::testing::load_text(STATE)
+            .unwrap_or_else(|errors| panic!("test state must load: {errors}"));
+        let ca = Arc::new(CertificateAuthority::self_signed("cluster.local").unwrap());
+        let certs = CertificateManager::new(ca, Duration::from_secs(3600));
+        let metrics = Arc::new(Metrics::new());
+        ProxyContext {
+            node: "n1".into(),
+            mesh: MeshConfig {
+                trust_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+            },
+            state: watch::channel(Arc::new(snapshot)).1,
+            connections: Connections::new(metrics.clone()),
+            pool: Pool::new(PoolSettings::default(), certs.clone()),
+            certs,
+            metrics,
+            services: ServiceBalancer::default(),
+        }
+    }
+
+    fn id(namespace: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", namespace, sa).unwrap()
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// The route of each attempt, in order: `tunnel <key>`, `local <ns/name>` or `direct`,
+    /// with the address tried and what the record says.
+    fn routes(plan: &Plan) -> Vec<String> {
+        plan.attempts
+            .iter()
+            .map(|a| {
+                let route = match &a.route {
+                    Route::Local(w) => format!("local {}/{}", w.namespace, w.name),
+                    Route::Tunnel(k) => format!(
+                        "tunnel {} from {} to {} at {}",
+                        k.source, k.source_ip, k.destination, k.address
+                    ),
+                    Route::Direct => "direct".into(),
+                };
+                format!(
+                    "{} {route} [{} {:?}]",
+                    a.address, a.info.route, a.info.security
+                )
+            })
+            .collect()
+    }
+
+    fn plan_for(ctx: &ProxyContext, from: &str, to: &str) -> Plan {
+        plan(ctx, &ctx.snapshot(), addr(from), addr(to))
+    }
+
+    #[test]
+    fn an_enrolled_pod_on_another_node_is_reached_through_a_tunnel_as_the_source() {
+        let ctx = context();
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.0.2.1:8080");
+        assert_eq!((plan.service.as_deref(), plan.candidates), (None, 1));
+        let [attempt] = &plan.attempts[..] else {
+            panic!("{:?}", routes(&plan))
+        };
+        // Keyed by the source's identity and address and the destination's identity, and
+        // addressed to the destination pod itself on 15008 (ztunnel's in-pod style).
+        let Route::Tunnel(key) = &attempt.route else {
+            panic!("{:?}", routes(&plan))
+        };
+        assert_eq!(
+            key,
+            &PoolKey {
+                source: id("shop", "web"),
+                source_ip: Ipv4Addr::new(10, 0, 1, 1),
+                destination: id("shop", "web"),
+                address: SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 1), 15008),
+            }
+        );
+        assert_eq!(attempt.address, addr("10.0.2.1:8080"));
+        let info = &attempt.info;
+        assert_eq!(
+            (info.route, info.security),
+            (upstream::TUNNEL, Security::MutualTls)
+        );
+        assert_eq!(
+            info.source_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert_eq!(
+            info.destination_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert_eq!(info.original_destination, addr("10.0.2.1:8080"));
+    }
+
+    #[test]
+    fn an_enrolled_pod_on_the_same_node_is_served_here_under_its_policy() {
+        let ctx = context();
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.0.1.3:8080");
+        assert_eq!(
+            routes(&plan),
+            ["10.0.1.3:8080 local shop/cart-1 [local MutualTls]"]
+        );
+        assert_eq!(
+            plan.attempts[0].info.destination_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/cart")
+        );
+    }
+
+    #[test]
+    fn pods_outside_the_mesh_and_unknown_addresses_are_reached_directly() {
+        let ctx = context();
+        for to in ["10.0.2.2:8080", "10.0.1.2:8080", "10.0.2.3:8080", "192.0.2.1:443"] {
+            let plan = plan_for(&ctx, "10.0.1.1:40000", to);
+            assert_eq!(routes(&plan), [format!("{to} direct [direct None]")]);
+            assert_eq!(plan.attempts[0].info.destination_identity, None);
+        }
+        // The record still names a known plain destination.
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.0.2.2:8080");
+        let workload = plan.attempts[0].info.destination_workload.as_ref().unwrap();
+        assert_eq!(
+            (workload.namespace.as_str(), workload.name.as_str()),
+            ("legacy", "batch-2")
+        );
+    }
+
+    #[test]
+    fn a_source_outside_the_mesh_is_never_tunnelled_for() {
+        let ctx = context();
+        // batch-1 is not enrolled: the agent holds no certificate it could present for it.
+        let plan = plan_for(&ctx, "10.0.1.2:40000", "10.0.2.1:8080");
+        assert_eq!(routes(&plan), ["10.0.2.1:8080 direct [direct None]"]);
+        assert_eq!(plan.attempts[0].info.source_identity, None);
+        // Nor is an address the state does not know.
+        let plan = plan_for(&ctx, "10.9.9.9:40000", "10.0.2.1:8080");
+        assert_eq!(routes(&plan), ["10.0.2.1:8080 direct [direct None]"]);
+    }
+
+    #[test]
+    fn a_service_vip_resolves_to_each_endpoint_with_its_own_route() {
+        let ctx = context();
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.96.0.10:80");
+        assert_eq!(plan.service.as_deref(), Some("shop/web"));
+        assert_eq!(plan.candidates, 3);
+        let mut routes = routes(&plan);
+        // The starting endpoint rotates per connection; the set and each route do not.
+        routes.sort();
+        assert_eq!(
+            routes,
+            [
+                "10.0.1.1:8080 local shop/web-1 [local MutualTls]",
+                "10.0.2.1:8080 tunnel spiffe://cluster.local/ns/shop/sa/web from 10.0.1.1 to spiffe://cluster.local/ns/shop/sa/web at 10.0.2.1:15008 [tunnel MutualTls]",
+                "10.0.2.3:8080 direct [direct None]",
+            ]
+        );
+        for attempt in &plan.attempts {
+            // Recorded as a connection to the Service, going to the endpoint.
+            assert_eq!(attempt.info.original_destination, addr("10.96.0.10:80"));
+            assert_eq!(attempt.info.destination, attempt.address);
+            assert_eq!(
+                attempt.info.destination_service.as_deref(),
+                Some("shop/web")
+            );
+        }
+        // Round robin: the next connection starts one endpoint further.
+        let first = |p: &Plan| p.attempts[0].address;
+        let next = plan_for(&ctx, "10.0.1.1:40001", "10.96.0.10:80");
+        assert_ne!(first(&plan), first(&next));
+    }
+
+    #[test]
+    fn a_service_without_ready_endpoints_has_nothing_to_try() {
+        let ctx = context();
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.96.0.11:80");
+        assert_eq!(plan.service.as_deref(), Some("shop/nobody"));
+        assert_eq!(plan.candidates, 0);
+        assert!(plan.attempts.is_empty());
+        // A port the Service does not have is no Service at all: the VIP itself, directly.
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.96.0.10:81");
+        assert_eq!(plan.service, None);
+        assert_eq!(routes(&plan), ["10.96.0.10:81 direct [direct None]"]);
     }
 }

@@ -89,6 +89,21 @@ pub enum TunnelError {
     Request(#[from] headers::HeaderError),
 }
 
+impl TunnelError {
+    /// The failure's kind, as `mesh_agent_connection_failures_total` labels it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Certificate { .. } => "no certificate",
+            Self::Connect { .. } => "connect",
+            Self::Tls { .. } => "tls handshake",
+            Self::Http2 { .. } => "http2",
+            Self::Timeout { .. } => "timeout",
+            Self::Refused { .. } => "refused by destination",
+            Self::Request(_) => "bad request",
+        }
+    }
+}
+
 struct Connection {
     id: u64,
     key: PoolKey,
@@ -344,8 +359,9 @@ impl Pool {
         })
     }
 
-    /// Drops connections idle longer than the idle timeout, dead ones, and idle ones opened with a
-    /// certificate that has since been rotated. Run periodically.
+    /// Drops connections idle longer than the idle timeout, and dead ones. (One opened with a
+    /// certificate that has since been replaced takes no new streams, so it goes idle and is
+    /// dropped by the same rule.) Run periodically.
     pub fn reap_idle(&self) -> usize {
         let timeout = self.inner.settings.idle_timeout;
         let mut map = lock(&self.inner.connections);
@@ -466,4 +482,287 @@ pub struct EarlyStream {
     pub send: SendStream<Bytes>,
     pub response: PendingResponse,
     pub guard: StreamGuard,
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::identity::CertificateAuthority;
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    fn key(source_ip: [u8; 4]) -> PoolKey {
+        PoolKey {
+            source: id("web"),
+            source_ip: Ipv4Addr::from(source_ip),
+            destination: id("cart"),
+            address: SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 1), 15008),
+        }
+    }
+
+    fn pool(max_streams: usize) -> Pool {
+        let ca = Arc::new(CertificateAuthority::self_signed("cluster.local").unwrap());
+        Pool::new(
+            PoolSettings {
+                max_streams,
+                idle_timeout: Duration::from_secs(60),
+            },
+            CertificateManager::new(ca, Duration::from_secs(3600)),
+        )
+    }
+
+    /// A live HTTP/2 connection (in memory, no TLS: the pool's decisions do not look at the
+    /// transport) opened with the certificate `serial`, put in `pool` under `key` as a dial
+    /// would. The server end is returned: dropping it breaks the connection.
+    async fn add(
+        pool: &Pool,
+        key: &PoolKey,
+        serial: &str,
+    ) -> (Arc<Connection>, tokio::task::JoinHandle<()>) {
+        let (client_io, server_io): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            if let Ok(mut connection) = h2::server::handshake(server_io).await {
+                while let Some(Ok(_)) = connection.accept().await {}
+            }
+        });
+        let (send, connection) = h2::client::handshake(client_io).await.unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let done = closed.clone();
+        tokio::spawn(async move {
+            let _ = connection.await;
+            done.store(true, Ordering::Release);
+        });
+        let connection = Arc::new(Connection {
+            id: pool.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            key: key.clone(),
+            send,
+            streams: AtomicUsize::new(0),
+            total_streams: AtomicU64::new(0),
+            closed,
+            cert_serial: serial.to_owned(),
+            opened: SystemTime::now(),
+            idle_since: Mutex::new(Some(Instant::now())),
+            local: "10.0.1.1:40000".parse().unwrap(),
+        });
+        lock(&pool.inner.connections)
+            .entry(key.clone())
+            .or_default()
+            .push(connection.clone());
+        (connection, server)
+    }
+
+    /// Which connection a new stream of `key` takes, by id (`None`: a new one is dialed).
+    fn reserve(pool: &Pool, key: &PoolKey, serial: &str) -> Option<u64> {
+        pool.reserve_existing(key, serial).map(|c| c.id)
+    }
+
+    fn pooled(pool: &Pool) -> usize {
+        lock(&pool.inner.connections).values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn streams_share_a_connection_up_to_the_stream_limit() {
+        let pool = pool(2);
+        let key = key([10, 0, 1, 1]);
+        let (a, _server_a) = add(&pool, &key, "s1").await;
+        assert_eq!(reserve(&pool, &key, "s1"), Some(a.id));
+        assert_eq!(reserve(&pool, &key, "s1"), Some(a.id));
+        // Full: the third stream needs another connection.
+        assert_eq!(reserve(&pool, &key, "s1"), None);
+        let (b, _server_b) = add(&pool, &key, "s1").await;
+        assert_eq!(reserve(&pool, &key, "s1"), Some(b.id));
+        assert_eq!(a.streams.load(Ordering::Acquire), 2);
+        assert_eq!(b.streams.load(Ordering::Acquire), 1);
+        // A stream ending makes room on the first connection again.
+        drop(StreamGuard {
+            connection: a.clone(),
+        });
+        assert_eq!(reserve(&pool, &key, "s1"), Some(a.id));
+        assert_eq!(a.total_streams.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn streams_of_another_source_or_destination_do_not_share() {
+        let pool = pool(100);
+        let key = key([10, 0, 1, 1]);
+        let (_a, _server) = add(&pool, &key, "s1").await;
+        let other_ip = PoolKey {
+            source_ip: Ipv4Addr::new(10, 0, 1, 2),
+            ..key.clone()
+        };
+        let other_destination = PoolKey {
+            destination: id("db"),
+            ..key.clone()
+        };
+        let other_source = PoolKey {
+            source: id("batch"),
+            ..key.clone()
+        };
+        for other in [other_ip, other_destination, other_source] {
+            assert_eq!(reserve(&pool, &other, "s1"), None, "{other:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_with_a_replaced_certificate_takes_no_new_streams() {
+        let pool = pool(100);
+        let key = key([10, 0, 1, 1]);
+        let (old, _server) = add(&pool, &key, "old").await;
+        assert_eq!(reserve(&pool, &key, "old"), Some(old.id));
+        // After a rotation the current serial differs: new streams go to a new connection,
+        // while the old one keeps its open stream.
+        assert_eq!(reserve(&pool, &key, "new"), None);
+        assert_eq!(old.streams.load(Ordering::Acquire), 1);
+        assert_eq!(pooled(&pool), 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_dropped_and_never_reused() {
+        let pool = pool(100);
+        let key = key([10, 0, 1, 1]);
+        let (dead, server) = add(&pool, &key, "s1").await;
+        server.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dead.closed.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the connection never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(reserve(&pool, &key, "s1"), None);
+        assert_eq!(pooled(&pool), 0);
+        assert!(pool.view().is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reaped_after_the_idle_timeout_busy_ones_never() {
+        let pool = pool(100);
+        let key = key([10, 0, 1, 1]);
+        let long_ago = Instant::now() - Duration::from_secs(61);
+        let (stale, _s1) = add(&pool, &key, "s1").await;
+        *lock(&stale.idle_since) = Some(long_ago);
+        let (recent, _s2) = add(&pool, &key, "s1").await;
+        *lock(&recent.idle_since) = Some(Instant::now() - Duration::from_secs(1));
+        let (busy, _s3) = add(&pool, &key, "s1").await;
+        // A stream open for longer than the timeout: the connection is in use, not idle.
+        busy.streams.store(1, Ordering::Release);
+        *lock(&busy.idle_since) = Some(long_ago);
+        let (dead, _s4) = add(&pool, &key, "s1").await;
+        dead.closed.store(true, Ordering::Release);
+
+        assert_eq!(pool.reap_idle(), 2);
+        let left: Vec<u64> = pool.view().iter().map(|v| v.id).collect();
+        assert_eq!(left, [recent.id, busy.id]);
+        assert_eq!(pool.reap_idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_last_stream_ending_starts_the_idle_clock() {
+        let pool = pool(100);
+        let key = key([10, 0, 1, 1]);
+        let (c, _server) = add(&pool, &key, "s1").await;
+        let first = pool.reserve_existing(&key, "s1").unwrap();
+        let second = pool.reserve_existing(&key, "s1").unwrap();
+        assert!(
+            lock(&c.idle_since).is_none(),
+            "a connection with streams is not idle"
+        );
+        drop(StreamGuard { connection: first });
+        assert!(lock(&c.idle_since).is_none(), "one stream is still open");
+        drop(StreamGuard { connection: second });
+        assert!(lock(&c.idle_since).is_some());
+        assert_eq!(c.streams.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_a_broken_connection_is_marked_closed_and_redialed_once() {
+        let pool = pool(100);
+        // Nothing listens there: the redial fails to connect (or, without the privileges a
+        // socket mark needs, to create its socket), which shows a dial was attempted.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let key = PoolKey {
+            source_ip: Ipv4Addr::LOCALHOST,
+            address: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            ..key([127, 0, 0, 1])
+        };
+        let serial = pool
+            .inner
+            .certs
+            .fetch(&key.source)
+            .await
+            .unwrap()
+            .serial()
+            .to_owned();
+        let (broken, server) = add(&pool, &key, &serial).await;
+        server.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broken.closed.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the connection never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The pool has not noticed yet (the race a stream can lose): it takes the connection,
+        // the stream fails, and the pool tries once more on a fresh one.
+        broken.closed.store(false, Ordering::Release);
+        let result = pool
+            .connect_early(
+                &key,
+                "10.0.2.1:8080".parse().unwrap(),
+                "10.0.1.1:40000".parse().unwrap(),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(TunnelError::Connect { address, .. }) if address == key.address),
+            "{:?}",
+            result.err()
+        );
+        assert!(broken.closed.load(Ordering::Acquire));
+        assert_eq!(pooled(&pool), 0);
+    }
+
+    #[test]
+    fn failures_are_labelled_by_kind() {
+        let address = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 1), 15008);
+        let io = || std::io::Error::other("x");
+        let cases = [
+            (
+                TunnelError::Tls {
+                    address,
+                    expected: id("cart"),
+                    source: io(),
+                },
+                "tls handshake",
+            ),
+            (
+                TunnelError::Connect {
+                    address,
+                    source: io(),
+                },
+                "connect",
+            ),
+            (TunnelError::Timeout { address }, "timeout"),
+            (
+                TunnelError::Refused {
+                    address,
+                    status: 400,
+                },
+                "refused by destination",
+            ),
+            (
+                TunnelError::Http2 {
+                    address,
+                    source: io(),
+                },
+                "http2",
+            ),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(error.reason(), reason, "{error}");
+        }
+    }
 }
