@@ -437,7 +437,12 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
     #[test]
     fn pods_outside_the_mesh_and_unknown_addresses_are_reached_directly() {
         let ctx = context();
-        for to in ["10.0.2.2:8080", "10.0.1.2:8080", "10.0.2.3:8080", "192.0.2.1:443"] {
+        for to in [
+            "10.0.2.2:8080",
+            "10.0.1.2:8080",
+            "10.0.2.3:8080",
+            "192.0.2.1:443",
+        ] {
             let plan = plan_for(&ctx, "10.0.1.1:40000", to);
             assert_eq!(routes(&plan), [format!("{to} direct [direct None]")]);
             assert_eq!(plan.attempts[0].info.destination_identity, None);
