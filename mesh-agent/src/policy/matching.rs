@@ -59,17 +59,22 @@ fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
     let principal = conn.source_principal.as_deref();
     let namespace = conn.source_namespace.as_deref();
     let ip = Some(IpAddr::V4(conn.source_ip));
-    check(&source.principals, &source.not_principals, principal, pattern)
-        && check(&source.namespaces, &source.not_namespaces, namespace, pattern)
-        && check(
-            &source.service_accounts,
-            &source.not_service_accounts,
-            conn.source_service_account(),
-            |expected, (namespace, account)| {
-                expected.split_once('/') == Some((namespace, account))
-            },
-        )
-        && check(&source.ip_blocks, &source.not_ip_blocks, ip, Cidr::contains)
+    check(
+        &source.principals,
+        &source.not_principals,
+        principal,
+        pattern,
+    ) && check(
+        &source.namespaces,
+        &source.not_namespaces,
+        namespace,
+        pattern,
+    ) && check(
+        &source.service_accounts,
+        &source.not_service_accounts,
+        conn.source_service_account(),
+        |expected, (namespace, account)| expected.split_once('/') == Some((namespace, account)),
+    ) && check(&source.ip_blocks, &source.not_ip_blocks, ip, Cidr::contains)
 }
 
 /// L4 fields only: hosts, methods and paths are left to the caller.
