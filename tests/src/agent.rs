@@ -225,6 +225,26 @@ impl Agent {
             .collect()
     }
 
+    /// Waits for the first line containing `needle` printed after `mark` and returns it; fails
+    /// if more than one such line is there by then (one event, one line) or none comes within
+    /// `timeout`.
+    pub async fn one_new_log_line(
+        &mut self,
+        mark: LogMark,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let first = self.wait_for_log_since(mark, needle, timeout).await?;
+        let lines = self.log_lines_since(mark, needle);
+        anyhow::ensure!(
+            lines.len() == 1,
+            "one event, {} {needle:?} lines on {}: {lines:#?}",
+            lines.len(),
+            self.node_name
+        );
+        Ok(first)
+    }
+
     /// Waits until a log line contains `needle` and returns that line; fails on timeout, or at
     /// once if the agent exits without printing it.
     pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {

@@ -16,7 +16,7 @@ use common::{
     certs::{self, AnyServer, Leaf, Validity},
     mesh,
 };
-use mesh_tests::Agent;
+use mesh_tests::{Agent, LogMark};
 use rcgen::SanType;
 use rustls::AlertDescription;
 use rustls_pki_types::ServerName;
@@ -137,46 +137,16 @@ async fn attempt(
     Ok((outcome, local))
 }
 
-/// The agent's log lines containing `message`.
-fn lines_with(agent: &Agent, message: &str) -> Vec<String> {
-    agent
-        .log()
-        .lines()
-        .filter(|l| l.contains(message))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Waits until the agent has logged a `message` line beyond the `before` it had, checks it
-/// logged exactly one and that it names the peer `src` and each of `reasons`; returns it.
+/// The one `message` line the agent logged since `mark`, which must name the peer `src` and
+/// each of `reasons`.
 async fn one_new_line(
-    agent: &Agent,
+    agent: &mut Agent,
+    mark: LogMark,
     message: &str,
-    before: usize,
     src: SocketAddr,
     reasons: &[&str],
 ) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + LOG_WAIT;
-    let lines = loop {
-        let lines = lines_with(agent, message);
-        if lines.len() > before {
-            break lines;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "no new {message:?} line within {LOG_WAIT:?}; log:\n{}",
-                agent.log_tail(50)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    ensure!(
-        lines.len() == before + 1,
-        "one attempt, {} new {message:?} lines: {:#?}",
-        lines.len() - before,
-        &lines[before..]
-    );
-    let line = lines[before].clone();
+    let line = agent.one_new_log_line(mark, message, LOG_WAIT).await?;
     let peer = format!("src={src}");
     for needle in std::iter::once(peer.as_str()).chain(reasons.iter().copied()) {
         ensure!(
@@ -189,7 +159,7 @@ async fn one_new_line(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
-    let Some((cluster, agents)) = mesh().await? else {
+    let Some((cluster, mut agents)) = mesh().await? else {
         return Ok(());
     };
     // A plain pod plays the remote proxy: its traffic is not captured on its own node.
@@ -204,7 +174,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
     let target = web2.addr(PORT).to_string();
     let ca = certs::cluster_ca(&cluster.ca_dir())?;
     let good = "spiffe://cluster.local/ns/legacy/sa/batch";
-    let agent = &agents[1];
+    let agent = &mut agents[1];
 
     // Each refused handshake: a TLS alert naming the problem reaches the client, and the
     // agent logs one line with the peer and the reason.
@@ -257,7 +227,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
     ];
     let refusals = refused.len();
     for (case, cert, alert, reason) in refused {
-        let before = lines_with(agent, TLS_REFUSED).len();
+        let mark = agent.log_mark();
         let (got, src) = refusal(rogue, tunnel, cert)
             .await
             .with_context(|| format!("{case}: not refused in the handshake"))?;
@@ -265,7 +235,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
             got == alert,
             "{case}: the client got alert {got:?}, not {alert:?}"
         );
-        one_new_line(agent, TLS_REFUSED, before, src, &[reason])
+        one_new_line(agent, mark, TLS_REFUSED, src, &[reason])
             .await
             .with_context(|| case)?;
     }
@@ -289,7 +259,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
     ];
     let not_local_count = not_local.len();
     for (case, authority) in not_local {
-        let before = lines_with(agent, NOT_LOCAL).len();
+        let mark = agent.log_mark();
         let (outcome, src) = attempt(
             rogue,
             tunnel,
@@ -303,15 +273,9 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
             outcome == Outcome::Status(400),
             "CONNECT to {case} ({authority}) got {outcome:?}"
         );
-        one_new_line(
-            agent,
-            NOT_LOCAL,
-            before,
-            src,
-            &[&format!("dst={authority}")],
-        )
-        .await
-        .with_context(|| case)?;
+        one_new_line(agent, mark, NOT_LOCAL, src, &[&format!("dst={authority}")])
+            .await
+            .with_context(|| case)?;
     }
 
     // And a good one is carried, with its identity recorded.
@@ -339,7 +303,7 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
     )
     .await?;
     let accepted = echo.accepted();
-    let before = lines_with(agent, DENIED).len();
+    let mark = agent.log_mark();
     let (outcome, src) = attempt(
         rogue,
         tunnel,
@@ -356,14 +320,14 @@ async fn tunnel_refuses_bad_peers_and_serves_good_ones() -> Result<()> {
         outcome == Outcome::Status(401),
         "a peer denied by policy got {outcome:?}"
     );
-    one_new_line(agent, DENIED, before, src, &["shop/deny-rogue"]).await?;
+    one_new_line(agent, mark, DENIED, src, &["shop/deny-rogue"]).await?;
     ensure!(
         echo.accepted() == accepted,
         "the destination accepted a connection of a denied peer"
     );
 
     // Nothing was logged twice, late; the counters say the same.
-    let logged = lines_with(agent, TLS_REFUSED).len();
+    let logged = agent.log_lines_since(LogMark::default(), TLS_REFUSED).len();
     ensure!(
         logged == refusals,
         "{refusals} refused handshakes, {logged} {TLS_REFUSED:?} lines"

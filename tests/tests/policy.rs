@@ -310,7 +310,7 @@ async fn policies_decide_and_explain_agrees() -> Result<()> {
             let to = web2.addr(*port);
             let what = format!("{}: {client} -> :{port}", case.name);
             let mark = agents[1].log_mark();
-            let (outcome, took) = exchange(pod, to).await?;
+            let common::Exchanged { outcome, took, .. } = exchange(pod, to).await?;
             // Allowed: the echo; denied: a reset, at once, counted once by web-2's node.
             let expected = if *allowed {
                 Outcome::Echoed

@@ -9,20 +9,18 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use common::certs::{self, Leaf, Validity};
-use mesh_tests::{Agent, Cluster, ClusterSpec};
-use rustls::{AlertDescription, ServerConfig};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    sync::mpsc,
+use common::{
+    Exchanged, Outcome,
+    certs::{self, Leaf, Validity},
 };
+use mesh_tests::{Cluster, ClusterSpec};
+use rustls::{AlertDescription, ServerConfig};
+use tokio::{net::TcpListener, sync::mpsc};
 
 /// web-2's identity, which node 0's agent expects at web-2:15008.
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -149,94 +147,6 @@ async fn connection(tcp: tokio::net::TcpStream, config: Arc<ServerConfig>) -> Ev
     event
 }
 
-/// How web-1's connection to web-2:8080 ended, and after how long.
-#[derive(Debug, PartialEq, Eq)]
-enum Client {
-    Echoed,
-    Reset,
-    Closed,
-    Other(String),
-}
-
-/// Connects from `pod` to an echo server at `to` and sends a line; what came of it, from which
-/// address (bound first: the reset can come before the connect returns), after how long.
-async fn client(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<(Client, SocketAddr, Duration)> {
-    let socket = pod.netns().tcp_socket()?;
-    socket.bind(&SocketAddr::from((pod.ip, 0)).into())?;
-    let local = socket
-        .local_addr()?
-        .as_socket()
-        .context("the socket has no IP address")?;
-    let start = tokio::time::Instant::now();
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    let exchange = async {
-        // The agent accepts at once (it is the transparent end of the connection) and may
-        // reset it before this task sees the connect complete.
-        let mut stream = socket.connect(to).await?;
-        stream.write_all(b"ping\n").await?;
-        let mut buf = [0u8; 5];
-        let mut got = 0;
-        while got < buf.len() {
-            match stream.read(&mut buf[got..]).await? {
-                0 => return std::io::Result::Ok(Client::Closed),
-                n => got += n,
-            }
-        }
-        Ok(if &buf == b"ping\n" {
-            Client::Echoed
-        } else {
-            Client::Other(format!("echo differs: {buf:?}"))
-        })
-    };
-    let outcome = match tokio::time::timeout(SETTLE, exchange).await {
-        Err(_) => Client::Other("no answer".into()),
-        Ok(Ok(outcome)) => outcome,
-        // A write after the peer's RST reports it as EPIPE.
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            Client::Reset
-        }
-        Ok(Err(e)) => Client::Other(e.to_string()),
-    };
-    Ok((outcome, local, start.elapsed()))
-}
-
-fn lines_with(agent: &Agent, message: &str) -> Vec<String> {
-    agent
-        .log()
-        .lines()
-        .filter(|l| l.contains(message))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Waits for the agent's next `message` line after the `before` it had; exactly one must come.
-async fn one_new_line(agent: &Agent, message: &str, before: usize) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let lines = lines_with(agent, message);
-        if lines.len() > before {
-            ensure!(
-                lines.len() == before + 1,
-                "one connection, several {message:?} lines: {:#?}",
-                &lines[before..]
-            );
-            return Ok(lines[before].clone());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "no new {message:?} line within {SETTLE:?}; log:\n{}",
-                agent.log_tail(50)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Node 0's count of tunnels it could not open because of the TLS handshake.
 async fn tls_failures(cluster: &Cluster) -> Result<u64> {
     let metrics = common::metrics(cluster, 0).await?;
@@ -263,7 +173,7 @@ async fn the_agent_refuses_a_rogue_server_on_the_tunnel_port() -> Result<()> {
     }
     let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
     cluster.write_state()?;
-    let agent = cluster.start_agent(0).await?;
+    let mut agent = cluster.start_agent(0).await?;
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let target = web2.addr(common::PORT);
     let ca = certs::cluster_ca(&cluster.ca_dir())?;
@@ -301,12 +211,16 @@ async fn the_agent_refuses_a_rogue_server_on_the_tunnel_port() -> Result<()> {
     ];
     for (n, (case, cert, alert, reason)) in refused.into_iter().enumerate() {
         let failed = failed_total(&cluster)?;
-        let before = lines_with(&agent, TUNNEL_FAILED).len();
+        let mark = agent.log_mark();
         rogue.present(cert)?;
 
-        let (outcome, src, took) = client(web1, target).await?;
+        let Exchanged {
+            outcome,
+            local: src,
+            took,
+        } = common::exchange(web1, target).await?;
         ensure!(
-            outcome == Client::Reset && took < RESET_DEADLINE,
+            outcome == Outcome::Reset && took < RESET_DEADLINE,
             "{case}: web-1 expected a reset within {RESET_DEADLINE:?}, got {outcome:?} after {took:?}"
         );
         // The agent's refusal reached the rogue server as a TLS alert naming the problem:
@@ -315,7 +229,8 @@ async fn the_agent_refuses_a_rogue_server_on_the_tunnel_port() -> Result<()> {
             Event::Refused(Ok(got)) if got == alert => {}
             other => bail!("{case}: the rogue server expected alert {alert:?}, saw {other:?}"),
         }
-        let line = one_new_line(&agent, TUNNEL_FAILED, before)
+        let line = agent
+            .one_new_log_line(mark, TUNNEL_FAILED, SETTLE)
             .await
             .with_context(|| case)?;
         for needle in [
@@ -348,9 +263,13 @@ async fn the_agent_refuses_a_rogue_server_on_the_tunnel_port() -> Result<()> {
     // Control: the right certificate from the cluster's CA. The agent's CONNECT for web-2:8080
     // arrives at this server, so the cases above really were refusals of this server.
     rogue.present(certs::leaf(WEB, &ca, Validity::Current)?)?;
-    let (outcome, src, _) = client(web1, target).await?;
+    let Exchanged {
+        outcome,
+        local: src,
+        ..
+    } = common::exchange(web1, target).await?;
     ensure!(
-        outcome == Client::Echoed,
+        outcome == Outcome::Echoed,
         "control: web-1 got {outcome:?} through a server with the right certificate"
     );
     match rogue.next("control").await? {

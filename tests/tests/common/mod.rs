@@ -188,38 +188,59 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A denial must reset the client within this (it is decided without any waiting).
 pub const DENIAL_DEADLINE: Duration = Duration::from_secs(3);
 
-/// Connects to an echo server at `to`, sends a line and says what happened, and how long it took.
-pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<(Outcome, Duration)> {
-    let start = tokio::time::Instant::now();
-    let outcome = match pod.netns().connect(to).await {
-        Ok(mut stream) => echo_outcome(&mut stream).await,
-        Err(e) => match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
-            Some(std::io::ErrorKind::ConnectionRefused) => Outcome::Refused,
-            Some(std::io::ErrorKind::ConnectionReset) => Outcome::Reset,
-            _ if format!("{e:#}").contains("no answer within") => Outcome::Hung,
-            _ => Outcome::Other(format!("connect: {e:#}")),
-        },
-    };
-    Ok((outcome, start.elapsed()))
+/// What [`exchange`] saw: the outcome, the client's address and how long it took.
+#[derive(Clone, Debug)]
+pub struct Exchanged {
+    pub outcome: Outcome,
+    pub local: SocketAddr,
+    pub took: Duration,
 }
 
-/// Expects `pod` -> `to` to carry a line to an echo server and back.
-pub async fn expect_echo(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
-    let (outcome, took) = exchange(pod, to).await?;
+/// Connects from `pod` to an echo server at `to`, sends a line and says what happened. The
+/// socket is bound first, so its address is known even when a reset beats the connect.
+pub async fn exchange(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<Exchanged> {
+    let socket = pod.netns().tcp_socket()?;
+    socket.bind(&SocketAddr::from((pod.ip, 0)).into())?;
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .context("the client socket has no IP address")?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    let start = tokio::time::Instant::now();
+    let outcome = match tokio::time::timeout(EXCHANGE_TIMEOUT, socket.connect(to)).await {
+        Err(_) => Outcome::Hung,
+        Ok(Ok(mut stream)) => echo_outcome(&mut stream).await,
+        Ok(Err(e)) => match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            // The proxy accepts at once and may reset before the connect is seen complete.
+            std::io::ErrorKind::ConnectionReset => Outcome::Reset,
+            _ => Outcome::Other(format!("connect: {e}")),
+        },
+    };
+    Ok(Exchanged {
+        outcome,
+        local,
+        took: start.elapsed(),
+    })
+}
+
+/// Expects `pod` -> `to` to be denied: reset within [`DENIAL_DEADLINE`].
+pub async fn expect_reset(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
+    let Exchanged { outcome, took, .. } = exchange(pod, to).await?;
     anyhow::ensure!(
-        outcome == Outcome::Echoed,
-        "{} -> {to}: expected the echo, got {outcome:?} after {took:?}",
+        outcome == Outcome::Reset && took <= DENIAL_DEADLINE,
+        "{} -> {to}: expected a reset within {DENIAL_DEADLINE:?}, got {outcome:?} after {took:?}",
         pod.id()
     );
     Ok(())
 }
 
-/// Expects `pod` -> `to` to be denied: reset within [`DENIAL_DEADLINE`].
-pub async fn expect_reset(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
-    let (outcome, took) = exchange(pod, to).await?;
+/// Expects `pod` -> `to` to carry a line to an echo server and back.
+pub async fn expect_echo(pod: &mesh_tests::Pod, to: SocketAddr) -> Result<()> {
+    let Exchanged { outcome, took, .. } = exchange(pod, to).await?;
     anyhow::ensure!(
-        outcome == Outcome::Reset && took <= DENIAL_DEADLINE,
-        "{} -> {to}: expected a reset within {DENIAL_DEADLINE:?}, got {outcome:?} after {took:?}",
+        outcome == Outcome::Echoed,
+        "{} -> {to}: expected the echo, got {outcome:?} after {took:?}",
         pod.id()
     );
     Ok(())
