@@ -30,7 +30,7 @@ mod testing {
 
     /// Namespaces `istio-system`, `shop` and `batch`, a pod `shop/cart` (labels `app: cart`,
     /// `tier: web`) and a pod `batch/job` (label `app: cart`), then `extra`.
-    pub fn snapshot(extra: &str) -> Snapshot {
+    pub fn state_text(extra: &str) -> String {
         let mut text = String::new();
         for namespace in ["istio-system", "shop", "batch"] {
             text.push_str(&format!(
@@ -53,8 +53,18 @@ status: {podIP: 10.0.2.1, phase: Running}
 ",
         );
         text.push_str(extra);
-        crate::state::testing::load_text(&text)
+        text
+    }
+
+    /// [`state_text`], loaded as the agent loads a state directory.
+    pub fn snapshot(extra: &str) -> Snapshot {
+        crate::state::testing::load_text(&state_text(extra))
             .unwrap_or_else(|errors| panic!("test state must load: {errors}"))
+    }
+
+    /// [`state_text`] with each bad object rejected alone, as the Kubernetes source takes it.
+    pub fn assembled(extra: &str) -> (Snapshot, Vec<crate::state::StateError>) {
+        crate::state::testing::assemble_text(&state_text(extra))
     }
 
     pub fn workload<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> &'a Workload {

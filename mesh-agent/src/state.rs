@@ -53,4 +53,13 @@ pub(crate) mod testing {
         std::fs::write(&file, text).expect("writable");
         super::load(&file)
     }
+
+    /// The snapshot of this state text with each bad object rejected alone
+    /// ([`Snapshot::assemble`]), and the problems; the text must parse.
+    pub fn assemble_text(text: &str) -> (Snapshot, Vec<super::StateError>) {
+        let file = std::path::Path::new("test.yaml");
+        let parsed = super::document::parse(file, text, super::Format::Yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        Snapshot::assemble(parsed.objects, vec![file.into()])
+    }
 }

@@ -57,6 +57,13 @@ fn decide(policies: &[&AuthorizationPolicy], conn: &ConnectionAttributes) -> Dec
     let by_action = |action: Action| policies.iter().filter(move |p| p.action == action);
     for policy in by_action(Action::Deny) {
         if let Some(rule) = matching_rule(policy, conn) {
+            if let Some(invalid) = &policy.invalid {
+                let reason = format!(
+                    "denied: policy {} cannot be understood ({invalid}), so it denies all traffic to the workloads it selects",
+                    policy.key()
+                );
+                return decided(false, policy, rule, reason);
+            }
             let mut reason = format!("denied by DENY policy {} rule {rule}", policy.key());
             if policy.rules[rule].uses_l7() {
                 reason.push_str(" (its L7 conditions cannot be checked at L4 and are ignored)");
@@ -156,6 +163,49 @@ mod tests {
 
     fn outcome(decision: &Decision) -> (bool, &str) {
         (decision.allowed, decision.reason.as_str())
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_understood_denies_what_it_selects() {
+        // Broken ALLOW for `app: cart`, next to a good DENY of another namespace's traffic.
+        let (state, errors) = crate::policy::testing::assembled(&format!(
+            "{}{}",
+            authorization(
+                "shop",
+                "broken",
+                "{selector: {matchLabels: {app: cart}}, rules: [{to: [{operation: {ports: [http]}}]}]}"
+            ),
+            authorization(
+                "istio-system",
+                "no-batch",
+                "{action: DENY, rules: [{from: [{source: {namespaces: [batch]}}]}]}"
+            ),
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        // Whatever the source: denied, naming the policy and why it cannot be read.
+        for conn in [from(Some(CART), 80), from(None, 8080)] {
+            let decision = authorize(
+                &state,
+                "istio-system",
+                workload(&state, "shop", "cart"),
+                &conn,
+            );
+            assert!(!decision.allowed, "{decision:?}");
+            assert_eq!(decision.policy.as_deref(), Some("shop/broken"));
+            assert!(
+                decision.reason.contains("cannot be understood")
+                    && decision
+                        .reason
+                        .contains("spec.rules[0].to[0].operation.ports[0]"),
+                "{}",
+                decision.reason
+            );
+        }
+        // A workload it does not select is untouched; the other policy still applies to it.
+        let job = workload(&state, "batch", "job");
+        assert!(authorize(&state, "istio-system", job, &from(Some(CART), 80)).allowed);
+        let denied = authorize(&state, "istio-system", job, &from(Some(JOB), 80));
+        assert_eq!(denied.policy.as_deref(), Some("istio-system/no-batch"));
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct AuthorizationPolicy {
     pub rules: Vec<Rule>,
     /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
     pub dry_run: bool,
+    /// Why the policy as written cannot be understood: it then stands as a DENY of everything
+    /// for the workloads it selects ([`AuthorizationPolicy::fail_closed`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 /// `spec.action`. `CUSTOM` is rejected when the policy is read.
@@ -265,21 +269,52 @@ impl AuthorizationPolicy {
         Ok(AuthorizationPolicy {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector: spec
-                .selector
-                .as_ref()
-                .map(|selector| selector.match_labels.clone())
-                .unwrap_or_default(),
+            selector: selector_of(resource),
             action,
             rules,
             dry_run,
+            invalid: None,
         })
+    }
+
+    /// What a policy that cannot be understood becomes, Istio's rule for what cannot be
+    /// enforced: a DENY of all traffic to the workloads it selects, until it is fixed. A
+    /// broken policy is never dropped (that could open what it was written to close) and never
+    /// dry-run (an unreadable annotation cannot be trusted to say so).
+    pub fn fail_closed(
+        resource: &AuthorizationPolicyResource,
+        problems: &FieldErrors,
+    ) -> AuthorizationPolicy {
+        let reason = problems
+            .iter()
+            .map(|(field, problem)| format!("{field}: {problem}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        AuthorizationPolicy {
+            name: resource.metadata.name.clone().unwrap_or_default(),
+            namespace: namespace_of(&resource.metadata).to_string(),
+            selector: selector_of(resource),
+            action: Action::Deny,
+            rules: vec![Rule::default()],
+            dry_run: false,
+            invalid: Some(reason),
+        }
     }
 
     /// `namespace/name`, as decisions and listings name policies.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// `spec.selector.matchLabels`; empty (the whole namespace) without one.
+fn selector_of(resource: &AuthorizationPolicyResource) -> BTreeMap<String, String> {
+    resource
+        .spec
+        .selector
+        .as_ref()
+        .map(|selector| selector.match_labels.clone())
+        .unwrap_or_default()
 }
 
 /// Reads the dry-run annotation with Go's `strconv.ParseBool` spellings, as Istio does; anything

@@ -81,11 +81,24 @@ impl Lookups {
 
 impl Snapshot {
     /// Builds a snapshot from objects of any source (files now, the Kubernetes API later).
-    /// Fails with every problem found; a snapshot is only ever whole.
+    /// Fails with every problem found: a state directory is taken whole or not at all.
     pub fn build(
         objects: Vec<Sourced<Object>>,
         files: Vec<PathBuf>,
     ) -> Result<Snapshot, StateErrors> {
+        let (snapshot, errors) = Snapshot::assemble(objects, files);
+        StateErrors::check(errors)?;
+        Ok(snapshot)
+    }
+
+    /// Builds a snapshot from the good objects and reports every bad one, each rejected alone
+    /// (a source that cannot refuse a whole state, such as the Kubernetes API, serves this).
+    /// An AuthorizationPolicy that cannot be understood is not left out: it stands as a DENY of
+    /// everything for the workloads it selects ([`AuthorizationPolicy::fail_closed`]).
+    pub fn assemble(
+        objects: Vec<Sourced<Object>>,
+        files: Vec<PathBuf>,
+    ) -> (Snapshot, Vec<StateError>) {
         let mut errors = Vec::new();
         let (mut k8s_namespaces, mut pods, mut services) = (Vec::new(), Vec::new(), Vec::new());
         let (mut authorizations, mut peers, mut slices) = (Vec::new(), Vec::new(), Vec::new());
@@ -127,68 +140,56 @@ impl Snapshot {
                 })
                 .collect();
 
+        // Objects in a namespace that does not exist are checked too (one reading reports every
+        // problem of an object), then left out.
         let pods = validate::named::<k8s::Pod>(&pods, true, &mut errors);
-        validate::namespaces_exist(&pods, &namespaces, &mut errors);
-        let no_labels = BTreeMap::new();
-        let mut workloads = Vec::new();
-        for pod in &pods {
-            let namespace_labels = pod
-                .namespace
-                .and_then(|namespace| namespaces.get(namespace))
-                .map_or(&no_labels, |namespace| &namespace.labels);
-            match Workload::from_pod(pod.object, namespace_labels) {
-                Ok(Some(workload)) => workloads.push((workload, pod)),
-                Ok(None) => tracing::debug!(pod = %pod.label, "skipping pod without status.podIP"),
-                Err(problems) => errors.extend(
-                    problems
-                        .into_iter()
-                        .map(|problem| pod.error(Some(problem.field()), problem)),
-                ),
-            }
-        }
-        validate::unique_ips(&workloads, &mut errors);
+        let (pods, homeless) = validate::namespaces_exist(pods, &namespaces, &mut errors);
+        let workloads = workloads_of(&pods, &namespaces, &mut errors);
+        workloads_of(&homeless, &namespaces, &mut errors);
+        let workloads = validate::unique_ips(workloads, &mut errors);
 
         let services = validate::named::<k8s::Service>(&services, true, &mut errors);
-        validate::namespaces_exist(&services, &namespaces, &mut errors);
-        let services = build_each(
-            &services,
-            |service| Service::from_k8s(service).map_err(at_fields(ServiceError::field)),
-            &mut errors,
-        );
+        let (services, homeless) = validate::namespaces_exist(services, &namespaces, &mut errors);
+        let service_of = |service: &k8s::Service| {
+            Service::from_k8s(service).map_err(at_fields(ServiceError::field))
+        };
+        let services = build_each(&services, service_of, &mut errors);
+        build_each(&homeless, service_of, &mut errors);
 
         let slices = validate::named::<k8s_openapi::api::discovery::v1::EndpointSlice>(
             &slices,
             true,
             &mut errors,
         );
-        validate::namespaces_exist(&slices, &namespaces, &mut errors);
+        let (slices, homeless) = validate::namespaces_exist(slices, &namespaces, &mut errors);
+        let slice_of = |slice: &k8s_openapi::api::discovery::v1::EndpointSlice| {
+            EndpointSlice::from_k8s(slice).map_err(at_fields(EndpointSliceError::field))
+        };
         // Slices of other address types build to `None`: skipped.
-        let endpoint_slices: Vec<EndpointSlice> = build_each(
-            &slices,
-            |slice| EndpointSlice::from_k8s(slice).map_err(at_fields(EndpointSliceError::field)),
-            &mut errors,
-        )
-        .into_iter()
-        .flatten()
-        .collect();
+        let endpoint_slices: Vec<EndpointSlice> = build_each(&slices, slice_of, &mut errors)
+            .into_iter()
+            .flatten()
+            .collect();
+        build_each(&homeless, slice_of, &mut errors);
 
         let authorizations =
             validate::named::<AuthorizationPolicyResource>(&authorizations, true, &mut errors);
-        validate::namespaces_exist(&authorizations, &namespaces, &mut errors);
-        let authorization_policies = build_each(
-            &authorizations,
-            AuthorizationPolicy::from_resource,
-            &mut errors,
-        );
+        let (authorizations, homeless) =
+            validate::namespaces_exist(authorizations, &namespaces, &mut errors);
+        let authorization_policies = authorizations
+            .iter()
+            .map(|policy| authorization_of(policy, &mut errors))
+            .collect();
+        for policy in &homeless {
+            authorization_of(policy, &mut errors);
+        }
         let peers = validate::named::<PeerAuthenticationResource>(&peers, true, &mut errors);
-        validate::namespaces_exist(&peers, &namespaces, &mut errors);
+        let (peers, homeless) = validate::namespaces_exist(peers, &namespaces, &mut errors);
         let peer_authentications =
             build_each(&peers, PeerAuthentication::from_resource, &mut errors);
+        build_each(&homeless, PeerAuthentication::from_resource, &mut errors);
 
-        if !errors.is_empty() {
-            return Err(StateErrors(errors));
-        }
-        Ok(Snapshot::new(
+        let snapshot = Snapshot::new(
             namespaces,
             workloads
                 .into_iter()
@@ -198,7 +199,8 @@ impl Snapshot {
             files,
         )
         .with_policies(authorization_policies, peer_authentications)
-        .with_endpoint_slices(endpoint_slices))
+        .with_endpoint_slices(endpoint_slices);
+        (snapshot, errors)
     }
 
     /// Sets the EndpointSlices, sorting them so equal states compare equal.
@@ -335,6 +337,49 @@ impl Snapshot {
 }
 
 /// Builds the model of each named resource, turning its field problems into state errors.
+/// The workloads of `pods` that have an IP; the problems of the others go to `errors`.
+fn workloads_of<'a, 'b>(
+    pods: &'b [Named<'a, k8s::Pod>],
+    namespaces: &BTreeMap<String, Namespace>,
+    errors: &mut Vec<StateError>,
+) -> Vec<(Workload, &'b Named<'a, k8s::Pod>)> {
+    let no_labels = BTreeMap::new();
+    let mut workloads = Vec::new();
+    for pod in pods {
+        let namespace_labels = pod
+            .namespace
+            .and_then(|namespace| namespaces.get(namespace))
+            .map_or(&no_labels, |namespace| &namespace.labels);
+        match Workload::from_pod(pod.object, namespace_labels) {
+            Ok(Some(workload)) => workloads.push((workload, pod)),
+            Ok(None) => tracing::debug!(pod = %pod.label, "skipping pod without status.podIP"),
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|problem| pod.error(Some(problem.field()), problem)),
+            ),
+        }
+    }
+    workloads
+}
+
+/// The model of a policy, or, when it cannot be understood, its fail-closed stand-in (its
+/// problems go to `errors`).
+fn authorization_of(
+    policy: &Named<'_, AuthorizationPolicyResource>,
+    errors: &mut Vec<StateError>,
+) -> AuthorizationPolicy {
+    AuthorizationPolicy::from_resource(policy.object).unwrap_or_else(|problems| {
+        let model = AuthorizationPolicy::fail_closed(policy.object, &problems);
+        errors.extend(
+            problems
+                .into_iter()
+                .map(|(field, problem)| policy.error(Some(&field), problem)),
+        );
+        model
+    })
+}
+
 fn build_each<R, M, E: std::fmt::Display>(
     objects: &[Named<'_, R>],
     build: impl Fn(&R) -> Result<M, Vec<(String, E)>>,
@@ -365,6 +410,7 @@ fn at_fields<E>(field: impl Fn(&E) -> String) -> impl FnOnce(Vec<E>) -> Vec<(Str
 mod tests {
     use super::*;
     use crate::state::document::{Format, parse};
+    use crate::state::{Action, Rule};
     use std::path::Path;
 
     const NAMESPACES: &str = "---
@@ -483,6 +529,77 @@ status: {{podIP: \"{ip}\", phase: Running}}
         );
         let host = snapshot.workload("demo", "host-1").expect("must succeed");
         assert_eq!(host.enrollment.reason(), "pod uses hostNetwork");
+    }
+
+    fn assemble(text: &str) -> (Snapshot, Vec<String>) {
+        let parsed = parse(Path::new("s.yaml"), text, Format::Yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let (snapshot, errors) = Snapshot::assemble(parsed.objects, vec!["s.yaml".into()]);
+        (snapshot, errors.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn assembling_rejects_each_bad_object_alone() {
+        // A pod in a missing namespace, a second claim on an IP, a duplicate name and a bad
+        // Service: each is reported and left out; everything else is there.
+        let text = format!(
+            "{NAMESPACES}{}{}{}{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 0}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: ok, namespace: demo}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80}}]}}\n",
+            pod("demo", "a", "n", "10.0.0.1", ""),
+            pod("ghost", "b", "n", "10.0.0.2", ""),
+            pod("plain", "c", "n", "10.0.0.1", ""),
+            pod("demo", "a", "n", "10.0.0.3", ""),
+            pod("plain", "d", "n", "10.0.0.4", ""),
+        );
+        let (snapshot, errors) = assemble(&text);
+        let pods: Vec<String> = snapshot
+            .workloads
+            .iter()
+            .map(|w| format!("{}/{} {}", w.namespace, w.name, w.ip))
+            .collect();
+        assert_eq!(pods, ["demo/a 10.0.0.1", "plain/d 10.0.0.4"]);
+        assert!(snapshot.service("demo", "ok").is_some());
+        assert!(snapshot.service("demo", "web").is_none());
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        for (error, object) in errors.iter().zip([
+            "Pod demo/a: defined more than once",
+            "Pod ghost/b: metadata.namespace",
+            "Pod plain/c: status.podIP",
+            "Service demo/web: spec.ports[0].port",
+        ]) {
+            assert!(error.contains(object), "{error} lacks {object}");
+        }
+        // The directory source takes a state whole or not at all.
+        assert_eq!(messages(build(&text)), errors);
+    }
+
+    #[test]
+    fn an_authorization_policy_that_cannot_be_understood_stays_as_a_deny_of_all() {
+        let text = format!(
+            "{NAMESPACES}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: broken, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  action: ALLOW\n  rules: [{{from: [{{source: {{ipBlocks: [10.0.0.x]}}}}]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: fine, namespace: demo}}\nspec: {{action: DENY, rules: [{{from: [{{source: {{namespaces: [plain]}}}}]}}]}}\n"
+        );
+        let (snapshot, errors) = assemble(&text);
+        assert_eq!(
+            errors,
+            [
+                "s.yaml: AuthorizationPolicy demo/broken: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.x\" is not an IP address or CIDR block"
+            ]
+        );
+        let policies = &snapshot.authorization_policies;
+        assert_eq!(policies.len(), 2);
+        let broken = policies.iter().find(|p| p.name == "broken").expect("kept");
+        assert_eq!(broken.action, Action::Deny);
+        assert_eq!(broken.rules, [Rule::default()]);
+        assert_eq!(broken.selector.get("app").map(String::as_str), Some("a"));
+        assert!(!broken.dry_run);
+        assert!(
+            broken
+                .invalid
+                .as_deref()
+                .is_some_and(|why| why.contains("ipBlocks[0]")),
+            "{broken:?}"
+        );
+        let fine = policies.iter().find(|p| p.name == "fine").expect("kept");
+        assert_eq!(fine.invalid, None);
     }
 
     #[test]

@@ -110,39 +110,56 @@ where
     kept
 }
 
-/// Reports namespaced objects whose namespace has no Namespace object.
-pub fn namespaces_exist<T>(
-    objects: &[Named<'_, T>],
+/// Splits namespaced objects into those whose namespace has a Namespace object and the others,
+/// which are reported. The others are still worth checking field by field, so that one reading
+/// reports every problem of an object, but are never used.
+pub fn namespaces_exist<'a, T>(
+    objects: Vec<Named<'a, T>>,
     namespaces: &BTreeMap<String, Namespace>,
     errors: &mut Vec<StateError>,
-) {
-    for object in objects {
-        if let Some(namespace) = object.namespace.filter(|ns| !namespaces.contains_key(*ns)) {
-            let error = ValidationError::MissingNamespace(namespace.to_string());
-            errors.push(object.error(error.field(), error));
+) -> (Vec<Named<'a, T>>, Vec<Named<'a, T>>) {
+    objects.into_iter().partition(|object| {
+        match object.namespace.filter(|ns| !namespaces.contains_key(*ns)) {
+            Some(namespace) => {
+                let error = ValidationError::MissingNamespace(namespace.to_string());
+                errors.push(object.error(error.field(), error));
+                false
+            }
+            None => true,
         }
-    }
+    })
 }
 
-/// Reports running pods that claim an IP another running pod already has.
+/// Keeps the first running pod to claim an IP and reports (and drops) each later one.
 /// hostNetwork and terminal pods are left out: they legitimately share or free their IP.
-pub fn unique_ips<T>(workloads: &[(Workload, &Named<'_, T>)], errors: &mut Vec<StateError>) {
+pub fn unique_ips<'a, 'b, T>(
+    workloads: Vec<(Workload, &'b Named<'a, T>)>,
+    errors: &mut Vec<StateError>,
+) -> Vec<(Workload, &'b Named<'a, T>)> {
     let mut owners: BTreeMap<Ipv4Addr, &Named<'_, T>> = BTreeMap::new();
-    for (workload, pod) in workloads.iter().filter(|(workload, _)| workload.owns_ip()) {
-        match owners.entry(workload.ip) {
-            Entry::Occupied(first) => {
-                let error = ValidationError::IpConflict {
-                    ip: workload.ip,
-                    other: first.get().label.clone(),
-                    origin: first.get().origin.clone(),
-                };
-                errors.push(pod.error(error.field(), error));
+    workloads
+        .into_iter()
+        .filter(|(workload, pod)| {
+            if !workload.owns_ip() {
+                return true;
             }
-            Entry::Vacant(slot) => {
-                slot.insert(pod);
+            match owners.entry(workload.ip) {
+                Entry::Occupied(first) => {
+                    let error = ValidationError::IpConflict {
+                        ip: workload.ip,
+                        other: first.get().label.clone(),
+                        origin: first.get().origin.clone(),
+                    };
+                    errors.push(pod.error(error.field(), error));
+                    false
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(pod);
+                    true
+                }
             }
-        }
-    }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -190,7 +207,8 @@ mod tests {
         let pods = [pod(Some("a"), None, "p.yaml")];
         let mut errors = Vec::new();
         let kept = named(&pods, true, &mut errors);
-        namespaces_exist(&kept, &BTreeMap::new(), &mut errors);
+        let (kept, homeless) = namespaces_exist(kept, &BTreeMap::new(), &mut errors);
+        assert!(kept.is_empty() && homeless.len() == 1);
         assert_eq!(
             errors[0].to_string(),
             "p.yaml: Pod default/a: metadata.namespace: namespace \"default\" has no Namespace object"
