@@ -1,12 +1,13 @@
 //! `cargo xtask`: installs what the project needs, then builds, tests, demonstrates and benchmarks it.
 //!
-//! It builds with the machine's default stable toolchain and uses only std, because it is the
-//! command that installs the pinned toolchains (see ../shared/TOOLCHAIN.md: with
-//! `RUSTUP_AUTO_INSTALL=0`, nothing pinned may be needed before it runs).
+//! It builds with the machine's default stable toolchain and uses only crates that build there,
+//! because it is the command that installs the pinned toolchains (see ../shared/TOOLCHAIN.md:
+//! with `RUSTUP_AUTO_INSTALL=0`, nothing pinned may be needed before it runs).
 #![forbid(unsafe_code)]
 
 mod process;
 mod setup;
+mod validate;
 
 use std::{
     env,
@@ -27,7 +28,8 @@ usage: cargo xtask <command> [args]
 commands:
   setup              install missing apt packages, bpf-linker and the pinned toolchains (root)
   build              setup, then build every binary in release mode
-  test [ARGS]        setup, build, then run every test; ARGS go to `cargo test`
+  test [ARGS]        setup, check deploy/ (validate.rs), build, then run every test;
+                     ARGS go to `cargo test`
                      (e.g. `cargo xtask test -p mesh-tests --test topology -- --nocapture`)
   demo               setup, build, then run the two-node demo
   bench              setup, build, then run the mesh vs. no-mesh benchmark
@@ -74,6 +76,10 @@ fn no_args(command: &str, rest: &[String]) -> Result<(), Failure> {
 /// `cargo +1.98.0 build --release` of every host binary.
 fn build() -> Result<(), Failure> {
     setup::run()?;
+    compile()
+}
+
+fn compile() -> Result<(), Failure> {
     println!("xtask: building release binaries with {USER_TOOLCHAIN}");
     let mut args = vec![
         format!("+{USER_TOOLCHAIN}"),
@@ -87,7 +93,10 @@ fn build() -> Result<(), Failure> {
 
 /// Runs every test of the workspace against the freshly built agent binary.
 fn test(extra: &[String]) -> Result<(), Failure> {
-    build()?;
+    setup::run()?;
+    // The manifests first: a few seconds, and a broken deploy/ fails the run before the build.
+    validate::run()?;
+    compile()?;
     // --no-fail-fast: one CI run reports every failing test binary, not only the first.
     let mut args = vec![
         format!("+{USER_TOOLCHAIN}"),

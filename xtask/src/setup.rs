@@ -2,7 +2,11 @@
 //!
 //! The steps and their versions are the ones checked in ../shared/TOOLCHAIN.md.
 
-use std::{fs, time::Instant};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use crate::{
     EBPF_TOOLCHAIN, USER_TOOLCHAIN,
@@ -22,6 +26,10 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Validates deploy/ against Kubernetes' own schemas (validate.rs); from PyPI, into its own venv
+/// so that neither Debian's Python (externally managed) nor the machine's is changed.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const KUBERNETES_VALIDATE_VENV: &str = "/opt/kubernetes-validate";
 
 pub fn run() -> Result<(), Failure> {
     require_root()?;
@@ -30,6 +38,7 @@ pub fn run() -> Result<(), Failure> {
     bpf_linker()?;
     toolchain(USER_TOOLCHAIN, &[])?;
     toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
+    kubernetes_validate()?;
     println!("setup: ready ({:.1} s)", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -186,4 +195,43 @@ fn toolchain(name: &str, components: &[&str]) -> Result<(), Failure> {
     )?;
     println!("setup: toolchain {name}: done");
     Ok(())
+}
+
+/// The `kubernetes-validate` program that [`kubernetes_validate`] installs.
+pub fn kubernetes_validate_bin() -> PathBuf {
+    Path::new(KUBERNETES_VALIDATE_VENV).join("bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> Result<(), Failure> {
+    let venv = Path::new(KUBERNETES_VALIDATE_VENV);
+    if kubernetes_validate_bin().exists() && has_dist_info(venv, KUBERNETES_VALIDATE_VERSION) {
+        println!("setup: kubernetes-validate: skipped ({KUBERNETES_VALIDATE_VERSION} installed)");
+        return Ok(());
+    }
+    println!(
+        "setup: kubernetes-validate: installing {KUBERNETES_VALIDATE_VERSION} into {KUBERNETES_VALIDATE_VENV}"
+    );
+    if !venv.join("bin/python").exists() {
+        process::run(command("python3").args(["-m", "venv"]).arg(venv))?;
+    }
+    process::run(
+        command(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )?;
+    println!("setup: kubernetes-validate: done");
+    Ok(())
+}
+
+/// Whether pip installed `kubernetes_validate-<version>.dist-info` in the venv; a file check, so
+/// that a second setup does not pay for starting Python.
+fn has_dist_info(venv: &Path, version: &str) -> bool {
+    let wanted = format!("kubernetes_validate-{version}.dist-info");
+    let Ok(lib) = fs::read_dir(venv.join("lib")) else {
+        return false;
+    };
+    lib.flatten()
+        .any(|python| python.path().join("site-packages").join(&wanted).is_dir())
 }
