@@ -609,3 +609,59 @@ fn schema_check(version: &str, files: &[PathBuf]) -> Result<(), ManifestError> {
         report,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn documents(yaml: &str) -> Vec<Document> {
+        let file = Path::new("deploy/test.yaml");
+        let dir = std::env::temp_dir().join(format!("xtask-validate-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(file.file_name().unwrap());
+        fs::write(&path, yaml).unwrap();
+        documents_of(&path).unwrap()
+    }
+
+    #[test]
+    fn finds_variable_references() {
+        assert_eq!(references("--node=$(NODE_NAME)"), vec!["NODE_NAME"]);
+        assert_eq!(references("$(A)-$(B)"), vec!["A", "B"]);
+        assert!(references("$$(ESCAPED) plain").is_empty());
+    }
+
+    #[test]
+    fn the_shipped_base_passes_the_rbac_and_daemonset_checks() {
+        let dir = repo_root().join("deploy");
+        let files = listed_files(&dir).unwrap();
+        let docs: Vec<Document> = files
+            .iter()
+            .flat_map(|f| documents_of(f).unwrap())
+            .collect();
+        assert!(check_cluster_role(&dir, &docs).is_empty());
+        assert!(check_daemonset(&dir, &docs).is_empty());
+    }
+
+    #[test]
+    fn a_write_verb_or_an_extra_resource_is_named() {
+        let docs = documents(
+            "kind: ClusterRole\nmetadata: {name: r}\nrules:\n\
+             - apiGroups: ['']\n  resources: [pods, namespaces, services, secrets]\n  verbs: [get, list, watch, create]\n",
+        );
+        let errors: Vec<String> = check_cluster_role(Path::new("deploy"), &docs)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("rules[0].verbs: \"create\" is not allowed"))
+        );
+        assert!(errors.iter().any(|e| e.contains("grants core/secrets")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("discovery.k8s.io/endpointslices lacks get, list, watch"))
+        );
+    }
+}
