@@ -37,6 +37,7 @@ mod macros {
 }
 
 pub mod agent;
+pub mod apiserver;
 mod command;
 pub mod cputime;
 pub mod netns;
