@@ -21,6 +21,7 @@ use crate::{
     identity::{CertificateAuthority, CertificateManager},
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
+    source::{StateSource, kube},
     state,
 };
 
@@ -55,15 +56,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {
-    let watcher = state::Watcher::new(config.state_path.clone()).map_err(|errors| {
-        anyhow::anyhow!(
-            "the state at {} is invalid:\n{errors}",
-            config.state_path.display()
-        )
-    })?;
-    let snapshot = watcher.snapshot();
-    let state_status = watcher.status();
-    tokio::spawn(watcher.run());
+    let (snapshot, state_status, source_watches) = match &config.source {
+        StateSource::Files(path) => {
+            let watcher = state::Watcher::new(path.clone()).map_err(|errors| {
+                anyhow::anyhow!("the state at {} is invalid:\n{errors}", path.display())
+            })?;
+            let (snapshot, status) = (watcher.snapshot(), watcher.status());
+            tokio::spawn(watcher.run());
+            (snapshot, status, None)
+        }
+        StateSource::Kubernetes(connection) => {
+            let client = kube::client(connection).await?;
+            info!(?connection, "listing the cluster from the Kubernetes API");
+            // Not ready (nothing listens yet) until every kind has been listed once.
+            let source = kube::start(client, connection).await;
+            (source.snapshot, source.status, Some(source.watches))
+        }
+    };
 
     let ca = CertificateAuthority::load_or_create(
         &config.identity.ca_dir,
@@ -104,6 +113,7 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             config: config.clone(),
             started: Instant::now(),
             state_status,
+            source_watches,
             capture: capture.clone(),
             pending: pending.clone(),
             proxy: ctx.clone(),

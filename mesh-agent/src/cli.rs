@@ -104,6 +104,17 @@ fn status(v: &Value) -> String {
             s(&state["peer_authentications"])
         ),
     );
+    for watch in state["watches"].as_array().into_iter().flatten() {
+        let mut text = format!("{}, {} objects", s(&watch["state"]), s(&watch["objects"]));
+        if !watch["failing_since"].is_null() {
+            text.push_str(&format!(
+                ", failing since {}: {}",
+                s(&watch["failing_since"]["secs_since_epoch"]),
+                s(&watch["last_error"])
+            ));
+        }
+        line(&format!("Watch {}:", s(&watch["kind"])), text);
+    }
     line("Capture active:", s(&capture["active"]));
     line(
         "Enrolled on node:",

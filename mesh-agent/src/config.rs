@@ -1,20 +1,21 @@
 //! Agent configuration: a plain struct, logged at start-up and served by `/config_dump`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Serialize;
 
 use crate::{
     identity::IdentityConfig,
     proxy::{MeshConfig, hbone::pool::PoolSettings},
+    source::StateSource,
 };
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     /// Kubernetes node name this agent serves (pods' `spec.nodeName`).
     pub node: String,
-    /// Directory or file of Kubernetes YAML (the local state source).
-    pub state_path: PathBuf,
+    /// Where the cluster state comes from: YAML files or the Kubernetes API.
+    pub source: StateSource,
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub metrics_addr: SocketAddr,

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod shutdown;
+pub mod source;
 pub mod state;

@@ -9,6 +9,7 @@ use mesh_agent::{
     config::Config,
     identity::IdentityConfig,
     proxy::{MeshConfig, hbone::pool::PoolSettings},
+    source::{StateSource, kube::Connection},
 };
 
 #[derive(Parser)]
@@ -29,9 +30,14 @@ enum Command {
         /// Kubernetes node name this agent serves.
         #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Directory or file of Kubernetes YAML (Namespace, Pod, Service).
+        /// Directory or file of Kubernetes YAML (Namespace, Pod, Service, …): run without a
+        /// cluster. Without it the agent reads the Kubernetes API: with `--kubeconfig`, or with
+        /// the pod's service account when it runs in a pod (`KUBERNETES_SERVICE_HOST`).
+        #[arg(long, conflicts_with = "kubeconfig")]
+        state: Option<PathBuf>,
+        /// Read the cluster from the Kubernetes API with this kubeconfig (its current context).
         #[arg(long)]
-        state: PathBuf,
+        kubeconfig: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
         #[arg(long, default_value = "0.0.0.0:15021")]
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
         Command::Run {
             node,
             state,
+            kubeconfig,
             admin_addr,
             readiness_addr,
             metrics_addr,
@@ -132,9 +139,20 @@ fn main() -> ExitCode {
             let secs = |s: f64, default: u64| {
                 Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(default))
             };
+            let source = match (state, kubeconfig, Connection::in_cluster()) {
+                (Some(path), _, _) => StateSource::Files(path),
+                (None, Some(path), _) => StateSource::Kubernetes(Connection::Kubeconfig(path)),
+                (None, None, Some(in_cluster)) => StateSource::Kubernetes(in_cluster),
+                (None, None, None) => {
+                    eprintln!(
+                        "mesh-agent: no state source: give --state PATH (YAML) or --kubeconfig PATH, or run in a pod"
+                    );
+                    return ExitCode::from(2);
+                }
+            };
             app::run(Config {
                 node,
-                state_path: state,
+                source,
                 admin_addr,
                 readiness_addr,
                 metrics_addr,

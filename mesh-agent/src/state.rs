@@ -31,7 +31,7 @@ pub use document::{Format, Object, Sourced};
 pub use endpoint_slice::EndpointSlice;
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
 pub use error::{Origin, StateError, StateErrors};
-pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
+pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource, WorkloadSelector};
 pub use namespace::Namespace;
 pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
 pub use service::{Protocol, Service, ServicePort, TargetPort};

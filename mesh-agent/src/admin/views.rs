@@ -29,6 +29,8 @@ pub struct AdminState {
     pub config: Config,
     pub started: Instant,
     pub state_status: watch::Receiver<StateStatus>,
+    /// Each watch of the Kubernetes source (`None` for the directory source).
+    pub source_watches: Option<watch::Receiver<Vec<crate::source::kube::WatchStatus>>>,
     pub capture: Arc<Mutex<Option<Capture>>>,
     pub pending: Arc<Mutex<Pending>>,
     pub proxy: Arc<ProxyContext>,
@@ -57,6 +59,9 @@ pub struct StateView {
     pub authorization_policies: usize,
     pub peer_authentications: usize,
     pub status: StateStatus,
+    /// The Kubernetes source's watches: state, objects held, last event, failing since.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watches: Vec<crate::source::kube::WatchStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,13 +143,18 @@ impl AdminState {
             ready: *self.ready.borrow(),
             trust_domain: self.config.identity.trust_domain.clone(),
             state: StateView {
-                path: self.config.state_path.display().to_string(),
+                path: self.state_status.borrow().path.display().to_string(),
                 namespaces: snapshot.namespaces.len(),
                 workloads: snapshot.workloads.len(),
                 services: snapshot.services.len(),
                 authorization_policies: snapshot.authorization_policies.len(),
                 peer_authentications: snapshot.peer_authentications.len(),
                 status: self.state_status.borrow().clone(),
+                watches: self
+                    .source_watches
+                    .as_ref()
+                    .map(|w| w.borrow().clone())
+                    .unwrap_or_default(),
             },
             capture: CaptureSummary {
                 active,

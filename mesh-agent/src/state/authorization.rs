@@ -224,6 +224,8 @@ pub enum AuthorizationError {
     Empty,
     #[error("at least one of values or notValues must be set")]
     NoValues,
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// Problems with the field path of each, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
@@ -232,6 +234,12 @@ pub type FieldErrors = Vec<(String, AuthorizationError)>;
 impl AuthorizationPolicy {
     /// Builds the model, returning every problem. `metadata.name` is checked by the caller.
     pub fn from_resource(resource: &AuthorizationPolicyResource) -> Result<Self, FieldErrors> {
+        if let Some((field, reason)) = &resource.unreadable {
+            return Err(vec![(
+                field.clone(),
+                AuthorizationError::Unreadable(reason.clone()),
+            )]);
+        }
         let mut check = Check::default();
         let spec = &resource.spec;
         if spec.target_ref.is_some() {

@@ -23,6 +23,10 @@ pub struct AuthorizationPolicyResource {
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "nullable")]
     pub spec: AuthorizationPolicySpec,
+    /// Set by a source that received the object but could not read its spec (the field and
+    /// why): the policy then fails closed instead of being dropped.
+    #[serde(skip)]
+    pub unreadable: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

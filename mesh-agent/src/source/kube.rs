@@ -1,0 +1,592 @@
+//! The Kubernetes API as the state source: one list-then-watch reflector per kind (kube-rs, with
+//! its default backoff), slimmed to what the mesh reads, and every burst of changes coalesced
+//! into one rebuild of the snapshot, in which each bad object is rejected alone.
+//!
+//! A kind whose custom resource type is not installed (404) counts as empty and is retried by
+//! the backoff; it never holds readiness back. When the API server cannot be reached the stores
+//! keep what they hold, so the last state keeps serving; a relist (after 410 Gone) swaps a
+//! store's contents in one step, so no pod is released and enrolled again on the way.
+
+mod slim;
+
+use std::{
+    collections::BTreeSet,
+    fmt::Debug,
+    hash::Hash,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        reflector::{Store, store::Writer},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{Notify, watch};
+
+use crate::state::{
+    AuthorizationPolicyResource, Object, Origin, PeerAuthenticationResource, Snapshot, Sourced,
+    StateError, StateStatus, WorkloadSelector,
+};
+
+/// The pseudo file that state problems of API objects name.
+pub const ORIGIN: &str = "kubernetes";
+/// A burst of events is taken in one rebuild once it has been quiet this long...
+const QUIET: Duration = Duration::from_millis(20);
+/// ...or once it has lasted this long.
+const MAX_COALESCE: Duration = Duration::from_millis(200);
+
+/// How to reach the API server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Connection {
+    /// From inside a pod: `KUBERNETES_SERVICE_HOST`/`_PORT` and the service account's token.
+    InCluster,
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+}
+
+impl Connection {
+    /// `InCluster` when this process runs in a pod (`KUBERNETES_SERVICE_HOST` is set).
+    pub fn in_cluster() -> Option<Connection> {
+        std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| Connection::InCluster)
+    }
+
+    fn describe(&self) -> PathBuf {
+        match self {
+            Connection::InCluster => PathBuf::from("kubernetes (in-cluster service account)"),
+            Connection::Kubeconfig(path) => {
+                PathBuf::from(format!("kubernetes (kubeconfig {})", path.display()))
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("in-cluster configuration: {0}")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for `connection`.
+pub async fn client(connection: &Connection) -> Result<Client, KubeError> {
+    let config = match connection {
+        Connection::InCluster => kube::Config::incluster()?,
+        Connection::Kubeconfig(path) => {
+            let error = |source| KubeError::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(error)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(error)?
+        }
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// How one watch is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchState {
+    /// Listing (at start, or relisting after 410 Gone); the previous contents still serve.
+    Listing,
+    /// Listed, and watching.
+    Synced,
+    /// The kind is not installed (404): it counts as empty, and is checked again.
+    NotInstalled,
+}
+
+/// One watched kind, for `mesh-agent status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchStatus {
+    pub kind: &'static str,
+    pub state: WatchState,
+    /// Objects in its store.
+    pub objects: usize,
+    pub last_event: Option<SystemTime>,
+    /// The last failure (API server unreachable, forbidden, …) and since when it lasts;
+    /// cleared once the watch is back.
+    pub last_error: Option<String>,
+    pub failing_since: Option<SystemTime>,
+}
+
+/// What the watch tasks share with the rebuild loop.
+struct Shared {
+    watches: Mutex<Vec<WatchStatus>>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn update(&self, slot: usize, f: impl FnOnce(&mut WatchStatus)) {
+        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(watch) = watches.get_mut(slot) {
+            f(watch);
+        }
+    }
+
+    /// Every kind has been listed once (or found not installed).
+    fn ready(&self) -> bool {
+        let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        watches
+            .iter()
+            .all(|w| w.state != WatchState::Listing || w.last_event.is_some())
+    }
+
+    fn snapshot(&self) -> Vec<WatchStatus> {
+        self.watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The stores of every watched kind.
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    authorization_policies: Store<DynamicObject>,
+    peer_authentications: Store<DynamicObject>,
+}
+
+/// The running source: the snapshot, its status and each watch's.
+pub struct KubeSource {
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub status: watch::Receiver<StateStatus>,
+    pub watches: watch::Receiver<Vec<WatchStatus>>,
+}
+
+const KINDS: [&str; 6] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "EndpointSlice",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+];
+
+/// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
+/// kind has been listed (or found not installed) and the first snapshot is built: until then
+/// the agent is not ready.
+pub async fn start(client: Client, connection: &Connection) -> KubeSource {
+    let now = SystemTime::now();
+    let shared = Arc::new(Shared {
+        watches: Mutex::new(
+            KINDS
+                .iter()
+                .map(|kind| WatchStatus {
+                    kind,
+                    state: WatchState::Listing,
+                    objects: 0,
+                    last_event: None,
+                    last_error: None,
+                    failing_since: None,
+                })
+                .collect(),
+        ),
+        changed: Notify::new(),
+    });
+    let istio = |kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("security.istio.io", "v1", kind),
+            plural,
+        )
+    };
+    let (authz, peers) = (
+        istio("AuthorizationPolicy", "authorizationpolicies"),
+        istio("PeerAuthentication", "peerauthentications"),
+    );
+    let stores = Stores {
+        namespaces: spawn_watch(
+            Api::all(client.clone()),
+            Writer::default(),
+            slim::namespace,
+            0,
+            &shared,
+        ),
+        pods: spawn_watch(
+            Api::all(client.clone()),
+            Writer::default(),
+            slim::pod,
+            1,
+            &shared,
+        ),
+        services: spawn_watch(
+            Api::all(client.clone()),
+            Writer::default(),
+            slim::service,
+            2,
+            &shared,
+        ),
+        endpoint_slices: spawn_watch(
+            Api::all(client.clone()),
+            Writer::default(),
+            slim::endpoint_slice,
+            3,
+            &shared,
+        ),
+        authorization_policies: spawn_watch(
+            Api::all_with(client.clone(), &authz),
+            Writer::new(authz.clone()),
+            slim::istio,
+            4,
+            &shared,
+        ),
+        peer_authentications: spawn_watch(
+            Api::all_with(client, &peers),
+            Writer::new(peers.clone()),
+            slim::istio,
+            5,
+            &shared,
+        ),
+    };
+
+    while !shared.ready() {
+        shared.changed.notified().await;
+    }
+    let (snapshot, errors) = build(&stores);
+    let reported = report(&errors, &BTreeSet::new());
+    let status = StateStatus {
+        path: connection.describe(),
+        generation: 1,
+        last_loaded: Some(SystemTime::now()),
+        last_error: summary(&errors),
+        errors,
+        last_failed: None,
+    };
+    tracing::info!(
+        workloads = snapshot.workloads.len(),
+        services = snapshot.services.len(),
+        since_start = ?now.elapsed().unwrap_or_default(),
+        "state listed from the Kubernetes API"
+    );
+    let snapshot_tx = watch::Sender::new(Arc::new(snapshot));
+    let status_tx = watch::Sender::new(status);
+    let watches_tx = watch::Sender::new(shared.snapshot());
+    let source = KubeSource {
+        snapshot: snapshot_tx.subscribe(),
+        status: status_tx.subscribe(),
+        watches: watches_tx.subscribe(),
+    };
+    tokio::spawn(rebuild_loop(
+        stores,
+        shared,
+        snapshot_tx,
+        status_tx,
+        watches_tx,
+        reported,
+    ));
+    source
+}
+
+/// Waits for changes, coalesces each burst, rebuilds, and publishes what differs.
+async fn rebuild_loop(
+    stores: Stores,
+    shared: Arc<Shared>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    status: watch::Sender<StateStatus>,
+    watches: watch::Sender<Vec<WatchStatus>>,
+    mut reported: BTreeSet<String>,
+) {
+    loop {
+        shared.changed.notified().await;
+        let burst = tokio::time::Instant::now();
+        while burst.elapsed() < MAX_COALESCE
+            && tokio::time::timeout(QUIET, shared.changed.notified())
+                .await
+                .is_ok()
+        {}
+        if snapshot.is_closed() && status.is_closed() {
+            return;
+        }
+        watches.send_replace(shared.snapshot());
+        let (next, errors) = build(&stores);
+        reported = report(&errors, &reported);
+        if **snapshot.borrow() != next {
+            snapshot.send_replace(Arc::new(next));
+            status.send_modify(|status| {
+                status.generation += 1;
+                status.last_loaded = Some(SystemTime::now());
+            });
+        }
+        status.send_if_modified(|status| {
+            let last_error = summary(&errors);
+            let changed = status.last_error != last_error;
+            if changed {
+                status.last_failed = last_error.as_ref().map(|_| SystemTime::now());
+                status.last_error = last_error;
+                status.errors = errors;
+            }
+            changed
+        });
+    }
+}
+
+/// Logs each problem once, when it first appears; returns the problems now present.
+fn report(errors: &[StateError], reported: &BTreeSet<String>) -> BTreeSet<String> {
+    let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    for error in errors {
+        if !reported.contains(&error.to_string()) {
+            tracing::error!(
+                object = %error.object,
+                field = error.field.as_deref().unwrap_or("-"),
+                reason = %error.reason,
+                "object rejected; the rest of the state applies"
+            );
+        }
+    }
+    now
+}
+
+fn summary(errors: &[StateError]) -> Option<String> {
+    (!errors.is_empty()).then(|| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// Runs a reflector over `api` and records each event in slot `slot` of `shared`.
+fn spawn_watch<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    slim: fn(&mut K),
+    slot: usize,
+    shared: &Arc<Shared>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let store = writer.as_reader();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer);
+    let (shared, reader) = (shared.clone(), store.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let now = SystemTime::now();
+            match event {
+                Ok(watcher::Event::Init) => shared.update(slot, |w| w.state = WatchState::Listing),
+                Ok(watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::InitDone) => {
+                    shared.update(slot, |w| {
+                        w.state = WatchState::Synced;
+                        w.last_event = Some(now);
+                        w.last_error = None;
+                        w.failing_since = None;
+                        w.objects = reader.state().len();
+                    });
+                    shared.changed.notify_one();
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    shared.update(slot, |w| {
+                        w.last_event = Some(now);
+                        w.last_error = None;
+                        w.failing_since = None;
+                        w.objects = reader.state().len();
+                    });
+                    shared.changed.notify_one();
+                }
+                Err(error) => {
+                    let not_installed = matches!(
+                        &error,
+                        watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404
+                    );
+                    let mut first = false;
+                    shared.update(slot, |w| {
+                        first = w.last_error.is_none();
+                        if not_installed {
+                            // Counts as listed: the kind is empty until it is installed.
+                            w.state = WatchState::NotInstalled;
+                            w.last_event.get_or_insert(now);
+                        }
+                        w.last_error = Some(error.to_string());
+                        w.failing_since.get_or_insert(now);
+                    });
+                    if first {
+                        let kind = KINDS[slot];
+                        if not_installed {
+                            tracing::warn!(
+                                kind,
+                                "custom resource type not installed; counted as none, checked again"
+                            );
+                        } else {
+                            tracing::warn!(kind, %error, "watch failing; the last state keeps serving");
+                        }
+                    }
+                    shared.changed.notify_one();
+                }
+            }
+        }
+    });
+    store
+}
+
+/// Everything the stores hold, as a snapshot with each bad object rejected alone.
+fn build(stores: &Stores) -> (Snapshot, Vec<StateError>) {
+    let mut objects = Vec::new();
+    let origin = |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        let name = meta.name.as_deref().unwrap_or_default();
+        let document = match meta.namespace.as_deref() {
+            Some(namespace) => format!("{kind} {namespace}/{name}"),
+            None => format!("{kind} {name}"),
+        };
+        Origin::new(ORIGIN, document)
+    };
+    for ns in stores.namespaces.state() {
+        objects.push(Sourced {
+            origin: origin("Namespace", &ns.metadata),
+            object: Object::Namespace(Box::new((*ns).clone())),
+        });
+    }
+    for pod in stores.pods.state() {
+        objects.push(Sourced {
+            origin: origin("Pod", &pod.metadata),
+            object: Object::Pod(Box::new((*pod).clone())),
+        });
+    }
+    for service in stores.services.state() {
+        objects.push(Sourced {
+            origin: origin("Service", &service.metadata),
+            object: Object::Service(Box::new((*service).clone())),
+        });
+    }
+    for slice in stores.endpoint_slices.state() {
+        objects.push(Sourced {
+            origin: origin("EndpointSlice", &slice.metadata),
+            object: Object::EndpointSlice(Box::new((*slice).clone())),
+        });
+    }
+    let mut errors = Vec::new();
+    for policy in stores.authorization_policies.state() {
+        objects.push(Sourced {
+            origin: origin("AuthorizationPolicy", &policy.metadata),
+            object: Object::AuthorizationPolicy(Box::new(authorization_policy(&policy))),
+        });
+    }
+    for policy in stores.peer_authentications.state() {
+        let origin = origin("PeerAuthentication", &policy.metadata);
+        match typed::<PeerAuthenticationResource>(&policy) {
+            Ok(resource) => objects.push(Sourced {
+                origin,
+                object: Object::PeerAuthentication(Box::new(resource)),
+            }),
+            Err(reason) => errors.push(StateError::new(
+                ORIGIN,
+                origin.document,
+                None,
+                format!("cannot be read: {reason}"),
+            )),
+        }
+    }
+    let (snapshot, more) = Snapshot::assemble(objects, Vec::new());
+    errors.extend(more);
+    (snapshot, errors)
+}
+
+/// An Istio object as the model's resource type.
+fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
+    let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.into_inner())
+    })
+}
+
+/// The policy, or, when its spec cannot be read, a resource that fails closed for the
+/// workloads its selector names (as far as that can be read; else its whole namespace).
+fn authorization_policy(object: &DynamicObject) -> AuthorizationPolicyResource {
+    match typed::<AuthorizationPolicyResource>(object) {
+        Ok(resource) => resource,
+        Err(reason) => {
+            let mut resource = AuthorizationPolicyResource {
+                metadata: object.metadata.clone(),
+                ..AuthorizationPolicyResource::default()
+            };
+            resource.spec.selector = object.data.pointer("/spec/selector").and_then(|selector| {
+                serde_json::from_value::<WorkloadSelector>(selector.clone()).ok()
+            });
+            let (field, reason) = match reason.split_once(": ") {
+                Some((path, why)) if !path.is_empty() && path != "." => {
+                    (path.to_owned(), why.to_owned())
+                }
+                _ => ("spec".to_owned(), reason),
+            };
+            resource.unreadable = Some((field, reason));
+            resource
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(json: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json).expect("an object")
+    }
+
+    #[test]
+    fn a_policy_whose_spec_cannot_be_read_fails_closed_for_its_selector() {
+        let object = dynamic(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "rules": "not a list"}
+        }));
+        let resource = authorization_policy(&object);
+        let (field, reason) = resource.unreadable.clone().expect("unreadable");
+        assert_eq!(field, "spec.rules");
+        assert!(reason.contains("expected a sequence"), "{reason}");
+        let errors =
+            crate::state::AuthorizationPolicy::from_resource(&resource).expect_err("fails");
+        let model = crate::state::AuthorizationPolicy::fail_closed(&resource, &errors);
+        assert_eq!(model.action, crate::state::Action::Deny);
+        assert_eq!(model.selector.get("app").map(String::as_str), Some("web"));
+        assert_eq!(
+            (model.namespace.as_str(), model.name.as_str()),
+            ("shop", "p")
+        );
+    }
+
+    #[test]
+    fn a_readable_policy_is_read_as_the_directory_source_reads_it() {
+        let object = dynamic(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop", "annotations": {"istio.io/dry-run": "true"}},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["ops"]}}]}]}
+        }));
+        let resource = authorization_policy(&object);
+        assert!(resource.unreadable.is_none());
+        let model = crate::state::AuthorizationPolicy::from_resource(&resource).expect("valid");
+        assert_eq!(model.action, crate::state::Action::Deny);
+        assert!(model.dry_run);
+        assert_eq!(model.rules.len(), 1);
+    }
+}
