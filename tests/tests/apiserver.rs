@@ -377,3 +377,35 @@ async fn the_watcher_recovers_when_the_server_comes_back() {
     .await;
     assert!(pods.list(&ListParams::default()).await.is_ok());
 }
+
+/// A server started on a listener inside a network namespace comes back up in that namespace.
+/// Creating the namespace needs root; without it there is nothing to check here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_and_up_inside_a_network_namespace() {
+    if !mesh_tests::is_root() {
+        mesh_tests::skip("creating a network namespace needs root");
+        return;
+    }
+    let name = format!("mtapi{:x}", std::process::id());
+    let netns = mesh_tests::Netns::create(&name).expect("netns");
+    let listener = netns
+        .listen_on("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("listen in the netns");
+    let api = ApiServer::start(listener, ApiServerConfig::default()).expect("start");
+    assert!(
+        netns.connect(api.addr()).await.is_ok(),
+        "serving in the netns"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(api.addr()).await.is_err(),
+        "not in this namespace"
+    );
+    api.down().await;
+    assert!(netns.connect(api.addr()).await.is_err(), "down: refused");
+    api.up().await.expect("up");
+    assert!(
+        netns.connect(api.addr()).await.is_ok(),
+        "up again in the netns"
+    );
+}
