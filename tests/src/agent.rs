@@ -66,6 +66,9 @@ pub fn agent_binary() -> Result<PathBuf> {
 pub struct AgentOptions {
     /// Arguments after `run --node <node> --state <dir>`.
     pub args: Vec<String>,
+    /// Read the cluster from this kubeconfig's API server (`--kubeconfig`) instead of the
+    /// cluster's state directory (`--state`).
+    pub kubeconfig: Option<PathBuf>,
     /// Extra environment (the agent inherits the test's environment, plus `NO_COLOR=1`).
     pub env: Vec<(String, String)>,
     /// Another binary than [`agent_binary`].
@@ -79,6 +82,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             args: Vec::new(),
+            kubeconfig: None,
             env: Vec::new(),
             binary: None,
             wait_ready: true,
@@ -95,6 +99,12 @@ impl AgentOptions {
 
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// See [`AgentOptions::kubeconfig`].
+    pub fn kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
         self
     }
 

@@ -529,11 +529,12 @@ impl Cluster {
                 Ok(())
             });
         }
-        cmd.arg("run")
-            .arg("--node")
-            .arg(&node.name)
-            .arg("--state")
-            .arg(&self.state_dir)
+        cmd.arg("run").arg("--node").arg(&node.name);
+        match &options.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            None => cmd.arg("--state").arg(&self.state_dir),
+        };
+        cmd
             // One trust root per cluster, shared by its agents as Istio's plug-in CA would be.
             .arg("--ca-dir")
             .arg(self.ca_dir())

@@ -47,6 +47,8 @@ pub const ORIGIN: &str = "kubernetes";
 const QUIET: Duration = Duration::from_millis(20);
 /// ...or once it has lasted this long.
 const MAX_COALESCE: Duration = Duration::from_millis(200);
+/// How often a failing source asks whether the API server is back.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How to reach the API server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -218,6 +220,7 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
         istio("AuthorizationPolicy", "authorizationpolicies"),
         istio("PeerAuthentication", "peerauthentications"),
     );
+    let probe = Api::<Namespace>::all(client.clone());
     let stores = Stores {
         namespaces: spawn_watch(
             Api::all(client.clone()),
@@ -290,6 +293,7 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
         status: status_tx.subscribe(),
         watches: watches_tx.subscribe(),
     };
+    tokio::spawn(probe_while_failing(probe, shared.clone()));
     tokio::spawn(rebuild_loop(
         stores,
         shared,
@@ -299,6 +303,31 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
         reported,
     ));
     source
+}
+
+/// A watch that resumes after a failure says nothing until an object changes (kube-rs does not
+/// surface BOOKMARKs), so while any watch is failing the API server is asked for one namespace
+/// every [`PROBE_INTERVAL`]; once it answers, the failures are over.
+async fn probe_while_failing(api: Api<Namespace>, shared: Arc<Shared>) {
+    let list = kube::api::ListParams::default().limit(1);
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if Arc::strong_count(&shared) == 1 {
+            return;
+        }
+        let failing = shared.snapshot().iter().any(|w| w.failing_since.is_some());
+        if failing && api.list_metadata(&list).await.is_ok() {
+            for slot in 0..KINDS.len() {
+                shared.update(slot, |w| {
+                    if w.failing_since.take().is_some() {
+                        w.last_error = None;
+                    }
+                });
+            }
+            tracing::info!("the Kubernetes API answers again");
+            shared.changed.notify_one();
+        }
+    }
 }
 
 /// Waits for changes, coalesces each burst, rebuilds, and publishes what differs.
@@ -422,13 +451,14 @@ where
                     let mut first = false;
                     shared.update(slot, |w| {
                         first = w.last_error.is_none();
+                        w.last_error = Some(error.to_string());
                         if not_installed {
                             // Counts as listed: the kind is empty until it is installed.
                             w.state = WatchState::NotInstalled;
                             w.last_event.get_or_insert(now);
+                        } else {
+                            w.failing_since.get_or_insert(now);
                         }
-                        w.last_error = Some(error.to_string());
-                        w.failing_since.get_or_insert(now);
                     });
                     if first {
                         let kind = KINDS[slot];

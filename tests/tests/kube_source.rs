@@ -1,0 +1,253 @@
+//! End to end, as root: the agents read the cluster from a Kubernetes API server (the test API
+//! server of `mesh_tests::apiserver`, speaking the real protocol, reached by the agents' real
+//! kube-rs client over HTTPS with a bearer token) instead of a directory of YAML.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use common::{PORT, SETTLE, capture_device, eventually, expect_reset, wait_records};
+use mesh_tests::{
+    Agent, AgentOptions, Cluster, ClusterSpec, MODE_AMBIENT, MODE_LABEL,
+    apiserver::{ApiServer, ApiServerConfig, Verb},
+};
+use serde_json::{Value, json};
+
+/// The API server's port on node 0's link address, where both nodes' agents reach it.
+const API_PORT: u16 = 6443;
+
+/// The demo cluster, its objects served by an API server inside node 0's namespace, and an
+/// agent per node reading them. `None` (after a loud skip message) when not root.
+async fn cluster_on_the_api(
+    config: ApiServerConfig,
+) -> Result<Option<(Cluster, ApiServer, Vec<Agent>)>> {
+    if !mesh_tests::require_root() {
+        return Ok(None);
+    }
+    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    let node = cluster.node(0);
+    let listener = node
+        .netns()
+        .listen_on(SocketAddr::from((node.link_ip, API_PORT)))
+        .await?;
+    let api = ApiServer::start(listener, config)?;
+    // The cluster's state files are what `kubectl get -o yaml` prints: the same objects.
+    for object in state_objects(&cluster)? {
+        api.apply(object)?;
+    }
+    let mut agents = Vec::new();
+    for index in 0..2 {
+        let options = AgentOptions::default().kubeconfig(api.kubeconfig_path());
+        agents.push(cluster.start_agent_with(index, options).await?);
+    }
+    Ok(Some((cluster, api, agents)))
+}
+
+/// Every object of the cluster's state directory, as JSON.
+fn state_objects(cluster: &Cluster) -> Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(cluster.state_dir())?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        let object: Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not one YAML object", file.display()))?;
+        objects.push(object);
+    }
+    Ok(objects)
+}
+
+/// The object of `kind` `namespace/name` the cluster wrote, changed by `edit`.
+fn edited(
+    cluster: &Cluster,
+    kind: &str,
+    name: &str,
+    edit: impl FnOnce(&mut Value),
+) -> Result<Value> {
+    let mut object = state_objects(cluster)?
+        .into_iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name} in the cluster's state"))?;
+    edit(&mut object);
+    Ok(object)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -> Result<()> {
+    let Some((cluster, api, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await?
+    else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let (batch1, batch2) = (
+        cluster.pod("legacy", "batch-1"),
+        cluster.pod("legacy", "batch-2"),
+    );
+    let status = cluster.cli_json(0, &["status", "-o", "json"])?;
+    let watches = status["state"]["watches"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        watches.len() == 6 && watches.iter().all(|w| w["state"] == "synced"),
+        "every watch synced: {status:#}"
+    );
+
+    // Capture and the tunnel, from state the API served.
+    let _echo = web2.echo_server(PORT).await?;
+    web1.send_and_verify(web2.addr(PORT), 64 * 1024).await?;
+    wait_records(&cluster, 0, "outbound", web2.addr(PORT), 1).await?;
+    let inbound = wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    ensure!(
+        inbound
+            .iter()
+            .any(|r| r["security"] == "mutual_tls" && r["source_workload"] == "shop/web-1"),
+        "{inbound:#?}"
+    );
+
+    // Labelling a namespace through the API enrolls its pods live.
+    ensure!(capture_device(&cluster, 0, "legacy", "batch-1")?.is_none());
+    let labelled = edited(&cluster, "Namespace", "legacy", |ns| {
+        ns["metadata"]["labels"] = json!({ MODE_LABEL: MODE_AMBIENT });
+    })?;
+    let start = tokio::time::Instant::now();
+    api.apply(labelled)?;
+    eventually(SETTLE, "batch-1 captured after the namespace label", || {
+        Ok(capture_device(&cluster, 0, "legacy", "batch-1")?.as_deref()
+            == Some(batch1.host_veth.as_str()))
+    })
+    .await?;
+    eprintln!("namespace label to capture: {:?}", start.elapsed());
+
+    // A policy from the API applies; a broken one denies what it selects, and is reported,
+    // while the good one still applies elsewhere.
+    let _batch_echo = batch2.echo_server(PORT).await?;
+    api.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.x"]}}]}]}
+    }))?;
+    eventually(SETTLE, "the broken policy reported", || {
+        let status = cluster.cli_json(1, &["status", "-o", "json"])?;
+        Ok(status["state"]["status"]["last_error"]
+            .as_str()
+            .is_some_and(|e| {
+                e.contains("AuthorizationPolicy shop/broken") && e.contains("ipBlocks[0]")
+            }))
+    })
+    .await?;
+    expect_reset(web1, web2.addr(PORT)).await?;
+    common::expect_echo(web1, batch2.addr(PORT)).await?;
+
+    // Deleting a pod releases it.
+    api.delete("Pod", "legacy", "batch-1")?;
+    eventually(SETTLE, "batch-1 released after its deletion", || {
+        let workloads = cluster.cli_json(0, &["workloads", "-o", "json"])?;
+        Ok(!workloads
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w["namespace"] == "legacy" && w["name"] == "batch-1"))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_and_an_outage_keep_connections_and_enrollment() -> Result<()> {
+    let Some((cluster, api, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await?
+    else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let mut open = web1.connect(web2.addr(PORT)).await?;
+    ensure!(common::echoes(&mut open).await, "no echo before the relist");
+    let generation = common::generation(&cluster, 0)?;
+
+    // 410 Gone on every watch: the agents relist, the open connection carries on, and the
+    // unchanged state is not published again (no release, no re-enrollment).
+    let lists = api.requests(Verb::List, "/api/v1/pods");
+    api.expire_watches();
+    eventually(SETTLE, "the pods relisted", || {
+        Ok(api.requests(Verb::List, "/api/v1/pods") >= lists + 2)
+    })
+    .await?;
+    ensure!(
+        common::echoes(&mut open).await,
+        "the open connection broke on the relist"
+    );
+    ensure!(
+        common::generation(&cluster, 0)? == generation,
+        "a relist of an unchanged cluster published a new state"
+    );
+    ensure!(
+        capture_device(&cluster, 0, "shop", "web-1")?.is_some(),
+        "web-1 released by the relist"
+    );
+
+    // The API server goes away: traffic keeps flowing on the last state, and status says since when.
+    api.down().await;
+    let mut failing = Value::Null;
+    eventually(SETTLE, "status shows the failing watches", || {
+        let status = cluster.cli_json(0, &["status", "-o", "json"])?;
+        failing = status["state"]["watches"].clone();
+        Ok(failing
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| !w["failing_since"].is_null())))
+    })
+    .await?;
+    ensure!(
+        common::echoes(&mut open).await,
+        "the open connection broke in the outage"
+    );
+    web1.send_and_verify(web2.addr(PORT), 4096).await?;
+    ensure!(
+        capture_device(&cluster, 0, "shop", "web-1")?.is_some(),
+        "web-1 released in the outage"
+    );
+
+    // Back: the watches recover (kube's backoff) and a change applies again.
+    api.up().await?;
+    eventually(Duration::from_secs(60), "watches recovered", || {
+        let status = cluster.cli_json(0, &["status", "-o", "json"])?;
+        Ok(status["state"]["watches"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["failing_since"].is_null())))
+    })
+    .await?;
+    drop(open);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_istio_kinds_the_agent_is_ready_and_enforces_no_policy() -> Result<()> {
+    let config = ApiServerConfig {
+        istio_installed: false,
+        ..ApiServerConfig::default()
+    };
+    let Some((cluster, _api, _agents)) = cluster_on_the_api(config).await? else {
+        return Ok(());
+    };
+    let status = cluster.cli_json(1, &["status", "-o", "json"])?;
+    let watches = status["state"]["watches"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for kind in ["AuthorizationPolicy", "PeerAuthentication"] {
+        ensure!(
+            watches
+                .iter()
+                .any(|w| w["kind"] == kind && w["state"] == "not_installed"),
+            "{kind} not reported as not installed: {status:#}"
+        );
+    }
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    common::expect_echo(web1, web2.addr(PORT)).await?;
+    Ok(())
+}
