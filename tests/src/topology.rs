@@ -29,8 +29,11 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tokio::net::{TcpListener, TcpStream};
 
+use serde::Deserialize as _;
+
 use crate::{
     agent::{ADMIN_PORT, Agent, AgentOptions, READY_PATH, READY_PORT, Registry, agent_binary},
+    apiserver::{ApiServer, ApiServerConfig},
     command::{self, COMMAND_TIMEOUT},
     netns::Netns,
     state_yaml::{self, Labels, PodObject},
@@ -273,7 +276,20 @@ pub struct Cluster {
     dir: Option<tempfile::TempDir>,
     dir_path: PathBuf,
     state_dir: PathBuf,
+    /// When set ([`Cluster::serve_api`]): the state files are mirrored into this API server and
+    /// agents read it instead of the state directory.
+    api: Option<ApiServer>,
+    /// The objects (kind, namespace, name) each mirrored state file holds.
+    mirrored: Mutex<BTreeMap<String, Vec<(String, String, String)>>>,
+    /// Bumped on every mirrored write, as a label of [`SYNC_NAMESPACE`].
+    sync: AtomicUsize,
 }
+
+/// A namespace the API mirror relabels on every write, so each write changes the agents' state
+/// (and its generation) even when it changes nothing else, as a state-directory write does.
+pub const SYNC_NAMESPACE: &str = "mesh-tests-sync";
+/// The API server's port on node 0's link address, where both nodes reach it.
+pub const API_PORT: u16 = 6443;
 
 impl Cluster {
     /// Builds the namespaces, links, addresses and routes, and writes the state files.
@@ -318,6 +334,9 @@ impl Cluster {
             dir: Some(dir),
             dir_path,
             state_dir,
+            api: None,
+            mirrored: Mutex::new(BTreeMap::new()),
+            sync: AtomicUsize::new(0),
         };
         // From here on, an error drops `cluster`, which removes what was built so far.
         let mut first = Some(first);
@@ -474,19 +493,97 @@ impl Cluster {
         }
     }
 
-    /// Writes any file into the state dir, atomically (e.g. broken YAML).
+    /// Writes any file into the state dir, atomically (e.g. broken YAML). With an API server
+    /// ([`Cluster::serve_api`]) the file's objects are applied to it too, and the objects it held
+    /// before and no longer does are deleted, as `kubectl apply --prune` of that file would.
     pub fn write_state_file(&self, file: &str, contents: &str) -> Result<()> {
-        state_yaml::write_atomic(&self.state_dir, file, contents)
+        state_yaml::write_atomic(&self.state_dir, file, contents)?;
+        self.mirror(file, contents)
     }
 
-    /// Removes a file from the state dir; a missing file is fine.
+    /// Removes a file from the state dir; a missing file is fine. With an API server, its
+    /// objects are deleted there.
     pub fn remove_state_file(&self, file: &str) -> Result<()> {
         match fs::remove_file(self.state_dir.join(file)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing state file {file}"))
+                return Err(e).with_context(|| format!("removing state file {file}"));
             }
-            _ => Ok(()),
+            _ => {}
         }
+        self.mirror(file, "")
+    }
+
+    /// Serves the cluster's state from a test API server in node 0's namespace, on its link
+    /// address (port [`API_PORT`]); agents started afterwards read it with `--kubeconfig`.
+    pub async fn serve_api(&mut self) -> Result<()> {
+        let node = &self.nodes[0];
+        let listener = node
+            .netns
+            .listen_on(SocketAddr::from((node.link_ip, API_PORT)))
+            .await?;
+        self.api = Some(ApiServer::start(listener, ApiServerConfig::default())?);
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.state_dir)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort();
+        for path in files {
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .context("state file name")?
+                .to_owned();
+            let contents = fs::read_to_string(&path)?;
+            self.mirror(&file, &contents)?;
+        }
+        Ok(())
+    }
+
+    /// The API server of [`Cluster::serve_api`], if any.
+    pub fn api(&self) -> Option<&ApiServer> {
+        self.api.as_ref()
+    }
+
+    fn mirror(&self, file: &str, contents: &str) -> Result<()> {
+        let Some(api) = &self.api else {
+            return Ok(());
+        };
+        let mut now = Vec::new();
+        for document in serde_yaml::Deserializer::from_str(contents) {
+            let value = serde_json::Value::deserialize(document)
+                .with_context(|| format!("{file}: the API mirror takes only valid YAML"))?;
+            if value.is_null() {
+                continue;
+            }
+            let key = |field: &str| {
+                value["metadata"][field]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            now.push((
+                value["kind"].as_str().unwrap_or_default().to_owned(),
+                key("namespace"),
+                key("name"),
+            ));
+            api.apply(value.clone())
+                .with_context(|| format!("{file}: applying {value}"))?;
+        }
+        let before = self
+            .mirrored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(file.to_owned(), now.clone())
+            .unwrap_or_default();
+        for (kind, namespace, name) in before.iter().filter(|o| !now.contains(o)) {
+            api.delete(kind, namespace, name)
+                .with_context(|| format!("{file}: deleting {kind} {namespace}/{name}"))?;
+        }
+        let sync = self.sync.fetch_add(1, Ordering::SeqCst) + 1;
+        api.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": SYNC_NAMESPACE, "labels": {"mesh-tests/write": sync.to_string()}}
+        }))?;
+        Ok(())
     }
 
     /// The CA directory the cluster's agents share (`ca-cert.pem`, `ca-key.pem`, ... once an
@@ -530,7 +627,11 @@ impl Cluster {
             });
         }
         cmd.arg("run").arg("--node").arg(&node.name);
-        match &options.kubeconfig {
+        let served = self
+            .api
+            .as_ref()
+            .map(|api| api.kubeconfig_path().to_owned());
+        match options.kubeconfig.clone().or(served) {
             Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
             None => cmd.arg("--state").arg(&self.state_dir),
         };

@@ -114,10 +114,40 @@ fn test(extra: &[String]) -> Result<(), Failure> {
     }
     args.extend(extra.iter().cloned());
     println!("xtask: cargo {}", args.join(" "));
-    run(process::cargo(&args)
+    let first = run(process::cargo(&args)
         .current_dir(repo_root())
-        .env("MESH_AGENT_BIN", agent_binary()))
+        .env("MESH_AGENT_BIN", agent_binary()));
+    // The whole suite once more for the scenarios both state sources must serve alike: the
+    // same tests with the cluster's state served by the test Kubernetes API server.
+    let second = if extra.is_empty() {
+        let mut args = vec![
+            format!("+{USER_TOOLCHAIN}"),
+            "test".into(),
+            "--release".into(),
+            "--no-fail-fast".into(),
+            "-p".into(),
+            "mesh-tests".into(),
+        ];
+        for file in API_SOURCE_TESTS {
+            args.extend(["--test".into(), file.into()]);
+        }
+        println!(
+            "xtask: MESH_TESTS_SOURCE=kubernetes cargo {}",
+            args.join(" ")
+        );
+        run(process::cargo(&args)
+            .current_dir(repo_root())
+            .env("MESH_AGENT_BIN", agent_binary())
+            .env("MESH_TESTS_SOURCE", "kubernetes"))
+    } else {
+        Ok(())
+    };
+    first.and(second)
 }
+
+/// The end-to-end test files that run a second time with their state served by the test
+/// Kubernetes API server (`MESH_TESTS_SOURCE=kubernetes`).
+const API_SOURCE_TESTS: [&str; 4] = ["capture", "tunnel", "policy", "services"];
 
 /// Runs one of the harness binaries (`demo`, `bench`) built by [`build`].
 fn run_binary(name: &str) -> Result<(), Failure> {

@@ -31,8 +31,11 @@ pub async fn mesh_of(spec: ClusterSpec, args: &[&str]) -> Result<Option<(Cluster
     if !mesh_tests::require_root() {
         return Ok(None);
     }
-    let cluster = Cluster::new(spec)?;
+    let mut cluster = Cluster::new(spec)?;
     cluster.write_state()?;
+    if from_the_api() {
+        cluster.serve_api().await?;
+    }
     let options = || {
         args.iter()
             .fold(mesh_tests::AgentOptions::default(), |o, a| o.arg(*a))
@@ -42,6 +45,13 @@ pub async fn mesh_of(spec: ClusterSpec, args: &[&str]) -> Result<Option<(Cluster
         cluster.start_agent_with(1, options()).await?,
     ];
     Ok(Some((cluster, agents)))
+}
+
+/// Whether this run serves the clusters' state from a test API server (`MESH_TESTS_SOURCE=kubernetes`,
+/// set by `cargo xtask test` for a second pass of the capture, tunnel, policy and Service tests)
+/// instead of the state directory: the same scenarios must hold whichever source feeds them.
+pub fn from_the_api() -> bool {
+    std::env::var("MESH_TESTS_SOURCE").is_ok_and(|v| v == "kubernetes")
 }
 
 /// Every connection record (open and recently closed) of a node's proxy.
