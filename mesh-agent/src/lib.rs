@@ -10,6 +10,7 @@ pub mod capture;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod crds;
 pub mod explain;
 pub mod identity;
 pub mod logging;

@@ -99,6 +99,9 @@ enum Command {
     },
     /// eBPF programs, attachments, map contents and counters.
     Bpf(Inspect),
+    /// Print CustomResourceDefinitions of the Istio kinds the agent reads (AuthorizationPolicy,
+    /// PeerAuthentication), for clusters without Istio: `mesh-agent crds | kubectl apply -f -`.
+    Crds,
     /// Remove what a crashed agent left behind (policy route, pinned objects).
     Cleanup {
         #[arg(short, long, value_enum, default_value = "table")]
@@ -184,6 +187,9 @@ fn main() -> ExitCode {
         Command::Workloads(i) => inspect(View::Workloads, i),
         Command::Connections(i) => inspect(View::Connections, i),
         Command::Bpf(i) => inspect(View::Bpf, i),
+        Command::Crds => mesh_agent::crds::yaml()
+            .map(|text| print!("{text}"))
+            .map_err(anyhow::Error::from),
         Command::Cleanup { output } => run_cleanup(output),
     };
     match result {

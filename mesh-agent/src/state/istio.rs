@@ -9,6 +9,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
+use schemars::JsonSchema;
 use serde::de::{self, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 
@@ -17,9 +18,10 @@ pub const GROUP: &str = "security.istio.io";
 pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// `security.istio.io/v1` `AuthorizationPolicy`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 pub struct AuthorizationPolicyResource {
     #[serde(default, deserialize_with = "nullable")]
+    #[schemars(skip)]
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "nullable")]
     pub spec: AuthorizationPolicySpec,
@@ -29,30 +31,36 @@ pub struct AuthorizationPolicyResource {
     pub unreadable: Option<(String, String)>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
     /// Present only to be rejected: attaching to Gateways and Services needs a waypoint.
     #[serde(default)]
+    #[schemars(with = "Option<crate::crds::PolicyTargetReference>")]
     pub target_ref: Option<IgnoredAny>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schemars(with = "Vec<crate::crds::PolicyTargetReference>")]
     pub target_refs: Vec<IgnoredAny>,
     #[serde(default)]
+    #[schemars(extend("enum" = ["ALLOW", "DENY", "AUDIT", "CUSTOM"]))]
     pub action: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub rules: Vec<RuleSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct WorkloadSelector {
     #[serde(default, deserialize_with = "nullable")]
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct RuleSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub from: Vec<FromSpec>,
@@ -62,14 +70,16 @@ pub struct RuleSpec {
     pub when: Vec<ConditionSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct FromSpec {
     #[serde(default)]
     pub source: Option<SourceSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct SourceSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub principals: Vec<String>,
@@ -98,14 +108,16 @@ pub struct SourceSpec {
     pub not_remote_ip_blocks: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct ToSpec {
     #[serde(default)]
     pub operation: Option<OperationSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct OperationSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub hosts: Vec<String>,
@@ -125,8 +137,9 @@ pub struct OperationSpec {
     pub not_paths: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct ConditionSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub key: String,
@@ -137,16 +150,18 @@ pub struct ConditionSpec {
 }
 
 /// `security.istio.io/v1` `PeerAuthentication`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 pub struct PeerAuthenticationResource {
     #[serde(default, deserialize_with = "nullable")]
+    #[schemars(skip)]
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "nullable")]
     pub spec: PeerAuthenticationSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
@@ -157,16 +172,22 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<Scalar, MtlsSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct MtlsSpec {
     #[serde(default)]
+    #[schemars(extend("enum" = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]))]
     pub mode: Option<String>,
 }
 
 /// A string or an integer, kept as text: Istio's ports are strings (`"8080"`) but manifests often
 /// write numbers, which mean the same.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Scalar(pub String);
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[schemars(
+    description = "A string or an integer (ports and values).",
+    extend("x-kubernetes-int-or-string" = true)
+)]
+pub struct Scalar(#[schemars(with = "serde_json::Value")] pub String);
 
 impl Scalar {
     /// The port this is, when it is one (1-65535, digits only).
