@@ -612,7 +612,7 @@ fn authorization_policy(apps: &[App], namespaces: &[String], i: usize) -> Value 
 /// A mesh-wide-style STRICT default per namespace for the first few, one with a port exception.
 fn peer_authentication(apps: &[App], namespaces: &[String], i: usize) -> Value {
     let namespace = &namespaces[i % namespaces.len()];
-    let spec = if i % 2 == 0 {
+    let spec = if i.is_multiple_of(2) {
         json!({"mtls": {"mode": "STRICT"}})
     } else {
         let app = apps
