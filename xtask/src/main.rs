@@ -28,7 +28,8 @@ usage: cargo xtask <command> [args]
 commands:
   setup              install missing apt packages, bpf-linker and the pinned toolchains (root)
   build              setup, then build every binary in release mode
-  test [ARGS]        setup, check deploy/ (validate.rs), build, then run every test;
+  test [ARGS]        setup, check deploy/ (validate.rs), build, check `mesh-agent crds`,
+                     then run every test;
                      ARGS go to `cargo test`
                      (e.g. `cargo xtask test -p mesh-tests --test topology -- --nocapture`)
   demo               setup, build, then run the two-node demo
@@ -97,6 +98,8 @@ fn test(extra: &[String]) -> Result<(), Failure> {
     // The manifests first: a few seconds, and a broken deploy/ fails the run before the build.
     validate::run()?;
     compile()?;
+    // The CRDs `mesh-agent crds` prints need the binary just built.
+    validate::crds(&agent_binary())?;
     // --no-fail-fast: one CI run reports every failing test binary, not only the first.
     let mut args = vec![
         format!("+{USER_TOOLCHAIN}"),

@@ -8,6 +8,9 @@
 //! * the DaemonSet is not privileged, drops ALL capabilities (the added ones are printed), every
 //!   `$(VAR)` in its args is one of its env variables, and its termination grace period is longer
 //!   than the ConfigMap's drain timeout.
+//!
+//! [`crds`] runs after the build: the CustomResourceDefinitions `mesh-agent crds` prints pass
+//! `kubernetes-validate --strict` against the same versions.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -556,6 +559,47 @@ fn references(arg: &str) -> Vec<&str> {
     found
 }
 
+/// `mesh-agent crds` (the built `agent`) into target/xtask/crds.yaml, then
+/// `kubernetes-validate --strict` on it against each of [`KUBERNETES_VERSIONS`].
+pub fn crds(agent: &Path) -> Result<(), Failure> {
+    let shown = format!("{} crds", agent.display());
+    let out = command(agent)
+        .arg("crds")
+        .output()
+        .map_err(|e| Failure::new(format!("cannot start `{shown}`: {e}")))?;
+    if !out.status.success() {
+        return Err(Failure::new(format!(
+            "`{shown}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let file = target_dir().join("xtask").join("crds.yaml");
+    file.parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(&file, &out.stdout))
+        .map_err(|e| Failure::new(format!("cannot write {}: {e}", file.display())))?;
+    let mut problems = Vec::new();
+    for version in KUBERNETES_VERSIONS {
+        match schema_check(version, std::slice::from_ref(&file)) {
+            Ok(()) => println!(
+                "validate: `mesh-agent crds` passes kubernetes-validate --strict -k {version}"
+            ),
+            Err(e) => problems.push(format!("  {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(format!(
+            "`mesh-agent crds` ({}) has {} problem(s):\n{}",
+            file.display(),
+            problems.len(),
+            problems.join("\n")
+        )))
+    }
+}
+
 /// `kubectl kustomize deploy/` into target/, when kubectl is on the machine (it is not
 /// something setup installs: without it the listed files are still validated one by one).
 fn render(dir: &Path) -> Option<PathBuf> {
@@ -621,6 +665,15 @@ mod tests {
         let path = dir.join(file.file_name().unwrap());
         fs::write(&path, yaml).unwrap();
         documents_of(&path).unwrap()
+    }
+
+    #[test]
+    fn a_failing_crds_command_is_named() {
+        let error = crds(Path::new("/bin/false")).expect_err("false fails");
+        assert!(
+            error.to_string().contains("`/bin/false crds` failed"),
+            "{error}"
+        );
     }
 
     #[test]
