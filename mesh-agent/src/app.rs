@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    capture::{Capture, kernel, reconcile, route_table::RouteTable},
+    capture::{Capture, capabilities, kernel, reconcile, route_table::RouteTable},
     config::Config,
     identity::{CertificateAuthority, CertificateManager},
     metrics::Metrics,
@@ -30,6 +30,7 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     info!(config = ?config, "starting mesh-agent");
+    capabilities::check()?;
     let features = kernel::check()?;
     // One worker: tokio's current-thread scheduler on a thread of its own, which skips the
     // multi-thread scheduler's per-poll bookkeeping (work stealing, queue-interval tuning).

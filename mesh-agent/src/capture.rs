@@ -5,6 +5,7 @@
 //! sock_ops), so if the agent dies the kernel detaches them; only the policy route outlives a
 //! crash, and `mesh-agent cleanup` removes it.
 
+pub mod capabilities;
 pub mod kernel;
 pub mod reconcile;
 pub mod route_table;

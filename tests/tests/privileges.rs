@@ -1,0 +1,163 @@
+//! End to end, as root: least privilege proven, not claimed. The capabilities come from the
+//! DaemonSet manifest itself (`deploy/daemonset.yaml`); the agents run with exactly those
+//! (bounding, permitted and effective sets, no inheritable or ambient ones, via `setpriv`) and
+//! the mesh works; with any one of them taken away, the agent refuses to start and names it.
+
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use common::{PORT, wait_records};
+use mesh_tests::{AgentOptions, Cluster, ClusterSpec};
+use serde_json::Value;
+
+/// `securityContext.capabilities` of the `mesh-agent` container of the shipped DaemonSet.
+fn manifest_capabilities() -> Result<(Vec<String>, Vec<String>)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let daemonset: Value = serde_yaml::from_str(&text)?;
+    let container = daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
+        .context("no mesh-agent container in deploy/daemonset.yaml")?;
+    let list = |key: &str| -> Vec<String> {
+        container["securityContext"]["capabilities"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect()
+    };
+    Ok((list("add"), list("drop")))
+}
+
+/// Bit numbers of the capabilities `setpriv` and the kernel know by these names.
+fn bit(name: &str) -> Result<u32> {
+    Ok(match name {
+        "NET_ADMIN" => 12,
+        "NET_RAW" => 13,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => anyhow::bail!("capability {other} is not known to this test"),
+    })
+}
+
+/// A wrapper that runs the agent with exactly `capabilities` (Kubernetes names, no `CAP_`).
+fn confined_agent(cluster: &Cluster, capabilities: &[String], tag: &str) -> Result<PathBuf> {
+    let binary = mesh_tests::agent_binary()?;
+    let caps: Vec<String> = capabilities
+        .iter()
+        .map(|c| format!("+{}", c.to_ascii_lowercase()))
+        .collect();
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps)
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = format!(
+        "#!/bin/sh\nexec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={set} -- {} \"$@\"\n",
+        binary.display()
+    );
+    let path = cluster.temp_dir().join(format!("confined-agent-{tag}"));
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+fn mask(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()> {
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let (add, drop) = manifest_capabilities()?;
+    ensure!(
+        drop == ["ALL"],
+        "the DaemonSet must drop ALL, drops {drop:?}"
+    );
+    ensure!(!add.is_empty(), "the DaemonSet adds no capability");
+    let wanted = add
+        .iter()
+        .try_fold(0u64, |m, c| Ok::<_, anyhow::Error>(m | 1 << bit(c)?))?;
+
+    // Exactly those: the agents start, the kernel shows only those in their sets, the mesh works.
+    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    let confined = confined_agent(&cluster, &add, "all")?;
+    let mut agents = Vec::new();
+    for node in 0..2 {
+        let options = AgentOptions {
+            binary: Some(confined.clone()),
+            ..AgentOptions::default()
+        };
+        agents.push(cluster.start_agent_with(node, options).await?);
+    }
+    for agent in &agents {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+        for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            ensure!(
+                mask(&status, field) == Some(wanted),
+                "agent {} {field} {:x?}, want {wanted:x} ({add:?})",
+                agent.node_name(),
+                mask(&status, field)
+            );
+        }
+        for field in ["CapInh:", "CapAmb:"] {
+            ensure!(
+                mask(&status, field) == Some(0),
+                "agent {} {field} is not empty",
+                agent.node_name()
+            );
+        }
+    }
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    web1.send_and_verify(web2.addr(PORT), 64 * 1024).await?;
+    let inbound = wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    ensure!(
+        inbound
+            .iter()
+            .any(|r| r["security"] == "mutual_tls" && r["route"] == "tunnel"),
+        "not tunnelled with the manifest's capabilities: {inbound:#?}"
+    );
+    for agent in agents.iter_mut() {
+        let exit = agent.terminate().await?;
+        ensure!(
+            exit.success(),
+            "agent {} exited with {exit}",
+            agent.node_name()
+        );
+    }
+
+    // Any one taken away: the agent refuses to start and names it.
+    for removed in &add {
+        let fewer: Vec<String> = add.iter().filter(|c| *c != removed).cloned().collect();
+        let options = AgentOptions {
+            binary: Some(confined_agent(&cluster, &fewer, removed)?),
+            ..AgentOptions::default()
+        }
+        .no_wait();
+        let mut agent = cluster.start_agent_with(0, options).await?;
+        let exit = agent.wait_exit(Duration::from_secs(20)).await?;
+        ensure!(!exit.success(), "the agent started without {removed}");
+        let log = agent.log();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("mesh-agent: "))
+            .collect();
+        ensure!(
+            errors.len() == 1
+                && errors[0].contains(&format!("missing capability: CAP_{removed} (")),
+            "without {removed} the agent must say so in one line: {log}"
+        );
+    }
+    Ok(())
+}
