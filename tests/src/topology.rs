@@ -279,11 +279,14 @@ pub struct Cluster {
     /// When set ([`Cluster::serve_api`]): the state files are mirrored into this API server and
     /// agents read it instead of the state directory.
     api: Option<ApiServer>,
-    /// The objects (kind, namespace, name) each mirrored state file holds.
-    mirrored: Mutex<BTreeMap<String, Vec<(String, String, String)>>>,
+    /// The objects each mirrored state file holds.
+    mirrored: Mutex<BTreeMap<String, Vec<ObjectKey>>>,
     /// Bumped on every mirrored write, as a label of [`SYNC_NAMESPACE`].
     sync: AtomicUsize,
 }
+
+/// An API object's kind, namespace and name.
+type ObjectKey = (String, String, String);
 
 /// A namespace the API mirror relabels on every write, so each write changes the agents' state
 /// (and its generation) even when it changes nothing else, as a state-directory write does.
