@@ -59,7 +59,14 @@ fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
     let principal = conn.source_principal.as_deref();
     let namespace = conn.source_namespace.as_deref();
     let ip = Some(IpAddr::V4(conn.source_ip));
+    // The trust domain is the principal's first segment (`td/ns/<ns>/sa/<sa>`).
+    let trust_domain = principal.and_then(|p| p.split_once('/')).map(|(td, _)| td);
     check(
+        &source.trust_domains,
+        &source.not_trust_domains,
+        trust_domain,
+        pattern,
+    ) && check(
         &source.principals,
         &source.not_principals,
         principal,
@@ -399,6 +406,43 @@ mod tests {
                 plaintext(src, 80),
                 false,
                 false,
+            ),
+            // trustDomains / notTrustDomains: the principal's trust domain; plaintext has none.
+            (
+                "[{from: [{source: {trustDomains: [cluster.local]}}]}]",
+                mtls(CART, src, 80),
+                true,
+                true,
+            ),
+            (
+                "[{from: [{source: {trustDomains: [cluster.local]}}]}]",
+                mtls(OTHER_TD, src, 80),
+                false,
+                false,
+            ),
+            (
+                "[{from: [{source: {trustDomains: [\"*.org\"]}}]}]",
+                mtls(OTHER_TD, src, 80),
+                true,
+                true,
+            ),
+            (
+                "[{from: [{source: {trustDomains: [cluster.local]}}]}]",
+                plaintext(src, 80),
+                false,
+                false,
+            ),
+            (
+                "[{from: [{source: {notTrustDomains: [example.org]}}]}]",
+                mtls(OTHER_TD, src, 80),
+                false,
+                false,
+            ),
+            (
+                "[{from: [{source: {notTrustDomains: [example.org]}}]}]",
+                plaintext(src, 80),
+                true,
+                true,
             ),
             // Every field of a source must match; any source of a rule may.
             (

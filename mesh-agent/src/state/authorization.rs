@@ -93,6 +93,11 @@ pub struct Source {
     pub namespaces: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<StringMatch>,
+    /// The trust domain of the peer's identity (`cluster.local` of `cluster.local/ns/a/sa/b`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<StringMatch>,
     /// `<namespace>/<serviceaccount>`, matched against the peer identity in any trust domain.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
@@ -414,6 +419,8 @@ impl Check {
             not_request_principals: spec.not_request_principals.clone(),
             namespaces: patterns(&spec.namespaces),
             not_namespaces: patterns(&spec.not_namespaces),
+            trust_domains: patterns(&spec.trust_domains),
+            not_trust_domains: patterns(&spec.not_trust_domains),
             service_accounts: self
                 .service_accounts(&format!("{field}.serviceAccounts"), &spec.service_accounts),
             not_service_accounts: self.service_accounts(

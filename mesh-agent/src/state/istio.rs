@@ -93,6 +93,11 @@ pub struct SourceSpec {
     pub namespaces: Vec<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub not_namespaces: Vec<String>,
+    /// The peer identity's trust domain; read so that a rule using it is not silently widened.
+    #[serde(default, deserialize_with = "nullable")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_trust_domains: Vec<String>,
     /// Istio 1.23+; read so that a rule using it is not silently widened.
     #[serde(default, deserialize_with = "nullable")]
     pub service_accounts: Vec<String>,
