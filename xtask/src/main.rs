@@ -128,9 +128,10 @@ fn test(extra: &[String]) -> Result<(), Failure> {
             "test".into(),
             "--release".into(),
             "--no-fail-fast".into(),
-            "-p".into(),
-            "mesh-tests".into(),
         ];
+        // The same package selection as the first pass, so cargo reuses its build (`-p
+        // mesh-tests` alone would unify features differently and rebuild dependencies).
+        args.extend(workspace_selection());
         for file in API_SOURCE_TESTS {
             args.extend(["--test".into(), file.into()]);
         }
