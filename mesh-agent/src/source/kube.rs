@@ -23,6 +23,7 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Resource,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -307,14 +308,12 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
 
 /// A watch that resumes after a failure says nothing until an object changes (kube-rs does not
 /// surface BOOKMARKs), so while any watch is failing the API server is asked for one namespace
-/// every [`PROBE_INTERVAL`]; once it answers, the failures are over.
+/// every [`PROBE_INTERVAL`]; once it answers, the failures are over. It lives as long as the
+/// watches do: the agent's whole life.
 async fn probe_while_failing(api: Api<Namespace>, shared: Arc<Shared>) {
     let list = kube::api::ListParams::default().limit(1);
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
-        if Arc::strong_count(&shared) == 1 {
-            return;
-        }
         let failing = shared.snapshot().iter().any(|w| w.failing_since.is_some());
         if failing && api.list_metadata(&list).await.is_ok() {
             for slot in 0..KINDS.len() {
@@ -375,9 +374,10 @@ async fn rebuild_loop(
 
 /// Logs each problem once, when it first appears; returns the problems now present.
 fn report(errors: &[StateError], reported: &BTreeSet<String>) -> BTreeSet<String> {
-    let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    let mut now = BTreeSet::new();
     for error in errors {
-        if !reported.contains(&error.to_string()) {
+        let text = error.to_string();
+        if !reported.contains(&text) {
             tracing::error!(
                 object = %error.object,
                 field = error.field.as_deref().unwrap_or("-"),
@@ -385,6 +385,7 @@ fn report(errors: &[StateError], reported: &BTreeSet<String>) -> BTreeSet<String
                 "object rejected; the rest of the state applies"
             );
         }
+        now.insert(text);
     }
     now
 }
@@ -430,7 +431,7 @@ where
                         w.last_event = Some(now);
                         w.last_error = None;
                         w.failing_since = None;
-                        w.objects = reader.state().len();
+                        w.objects = reader.len();
                     });
                     shared.changed.notify_one();
                 }
@@ -439,7 +440,7 @@ where
                         w.last_event = Some(now);
                         w.last_error = None;
                         w.failing_since = None;
-                        w.objects = reader.state().len();
+                        w.objects = reader.len();
                     });
                     shared.changed.notify_one();
                 }
@@ -482,38 +483,20 @@ where
 /// Everything the stores hold, as a snapshot with each bad object rejected alone.
 fn build(stores: &Stores) -> (Snapshot, Vec<StateError>) {
     let mut objects = Vec::new();
-    let origin = |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        let name = meta.name.as_deref().unwrap_or_default();
-        let document = match meta.namespace.as_deref() {
-            Some(namespace) => format!("{kind} {namespace}/{name}"),
-            None => format!("{kind} {name}"),
-        };
-        Origin::new(ORIGIN, document)
-    };
-    for ns in stores.namespaces.state() {
-        objects.push(Sourced {
-            origin: origin("Namespace", &ns.metadata),
-            object: Object::Namespace(Box::new((*ns).clone())),
-        });
-    }
-    for pod in stores.pods.state() {
-        objects.push(Sourced {
-            origin: origin("Pod", &pod.metadata),
-            object: Object::Pod(Box::new((*pod).clone())),
-        });
-    }
-    for service in stores.services.state() {
-        objects.push(Sourced {
-            origin: origin("Service", &service.metadata),
-            object: Object::Service(Box::new((*service).clone())),
-        });
-    }
-    for slice in stores.endpoint_slices.state() {
-        objects.push(Sourced {
-            origin: origin("EndpointSlice", &slice.metadata),
-            object: Object::EndpointSlice(Box::new((*slice).clone())),
-        });
-    }
+    add(
+        &mut objects,
+        &stores.namespaces,
+        "Namespace",
+        Object::Namespace,
+    );
+    add(&mut objects, &stores.pods, "Pod", Object::Pod);
+    add(&mut objects, &stores.services, "Service", Object::Service);
+    add(
+        &mut objects,
+        &stores.endpoint_slices,
+        "EndpointSlice",
+        Object::EndpointSlice,
+    );
     let mut errors = Vec::new();
     for policy in stores.authorization_policies.state() {
         objects.push(Sourced {
@@ -539,6 +522,34 @@ fn build(stores: &Stores) -> (Snapshot, Vec<StateError>) {
     let (snapshot, more) = Snapshot::assemble(objects, Vec::new());
     errors.extend(more);
     (snapshot, errors)
+}
+
+/// Where an API object came from, as state problems name it: `Pod shop/web-1`.
+fn origin(kind: &str, meta: &ObjectMeta) -> Origin {
+    let name = meta.name.as_deref().unwrap_or_default();
+    let document = match meta.namespace.as_deref() {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    };
+    Origin::new(ORIGIN, document)
+}
+
+/// Every object of a typed store, as the model's input.
+fn add<K>(
+    objects: &mut Vec<Sourced<Object>>,
+    store: &Store<K>,
+    kind: &str,
+    wrap: fn(Box<K>) -> Object,
+) where
+    K: Resource + Clone,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    for object in store.state() {
+        objects.push(Sourced {
+            origin: origin(kind, object.meta()),
+            object: wrap(Box::new((*object).clone())),
+        });
+    }
 }
 
 /// An Istio object as the model's resource type.

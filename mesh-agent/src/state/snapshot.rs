@@ -336,7 +336,6 @@ impl Snapshot {
     }
 }
 
-/// Builds the model of each named resource, turning its field problems into state errors.
 /// The workloads of `pods` that have an IP; the problems of the others go to `errors`.
 fn workloads_of<'a, 'b>(
     pods: &'b [Named<'a, k8s::Pod>],
@@ -371,15 +370,25 @@ fn authorization_of(
 ) -> AuthorizationPolicy {
     AuthorizationPolicy::from_resource(policy.object).unwrap_or_else(|problems| {
         let model = AuthorizationPolicy::fail_closed(policy.object, &problems);
-        errors.extend(
-            problems
-                .into_iter()
-                .map(|(field, problem)| policy.error(Some(&field), problem)),
-        );
+        report_fields(policy, problems, errors);
         model
     })
 }
 
+/// Each (field, problem) of `object` as a state error.
+fn report_fields<R, E: std::fmt::Display>(
+    object: &Named<'_, R>,
+    problems: Vec<(String, E)>,
+    errors: &mut Vec<StateError>,
+) {
+    errors.extend(
+        problems
+            .into_iter()
+            .map(|(field, problem)| object.error(Some(&field), problem)),
+    );
+}
+
+/// Builds the model of each named resource, turning its field problems into state errors.
 fn build_each<R, M, E: std::fmt::Display>(
     objects: &[Named<'_, R>],
     build: impl Fn(&R) -> Result<M, Vec<(String, E)>>,
@@ -389,13 +398,7 @@ fn build_each<R, M, E: std::fmt::Display>(
         .iter()
         .filter_map(|object| {
             build(object.object)
-                .map_err(|problems| {
-                    errors.extend(
-                        problems
-                            .into_iter()
-                            .map(|(field, problem)| object.error(Some(&field), problem)),
-                    )
-                })
+                .map_err(|problems| report_fields(object, problems, errors))
                 .ok()
         })
         .collect()
