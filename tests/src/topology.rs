@@ -519,12 +519,17 @@ impl Cluster {
     /// Serves the cluster's state from a test API server in node 0's namespace, on its link
     /// address (port [`API_PORT`]); agents started afterwards read it with `--kubeconfig`.
     pub async fn serve_api(&mut self) -> Result<()> {
+        self.serve_api_with(ApiServerConfig::default()).await
+    }
+
+    /// [`Cluster::serve_api`] with these server settings (e.g. the Istio kinds not installed).
+    pub async fn serve_api_with(&mut self, config: ApiServerConfig) -> Result<()> {
         let node = &self.nodes[0];
         let listener = node
             .netns
             .listen_on(SocketAddr::from((node.link_ip, API_PORT)))
             .await?;
-        self.api = Some(ApiServer::start(listener, ApiServerConfig::default())?);
+        self.api = Some(ApiServer::start(listener, config)?);
         let mut files: Vec<PathBuf> = fs::read_dir(&self.state_dir)?
             .map(|entry| entry.map(|e| e.path()))
             .collect::<Result<_, _>>()?;

@@ -4,83 +4,38 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use common::{PORT, SETTLE, capture_device, eventually, expect_reset, wait_records};
 use mesh_tests::{
-    Agent, AgentOptions, Cluster, ClusterSpec, MODE_AMBIENT, MODE_LABEL,
-    apiserver::{ApiServer, ApiServerConfig, Verb},
+    Agent, Cluster, ClusterSpec, MODE_AMBIENT, MODE_LABEL,
+    apiserver::{ApiServerConfig, Verb},
 };
 use serde_json::{Value, json};
 
-/// The API server's port on node 0's link address, where both nodes' agents reach it.
-const API_PORT: u16 = 6443;
-
-/// The demo cluster, its objects served by an API server inside node 0's namespace, and an
-/// agent per node reading them. `None` (after a loud skip message) when not root.
-async fn cluster_on_the_api(
-    config: ApiServerConfig,
-) -> Result<Option<(Cluster, ApiServer, Vec<Agent>)>> {
+/// The demo cluster, its state served by an API server inside node 0's namespace
+/// ([`Cluster::serve_api_with`]), and an agent per node reading it. `None` (after a loud skip
+/// message) when not root.
+async fn cluster_on_the_api(config: ApiServerConfig) -> Result<Option<(Cluster, Vec<Agent>)>> {
     if !mesh_tests::require_root() {
         return Ok(None);
     }
-    let cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
-    let node = cluster.node(0);
-    let listener = node
-        .netns()
-        .listen_on(SocketAddr::from((node.link_ip, API_PORT)))
-        .await?;
-    let api = ApiServer::start(listener, config)?;
-    // The cluster's state files are what `kubectl get -o yaml` prints: the same objects.
-    for object in state_objects(&cluster)? {
-        api.apply(object)?;
-    }
+    let mut cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    cluster.serve_api_with(config).await?;
     let mut agents = Vec::new();
     for index in 0..2 {
-        let options = AgentOptions::default().kubeconfig(api.kubeconfig_path());
-        agents.push(cluster.start_agent_with(index, options).await?);
+        agents.push(cluster.start_agent(index).await?);
     }
-    Ok(Some((cluster, api, agents)))
-}
-
-/// Every object of the cluster's state directory, as JSON.
-fn state_objects(cluster: &Cluster) -> Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(cluster.state_dir())?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        let object: Value = serde_yaml::from_str(&text)
-            .with_context(|| format!("{} is not one YAML object", file.display()))?;
-        objects.push(object);
-    }
-    Ok(objects)
-}
-
-/// The object of `kind` `namespace/name` the cluster wrote, changed by `edit`.
-fn edited(
-    cluster: &Cluster,
-    kind: &str,
-    name: &str,
-    edit: impl FnOnce(&mut Value),
-) -> Result<Value> {
-    let mut object = state_objects(cluster)?
-        .into_iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .with_context(|| format!("no {kind} {name} in the cluster's state"))?;
-    edit(&mut object);
-    Ok(object)
+    Ok(Some((cluster, agents)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -> Result<()> {
-    let Some((cluster, api, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await?
-    else {
+    let Some((cluster, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await? else {
         return Ok(());
     };
+    let api = cluster.api().context("the cluster serves no API")?;
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let (batch1, batch2) = (
         cluster.pod("legacy", "batch-1"),
@@ -110,11 +65,9 @@ async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -
 
     // Labelling a namespace through the API enrolls its pods live.
     ensure!(capture_device(&cluster, 0, "legacy", "batch-1")?.is_none());
-    let labelled = edited(&cluster, "Namespace", "legacy", |ns| {
-        ns["metadata"]["labels"] = json!({ MODE_LABEL: MODE_AMBIENT });
-    })?;
     let start = tokio::time::Instant::now();
-    api.apply(labelled)?;
+    // Written to the API server by the cluster's mirror; the agents read nothing else.
+    cluster.set_namespace_labels("legacy", &[(MODE_LABEL, MODE_AMBIENT)])?;
     eventually(SETTLE, "batch-1 captured after the namespace label", || {
         Ok(capture_device(&cluster, 0, "legacy", "batch-1")?.as_deref()
             == Some(batch1.host_veth.as_str()))
@@ -159,10 +112,10 @@ async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relist_and_an_outage_keep_connections_and_enrollment() -> Result<()> {
-    let Some((cluster, api, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await?
-    else {
+    let Some((cluster, _agents)) = cluster_on_the_api(ApiServerConfig::default()).await? else {
         return Ok(());
     };
+    let api = cluster.api().context("the cluster serves no API")?;
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let _echo = web2.echo_server(PORT).await?;
     let mut open = web1.connect(web2.addr(PORT)).await?;
@@ -230,7 +183,7 @@ async fn without_istio_kinds_the_agent_is_ready_and_enforces_no_policy() -> Resu
         istio_installed: false,
         ..ApiServerConfig::default()
     };
-    let Some((cluster, _api, _agents)) = cluster_on_the_api(config).await? else {
+    let Some((cluster, _agents)) = cluster_on_the_api(config).await? else {
         return Ok(());
     };
     let status = cluster.cli_json(1, &["status", "-o", "json"])?;
