@@ -12,6 +12,11 @@ use mesh_agent::{
     source::{StateSource, kube::Connection},
 };
 
+/// jemalloc, as ztunnel: a node agent holds the whole cluster's state between bursts of
+/// short-lived allocations (API pages, connections), which glibc's malloc fragments.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mesh-agent",

@@ -162,7 +162,7 @@ pub fn workload_ref(w: &Workload) -> WorkloadRef {
     WorkloadRef {
         namespace: w.namespace.clone(),
         name: w.name.clone(),
-        app: w.labels.get("app").cloned(),
+        app: w.labels.value("app").map(str::to_string),
     }
 }
 

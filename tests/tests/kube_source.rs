@@ -204,3 +204,74 @@ async fn without_istio_kinds_the_agent_is_ready_and_enforces_no_policy() -> Resu
     common::expect_echo(web1, web2.addr(PORT)).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_the_api_is_down_is_ready_once_it_answers() -> Result<()> {
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    cluster.serve_api().await?;
+    let api = cluster.api().context("the cluster serves no API")?;
+    api.down().await;
+    let mut agent = cluster
+        .start_agent_with(0, mesh_tests::AgentOptions::default().no_wait())
+        .await?;
+
+    // Down: the agent runs and says why, but is not ready and captures nothing. Both are
+    // observed from outside: the readiness port as the kubelet asks it, and the kernel for
+    // the programs on web-1's veth (the agent's own views do not answer before it is ready).
+    let web1_veth = cluster.pod("shop", "web-1").host_veth.clone();
+    let node0 = cluster.node(0).netns();
+    agent
+        .wait_for_log("watch failing; the last state keeps serving", SETTLE)
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        ensure!(
+            agent.is_running(),
+            "the agent exited: {}",
+            agent.log_tail(20)
+        );
+        if let Ok(response) = cluster.readiness(0).await {
+            ensure!(
+                response.status != 200,
+                "ready while the API server is down: {}",
+                agent.log_tail(20)
+            );
+        }
+        let attached = node0.tcx_programs(&web1_veth)?;
+        ensure!(
+            attached.is_empty(),
+            "programs on web-1's veth before any state was listed: {:?}",
+            attached.names()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Up: the lists complete (the library's backoff retries), the agent turns ready and
+    // captures, and the mesh carries traffic to the other node.
+    api.up().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cluster.readiness(0).await.is_ok_and(|r| r.status == 200) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not ready 60 s after the API server came back: {}",
+            agent.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attached = node0.tcx_programs(&web1_veth)?;
+    ensure!(
+        attached.names().contains(&"capture_ingress"),
+        "web-1's veth not captured once ready: {:?}",
+        attached.names()
+    );
+    let _other = cluster.start_agent(1).await?;
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    common::expect_echo(web1, web2.addr(PORT)).await?;
+    wait_records(&cluster, 0, "outbound", web2.addr(PORT), 1).await?;
+    drop(agent);
+    Ok(())
+}

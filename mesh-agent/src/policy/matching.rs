@@ -161,8 +161,8 @@ mod tests {
                 &format!("{{action: {action}, rules: {rules}}}")
             )
         );
-        let mut state = load_text(&text).unwrap_or_else(|errors| panic!("{errors}"));
-        state.authorization_policies.remove(0)
+        let state = load_text(&text).unwrap_or_else(|errors| panic!("{errors}"));
+        AuthorizationPolicy::clone(&state.authorization_policies[0])
     }
 
     fn mtls(principal: &str, source: [u8; 4], port: u16) -> ConnectionAttributes {

@@ -1,7 +1,6 @@
 //! Which policies apply to a workload, and at what scope: mesh-wide, namespace-wide or by selector.
 
-use std::collections::BTreeMap;
-
+use crate::state::Labels;
 use serde::Serialize;
 
 use crate::state::{AuthorizationPolicy, PeerAuthentication, Snapshot, Workload};
@@ -55,7 +54,7 @@ pub fn authorization_policies<'a>(
             } else {
                 return None;
             };
-            Some((policy, scope))
+            Some((&**policy, scope))
         })
 }
 
@@ -84,12 +83,12 @@ pub fn peer_authentications<'a>(
             } else {
                 return None;
             };
-            Some((policy, scope))
+            Some((&**policy, scope))
         })
 }
 
 /// Every selector label is on the workload with the same value.
-fn selects(selector: &BTreeMap<String, String>, workload: &Workload) -> bool {
+fn selects(selector: &Labels, workload: &Workload) -> bool {
     selector
         .iter()
         .all(|(key, value)| workload.labels.get(key) == Some(value))

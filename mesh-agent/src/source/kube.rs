@@ -7,39 +7,34 @@
 //! keep what they hold, so the last state keeps serving; a relist (after 410 Gone) swaps a
 //! store's contents in one step, so no pod is released and enrolled again on the way.
 
-mod slim;
+mod store;
+mod wire;
 
 use std::{
     collections::BTreeSet,
     fmt::Debug,
-    hash::Hash,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Resource,
     api::{ApiResource, DynamicObject, GroupVersionKind},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        reflector::{Store, store::Writer},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, watch};
 
+use self::store::Store;
 use crate::state::{
-    AuthorizationPolicyResource, Object, Origin, PeerAuthenticationResource, Snapshot, Sourced,
-    StateError, StateStatus, WorkloadSelector,
+    self, AuthorizationPolicy, AuthorizationPolicyResource, Origin, PeerAuthentication,
+    PeerAuthenticationResource, Record, Records, Snapshot, StateError, StateStatus, Workload,
+    WorkloadSelector, record,
 };
 
 /// The pseudo file that state problems of API objects name.
@@ -164,14 +159,14 @@ impl Shared {
     }
 }
 
-/// The stores of every watched kind.
+/// The records of every watched kind.
 struct Stores {
-    namespaces: Store<Namespace>,
-    pods: Store<Pod>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    authorization_policies: Store<DynamicObject>,
-    peer_authentications: Store<DynamicObject>,
+    namespaces: Arc<Store<state::Namespace>>,
+    pods: Arc<Store<Workload>>,
+    services: Arc<Store<state::Service>>,
+    endpoint_slices: Arc<Store<state::EndpointSlice>>,
+    authorization_policies: Arc<Store<AuthorizationPolicy>>,
+    peer_authentications: Arc<Store<PeerAuthentication>>,
 }
 
 /// The running source: the snapshot, its status and each watch's.
@@ -223,45 +218,19 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
     );
     let probe = Api::<Namespace>::all(client.clone());
     let stores = Stores {
-        namespaces: spawn_watch(
-            Api::all(client.clone()),
-            Writer::default(),
-            slim::namespace,
-            0,
-            &shared,
-        ),
-        pods: spawn_watch(
-            Api::all(client.clone()),
-            Writer::default(),
-            slim::pod,
-            1,
-            &shared,
-        ),
-        services: spawn_watch(
-            Api::all(client.clone()),
-            Writer::default(),
-            slim::service,
-            2,
-            &shared,
-        ),
-        endpoint_slices: spawn_watch(
-            Api::all(client.clone()),
-            Writer::default(),
-            slim::endpoint_slice,
-            3,
-            &shared,
-        ),
+        namespaces: spawn_watch(Api::all(client.clone()), read_namespace, 0, &shared),
+        pods: spawn_watch(Api::all(client.clone()), read_pod, 1, &shared),
+        services: spawn_watch(Api::all(client.clone()), read_service, 2, &shared),
+        endpoint_slices: spawn_watch(Api::all(client.clone()), read_endpoint_slice, 3, &shared),
         authorization_policies: spawn_watch(
             Api::all_with(client.clone(), &authz),
-            Writer::new(authz.clone()),
-            slim::istio,
+            read_authorization_policy,
             4,
             &shared,
         ),
         peer_authentications: spawn_watch(
             Api::all_with(client, &peers),
-            Writer::new(peers.clone()),
-            slim::istio,
+            read_peer_authentication,
             5,
             &shared,
         ),
@@ -270,7 +239,7 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
     while !shared.ready() {
         shared.changed.notified().await;
     }
-    let (snapshot, errors) = build(&stores);
+    let (snapshot, errors) = build(&stores, &Snapshot::default());
     let reported = report(&errors, &BTreeSet::new());
     let status = StateStatus {
         path: connection.describe(),
@@ -350,7 +319,8 @@ async fn rebuild_loop(
             return;
         }
         watches.send_replace(shared.snapshot());
-        let (next, errors) = build(&stores);
+        let previous = snapshot.borrow().clone();
+        let (next, errors) = build(&stores, &previous);
         reported = report(&errors, &reported);
         if **snapshot.borrow() != next {
             snapshot.send_replace(Arc::new(next));
@@ -400,128 +370,99 @@ fn summary(errors: &[StateError]) -> Option<String> {
     })
 }
 
-/// Runs a reflector over `api` and records each event in slot `slot` of `shared`.
-fn spawn_watch<K>(
+/// Watches `api`, keeping the record `read` makes of each object in a store, and records each
+/// event in slot `slot` of `shared`.
+fn spawn_watch<K, M>(
     api: Api<K>,
-    writer: Writer<K>,
-    slim: fn(&mut K),
+    read: fn(K) -> Record<M>,
     slot: usize,
     shared: &Arc<Shared>,
-) -> Store<K>
+) -> Arc<Store<M>>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    M: Send + Sync + 'static,
 {
-    let store = writer.as_reader();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(slim)
-        .reflect(writer);
-    let (shared, reader) = (shared.clone(), store.clone());
+    let store = Arc::new(Store::default());
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let (shared, writer) = (shared.clone(), store.clone());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let now = SystemTime::now();
-            match event {
-                Ok(watcher::Event::Init) => shared.update(slot, |w| w.state = WatchState::Listing),
-                Ok(watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::InitDone) => {
-                    shared.update(slot, |w| {
-                        w.state = WatchState::Synced;
-                        w.last_event = Some(now);
-                        w.last_error = None;
-                        w.failing_since = None;
-                        w.objects = reader.len();
-                    });
-                    shared.changed.notify_one();
-                }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                    shared.update(slot, |w| {
-                        w.last_event = Some(now);
-                        w.last_error = None;
-                        w.failing_since = None;
-                        w.objects = reader.len();
-                    });
-                    shared.changed.notify_one();
-                }
+            let event = match event {
+                Ok(event) => event,
                 Err(error) => {
-                    let not_installed = matches!(
-                        &error,
-                        watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404
-                    );
-                    let mut first = false;
-                    shared.update(slot, |w| {
-                        first = w.last_error.is_none();
-                        w.last_error = Some(error.to_string());
-                        if not_installed {
-                            // Counts as listed: the kind is empty until it is installed.
-                            w.state = WatchState::NotInstalled;
-                            w.last_event.get_or_insert(now);
-                        } else {
-                            w.failing_since.get_or_insert(now);
-                        }
-                    });
-                    if first {
-                        let kind = KINDS[slot];
-                        if not_installed {
-                            tracing::warn!(
-                                kind,
-                                "custom resource type not installed; counted as none, checked again"
-                            );
-                        } else {
-                            tracing::warn!(kind, %error, "watch failing; the last state keeps serving");
-                        }
-                    }
-                    shared.changed.notify_one();
+                    failed(&shared, slot, &error, now);
+                    continue;
                 }
+            };
+            let settled = !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_));
+            let listed = matches!(event, watcher::Event::InitDone);
+            if matches!(event, watcher::Event::Init) {
+                shared.update(slot, |w| w.state = WatchState::Listing);
+            }
+            writer.apply(event, read);
+            if settled {
+                shared.update(slot, |w| {
+                    if listed {
+                        w.state = WatchState::Synced;
+                    }
+                    w.last_event = Some(now);
+                    w.last_error = None;
+                    w.failing_since = None;
+                    w.objects = writer.len();
+                });
+                shared.changed.notify_one();
             }
         }
     });
     store
 }
 
-/// Everything the stores hold, as a snapshot with each bad object rejected alone.
-fn build(stores: &Stores) -> (Snapshot, Vec<StateError>) {
-    let mut objects = Vec::new();
-    add(
-        &mut objects,
-        &stores.namespaces,
-        "Namespace",
-        Object::Namespace,
+/// Records a failed watch: a kind that is not installed counts as listed (and empty); any
+/// other failure says since when it lasts. Each is logged when it starts.
+fn failed(shared: &Shared, slot: usize, error: &watcher::Error, now: SystemTime) {
+    let not_installed = matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == 404
     );
-    add(&mut objects, &stores.pods, "Pod", Object::Pod);
-    add(&mut objects, &stores.services, "Service", Object::Service);
-    add(
-        &mut objects,
-        &stores.endpoint_slices,
-        "EndpointSlice",
-        Object::EndpointSlice,
-    );
-    let mut errors = Vec::new();
-    for policy in stores.authorization_policies.state() {
-        objects.push(Sourced {
-            origin: origin("AuthorizationPolicy", &policy.metadata),
-            object: Object::AuthorizationPolicy(Box::new(authorization_policy(&policy))),
-        });
-    }
-    for policy in stores.peer_authentications.state() {
-        let origin = origin("PeerAuthentication", &policy.metadata);
-        match typed::<PeerAuthenticationResource>(&policy) {
-            Ok(resource) => objects.push(Sourced {
-                origin,
-                object: Object::PeerAuthentication(Box::new(resource)),
-            }),
-            Err(reason) => errors.push(StateError::new(
-                ORIGIN,
-                origin.document,
-                None,
-                format!("cannot be read: {reason}"),
-            )),
+    let mut first = false;
+    shared.update(slot, |w| {
+        first = w.last_error.is_none();
+        w.last_error = Some(error.to_string());
+        if not_installed {
+            // Counts as listed: the kind is empty until it is installed.
+            w.state = WatchState::NotInstalled;
+            w.last_event.get_or_insert(now);
+        } else {
+            w.failing_since.get_or_insert(now);
+        }
+    });
+    if first {
+        let kind = KINDS[slot];
+        if not_installed {
+            tracing::warn!(
+                kind,
+                "custom resource type not installed; counted as none, checked again"
+            );
+        } else {
+            tracing::warn!(kind, %error, "watch failing; the last state keeps serving");
         }
     }
-    let (snapshot, more) = Snapshot::assemble(objects, Vec::new());
-    errors.extend(more);
-    (snapshot, errors)
+    shared.changed.notify_one();
+}
+
+/// Everything the stores hold, as a snapshot with each bad object rejected alone.
+fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
+    let records = Records {
+        namespaces: stores.namespaces.records(),
+        pods: stores.pods.records(),
+        services: stores.services.records(),
+        endpoint_slices: stores.endpoint_slices.records(),
+        authorization_policies: stores.authorization_policies.records(),
+        peer_authentications: stores.peer_authentications.records(),
+    };
+    Snapshot::join(&records, Vec::new(), previous)
 }
 
 /// Where an API object came from, as state problems name it: `Pod shop/web-1`.
@@ -534,21 +475,47 @@ fn origin(kind: &str, meta: &ObjectMeta) -> Origin {
     Origin::new(ORIGIN, document)
 }
 
-/// Every object of a typed store, as the model's input.
-fn add<K>(
-    objects: &mut Vec<Sourced<Object>>,
-    store: &Store<K>,
-    kind: &str,
-    wrap: fn(Box<K>) -> Object,
-) where
-    K: Resource + Clone,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    for object in store.state() {
-        objects.push(Sourced {
-            origin: origin(kind, object.meta()),
-            object: wrap(Box::new((*object).clone())),
-        });
+fn read_namespace(object: wire::Namespace) -> Record<state::Namespace> {
+    let origin = origin("Namespace", &object.metadata);
+    record::namespace(origin, &object.into())
+}
+
+fn read_pod(object: wire::Pod) -> Record<Workload> {
+    let origin = origin("Pod", &object.metadata);
+    record::pod(origin, &object.into())
+}
+
+fn read_service(object: wire::Service) -> Record<state::Service> {
+    let origin = origin("Service", &object.metadata);
+    record::service(origin, &object.into())
+}
+
+fn read_endpoint_slice(object: wire::EndpointSlice) -> Record<state::EndpointSlice> {
+    let origin = origin("EndpointSlice", &object.metadata);
+    record::endpoint_slice(origin, &object.into())
+}
+
+fn read_authorization_policy(object: DynamicObject) -> Record<AuthorizationPolicy> {
+    let origin = origin("AuthorizationPolicy", &object.metadata);
+    record::authorization_policy(origin, &authorization_policy(&object))
+}
+
+/// A PeerAuthentication that cannot be read is rejected alone: it has no safe stand-in that
+/// would not also open (PERMISSIVE) or close (STRICT) what its author did not write.
+fn read_peer_authentication(object: DynamicObject) -> Record<PeerAuthentication> {
+    let origin = origin("PeerAuthentication", &object.metadata);
+    match typed::<PeerAuthenticationResource>(&object) {
+        Ok(resource) => record::peer_authentication(origin, &resource),
+        Err(reason) => {
+            let resource = PeerAuthenticationResource {
+                metadata: object.metadata,
+                ..PeerAuthenticationResource::default()
+            };
+            let mut record = record::peer_authentication(origin, &resource);
+            record.model = None;
+            record.problems = vec![record.error(None, format!("cannot be read: {reason}"))];
+            record
+        }
     }
 }
 
@@ -609,7 +576,7 @@ mod tests {
             crate::state::AuthorizationPolicy::from_resource(&resource).expect_err("fails");
         let model = crate::state::AuthorizationPolicy::fail_closed(&resource, &errors);
         assert_eq!(model.action, crate::state::Action::Deny);
-        assert_eq!(model.selector.get("app").map(String::as_str), Some("web"));
+        assert_eq!(model.selector.value("app"), Some("web"));
         assert_eq!(
             (model.namespace.as_str(), model.name.as_str()),
             ("shop", "p")

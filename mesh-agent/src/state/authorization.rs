@@ -3,6 +3,7 @@
 //! Evaluation lives in [`crate::policy`]; this module only turns the resource into something that
 //! cannot be malformed, naming the field of every problem.
 
+use super::small_map::Labels;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -24,7 +25,7 @@ pub struct AuthorizationPolicy {
     pub namespace: String,
     /// `spec.selector.matchLabels`; empty selects every workload of the namespace
     /// (of the mesh, in the root namespace).
-    pub selector: BTreeMap<String, String>,
+    pub selector: Labels,
     pub action: Action,
     pub rules: Vec<Rule>,
     /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
@@ -321,12 +322,12 @@ impl AuthorizationPolicy {
 }
 
 /// `spec.selector.matchLabels`; empty (the whole namespace) without one.
-fn selector_of(resource: &AuthorizationPolicyResource) -> BTreeMap<String, String> {
+fn selector_of(resource: &AuthorizationPolicyResource) -> Labels {
     resource
         .spec
         .selector
         .as_ref()
-        .map(|selector| selector.match_labels.clone())
+        .map(|selector| selector.match_labels.clone().into())
         .unwrap_or_default()
 }
 
@@ -595,7 +596,7 @@ spec:
         assert_eq!(policy.key(), "shop/p");
         assert_eq!(policy.action, Action::Deny);
         assert!(policy.dry_run);
-        assert_eq!(policy.selector.get("app").map(String::as_str), Some("cart"));
+        assert_eq!(policy.selector.value("app"), Some("cart"));
         let rule = &policy.rules[0];
         assert_eq!(
             rule.from[0].principals,

@@ -1,6 +1,7 @@
 //! The mesh's view of a Kubernetes EndpointSlice: which addresses and ports back a Service. A
 //! Service that has slices is served by them (that is how selector-less Services get endpoints).
 
+use super::small_map::SmallMap;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -19,7 +20,7 @@ pub struct EndpointSlice {
     /// The Service (same namespace) from the `kubernetes.io/service-name` label.
     pub service: String,
     /// Ports by name (`""` for the unnamed port of a single-port Service).
-    pub ports: BTreeMap<String, u16>,
+    pub ports: SmallMap<u16>,
     /// Addresses of the ready endpoints (`conditions.ready` unset counts as ready, as in
     /// Kubernetes).
     pub ready: Vec<Ipv4Addr>,
@@ -120,7 +121,7 @@ impl EndpointSlice {
             name: metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(metadata).to_string(),
             service: service.clone(),
-            ports,
+            ports: ports.into_iter().collect(),
             ready,
         }))
     }

@@ -1,7 +1,6 @@
 //! Whether a pod is captured by the mesh, with Istio ambient semantics, and why.
 
-use std::collections::BTreeMap;
-
+use super::small_map::Labels;
 use serde::Serialize;
 
 /// The project's own enrollment label, on namespaces (`ambient`) and pods (`none`).
@@ -9,7 +8,25 @@ pub const MODE_LABEL: &str = "mesh-agent.dev/mode";
 /// Istio's label, honoured the same way so Istio manifests work unchanged.
 pub const ISTIO_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
-const MODE_LABELS: [&str; 2] = [MODE_LABEL, ISTIO_MODE_LABEL];
+/// Each mode label with the reasons it gives, as static text: every workload holds one.
+const MODE_LABELS: [ModeLabel; 2] = [
+    ModeLabel {
+        name: MODE_LABEL,
+        opted_out: "pod label mesh-agent.dev/mode=none",
+        opted_in: "namespace label mesh-agent.dev/mode=ambient",
+    },
+    ModeLabel {
+        name: ISTIO_MODE_LABEL,
+        opted_out: "pod label istio.io/dataplane-mode=none",
+        opted_in: "namespace label istio.io/dataplane-mode=ambient",
+    },
+];
+
+struct ModeLabel {
+    name: &'static str,
+    opted_out: &'static str,
+    opted_in: &'static str,
+}
 const AMBIENT: &str = "ambient";
 const NONE: &str = "none";
 const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -18,8 +35,8 @@ const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Enrollment {
-    Enrolled { reason: String },
-    NotEnrolled { reason: String },
+    Enrolled { reason: &'static str },
+    NotEnrolled { reason: &'static str },
 }
 
 impl Enrollment {
@@ -37,7 +54,7 @@ impl Enrollment {
 /// What the rules look at on a pod.
 #[derive(Debug, Clone, Copy)]
 pub struct PodFacts<'a> {
-    pub labels: &'a BTreeMap<String, String>,
+    pub labels: &'a Labels,
     pub host_network: bool,
     pub phase: Option<&'a str>,
 }
@@ -48,29 +65,31 @@ pub fn is_terminal(phase: Option<&str>) -> bool {
 }
 
 /// Decides enrollment: exclusions first (hostNetwork, terminal, pod opt-out), then the namespace opt-in.
-pub fn evaluate(pod: PodFacts<'_>, namespace_labels: &BTreeMap<String, String>) -> Enrollment {
-    let not_enrolled = |reason: String| Enrollment::NotEnrolled { reason };
+pub fn evaluate(pod: PodFacts<'_>, namespace_labels: &Labels) -> Enrollment {
+    let not_enrolled = |reason| Enrollment::NotEnrolled { reason };
     if pod.host_network {
         // The pod shares the node's network namespace: capturing it would capture the node.
-        return not_enrolled("pod uses hostNetwork".into());
+        return not_enrolled("pod uses hostNetwork");
     }
-    if let Some(phase) = pod.phase.filter(|phase| is_terminal(Some(phase))) {
-        return not_enrolled(format!("pod phase {phase} is terminal"));
+    match pod.phase {
+        Some("Succeeded") => return not_enrolled("pod phase Succeeded is terminal"),
+        Some("Failed") => return not_enrolled("pod phase Failed is terminal"),
+        _ => {}
     }
     if let Some(label) = MODE_LABELS
         .iter()
-        .find(|label| pod.labels.get(**label).map(String::as_str) == Some(NONE))
+        .find(|label| pod.labels.value(label.name) == Some(NONE))
     {
-        return not_enrolled(format!("pod label {label}={NONE}"));
+        return not_enrolled(label.opted_out);
     }
     match MODE_LABELS
         .iter()
-        .find(|label| namespace_labels.get(**label).map(String::as_str) == Some(AMBIENT))
+        .find(|label| namespace_labels.value(label.name) == Some(AMBIENT))
     {
         Some(label) => Enrollment::Enrolled {
-            reason: format!("namespace label {label}={AMBIENT}"),
+            reason: label.opted_in,
         },
-        None => not_enrolled("namespace not labelled for ambient".into()),
+        None => not_enrolled("namespace not labelled for ambient"),
     }
 }
 
@@ -78,14 +97,11 @@ pub fn evaluate(pod: PodFacts<'_>, namespace_labels: &BTreeMap<String, String>) 
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (*k, Box::from(*v))).collect()
     }
 
-    fn pod(labels: &BTreeMap<String, String>) -> PodFacts<'_> {
+    fn pod(labels: &Labels) -> PodFacts<'_> {
         PodFacts {
             labels,
             host_network: false,
@@ -93,7 +109,7 @@ mod tests {
         }
     }
 
-    fn check(pod: PodFacts<'_>, ns: &BTreeMap<String, String>, enrolled: bool, reason: &str) {
+    fn check(pod: PodFacts<'_>, ns: &Labels, enrolled: bool, reason: &str) {
         let enrollment = evaluate(pod, ns);
         assert_eq!(enrollment.is_enrolled(), enrolled, "{enrollment:?}");
         assert_eq!(enrollment.reason(), reason);
@@ -163,7 +179,7 @@ mod tests {
 
     #[test]
     fn serializes_with_a_tag() {
-        let enrollment = Enrollment::Enrolled { reason: "r".into() };
+        let enrollment = Enrollment::Enrolled { reason: "r" };
         let json = serde_json::to_string(&enrollment).expect("must succeed");
         assert_eq!(json, r#"{"state":"enrolled","reason":"r"}"#);
     }

@@ -1,7 +1,6 @@
 //! The mesh's view of a Kubernetes Namespace: its name and the labels that drive enrollment.
 
-use std::collections::BTreeMap;
-
+use super::small_map::Labels;
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -21,7 +20,7 @@ pub fn namespace_of(metadata: &ObjectMeta) -> &str {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Namespace {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 impl Namespace {
@@ -29,7 +28,7 @@ impl Namespace {
     pub fn from_k8s(namespace: &k8s::Namespace) -> Self {
         Namespace {
             name: namespace.metadata.name.clone().unwrap_or_default(),
-            labels: namespace.metadata.labels.clone().unwrap_or_default(),
+            labels: namespace.metadata.labels.clone().unwrap_or_default().into(),
         }
     }
 }
@@ -50,7 +49,7 @@ mod tests {
         };
         let model = Namespace::from_k8s(&namespace);
         assert_eq!(model.name, "demo");
-        assert_eq!(model.labels.get("a").map(String::as_str), Some("b"));
+        assert_eq!(model.labels.value("a"), Some("b"));
     }
 
     #[test]

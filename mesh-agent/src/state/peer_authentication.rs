@@ -2,6 +2,7 @@
 //!
 //! Resolution across policies lives in [`crate::policy`].
 
+use super::small_map::Labels;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -17,7 +18,7 @@ pub struct PeerAuthentication {
     pub name: String,
     pub namespace: String,
     /// `spec.selector.matchLabels`; empty: namespace-wide (mesh-wide in the root namespace).
-    pub selector: BTreeMap<String, String>,
+    pub selector: Labels,
     /// `spec.mtls.mode`.
     pub mode: MtlsMode,
     /// `spec.portLevelMtls`: the mode per workload port; only on policies with a selector.
@@ -127,7 +128,7 @@ impl PeerAuthentication {
         Ok(PeerAuthentication {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector,
+            selector: selector.into(),
             mode,
             port_level,
             created: resource.metadata.creation_timestamp.clone(),

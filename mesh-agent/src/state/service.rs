@@ -1,6 +1,6 @@
 //! The mesh's view of a Kubernetes Service: virtual IP, ports and the selector that picks its workloads.
 
-use std::collections::BTreeMap;
+use super::small_map::Labels;
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1 as k8s;
@@ -18,7 +18,7 @@ pub struct Service {
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     /// `spec.selector`. Empty means the service selects no pod (its endpoints are managed by hand).
-    pub selector: BTreeMap<String, String>,
+    pub selector: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -120,7 +120,8 @@ impl Service {
             ports,
             selector: spec
                 .and_then(|spec| spec.selector.clone())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into(),
         })
     }
 }
@@ -303,17 +304,17 @@ mod tests {
             node: "n".into(),
             service_account: "default".into(),
             ip: Ipv4Addr::new(10, 0, 0, 1),
-            labels: [("app".to_string(), "web".to_string())].into(),
+            labels: [("app", Box::from("web"))].into_iter().collect(),
             host_network: false,
             phase: None,
-            enrollment: crate::state::Enrollment::NotEnrolled { reason: "r".into() },
-            named_ports: BTreeMap::new(),
+            enrollment: crate::state::Enrollment::NotEnrolled { reason: "r" },
+            named_ports: Default::default(),
         };
         assert!(model.selects(&workload));
         workload.namespace = "other".into();
         assert!(!model.selects(&workload));
         let no_selector = Service {
-            selector: BTreeMap::new(),
+            selector: Default::default(),
             ..model
         };
         workload.namespace = "demo".into();

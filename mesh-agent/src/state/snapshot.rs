@@ -1,36 +1,38 @@
 //! One consistent view of the cluster for this node, built from Kubernetes objects, and the lookups on it.
 
+use super::small_map::Labels;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1 as k8s;
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use super::authorization::AuthorizationPolicy;
 use super::document::{Object, Sourced};
-use super::endpoint_slice::{EndpointSlice, EndpointSliceError};
+use super::endpoint_slice::EndpointSlice;
 use super::error::{StateError, StateErrors};
-use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::Namespace;
 use super::peer_authentication::PeerAuthentication;
-use super::service::{Service, ServiceError};
-use super::validate::{self, Named};
+use super::record::{Record, Records};
+use super::service::Service;
+use super::validate::{self, ValidationError};
 use super::workload::Workload;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Pods that have an IP, sorted by (namespace, name).
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     /// Sorted by (namespace, name).
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// IPv4 EndpointSlices, sorted by (namespace, service, name).
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Istio `AuthorizationPolicy`s, sorted by (namespace, name).
-    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Istio `PeerAuthentication`s, sorted by (namespace, name).
-    pub peer_authentications: Vec<PeerAuthentication>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
     /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
@@ -51,7 +53,7 @@ struct Lookups {
 
 impl Lookups {
     /// The first owner of each IP in the (sorted) lists, as a scan would find it.
-    fn build(workloads: &[Workload], services: &[Service]) -> Lookups {
+    fn build(workloads: &[Arc<Workload>], services: &[Arc<Service>]) -> Lookups {
         let mut index = Lookups::default();
         for (i, workload) in workloads.iter().enumerate() {
             if workload.owns_ip() {
@@ -99,96 +101,44 @@ impl Snapshot {
         objects: Vec<Sourced<Object>>,
         files: Vec<PathBuf>,
     ) -> (Snapshot, Vec<StateError>) {
+        let (records, mut errors) = Records::read(objects);
+        let (snapshot, more) = Snapshot::join(&records, files, &Snapshot::default());
+        errors.extend(more);
+        (snapshot, errors)
+    }
+
+    /// Joins records read one by one into a snapshot: what depends on more than one object
+    /// (a namespace's enrollment label, that the namespace exists, that no two running pods
+    /// claim one IP) is decided here. Every problem of every record is reported; an object
+    /// in a namespace that does not exist is left out.
+    pub fn join(
+        records: &Records,
+        files: Vec<PathBuf>,
+        previous: &Snapshot,
+    ) -> (Snapshot, Vec<StateError>) {
         let mut errors = Vec::new();
-        let (mut k8s_namespaces, mut pods, mut services) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut authorizations, mut peers, mut slices) = (Vec::new(), Vec::new(), Vec::new());
-        for Sourced { origin, object } in objects {
-            match object {
-                Object::Namespace(object) => k8s_namespaces.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
-                Object::Pod(object) => pods.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
-                Object::Service(object) => services.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
-                Object::EndpointSlice(object) => slices.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
-                Object::AuthorizationPolicy(object) => authorizations.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
-                Object::PeerAuthentication(object) => peers.push(Sourced {
-                    origin,
-                    object: *object,
-                }),
+        let mut namespaces = BTreeMap::new();
+        for record in &records.namespaces {
+            errors.extend(record.problems.iter().cloned());
+            if let Some(namespace) = &record.model {
+                namespaces.insert(namespace.name.clone(), Namespace::clone(namespace));
             }
         }
-
-        let namespaces: BTreeMap<String, Namespace> =
-            validate::named::<k8s::Namespace>(&k8s_namespaces, false, &mut errors)
-                .into_iter()
-                .map(|named| {
-                    let namespace = Namespace::from_k8s(named.object);
-                    (namespace.name.clone(), namespace)
-                })
-                .collect();
-
-        // Objects in a namespace that does not exist are checked too (one reading reports every
-        // problem of an object), then left out.
-        let pods = validate::named::<k8s::Pod>(&pods, true, &mut errors);
-        let (pods, homeless) = validate::namespaces_exist(pods, &namespaces, &mut errors);
-        let workloads = workloads_of(&pods, &namespaces, &mut errors);
-        workloads_of(&homeless, &namespaces, &mut errors);
+        let no_labels = Labels::default();
+        let workloads = records.pods.iter().filter_map(|record| {
+            let pod = admit(record, &namespaces, &mut errors)?;
+            let namespace = namespaces.get(&pod.namespace);
+            let labels = namespace.map_or(&no_labels, |namespace| &namespace.labels);
+            Some((previous.enrolled(pod, labels), &**record))
+        });
+        let workloads: Vec<(Arc<Workload>, &Record<Workload>)> = workloads.collect();
         let workloads = validate::unique_ips(workloads, &mut errors);
-
-        let services = validate::named::<k8s::Service>(&services, true, &mut errors);
-        let (services, homeless) = validate::namespaces_exist(services, &namespaces, &mut errors);
-        let service_of = |service: &k8s::Service| {
-            Service::from_k8s(service).map_err(at_fields(ServiceError::field))
-        };
-        let services = build_each(&services, service_of, &mut errors);
-        build_each(&homeless, service_of, &mut errors);
-
-        let slices = validate::named::<k8s_openapi::api::discovery::v1::EndpointSlice>(
-            &slices,
-            true,
-            &mut errors,
-        );
-        let (slices, homeless) = validate::namespaces_exist(slices, &namespaces, &mut errors);
-        let slice_of = |slice: &k8s_openapi::api::discovery::v1::EndpointSlice| {
-            EndpointSlice::from_k8s(slice).map_err(at_fields(EndpointSliceError::field))
-        };
-        // Slices of other address types build to `None`: skipped.
-        let endpoint_slices: Vec<EndpointSlice> = build_each(&slices, slice_of, &mut errors)
-            .into_iter()
-            .flatten()
-            .collect();
-        build_each(&homeless, slice_of, &mut errors);
-
-        let authorizations =
-            validate::named::<AuthorizationPolicyResource>(&authorizations, true, &mut errors);
-        let (authorizations, homeless) =
-            validate::namespaces_exist(authorizations, &namespaces, &mut errors);
-        let authorization_policies = authorizations
-            .iter()
-            .map(|policy| authorization_of(policy, &mut errors))
-            .collect();
-        for policy in &homeless {
-            authorization_of(policy, &mut errors);
-        }
-        let peers = validate::named::<PeerAuthenticationResource>(&peers, true, &mut errors);
-        let (peers, homeless) = validate::namespaces_exist(peers, &namespaces, &mut errors);
+        let services = admitted(&records.services, &namespaces, &mut errors);
+        let endpoint_slices = admitted(&records.endpoint_slices, &namespaces, &mut errors);
+        let authorization_policies =
+            admitted(&records.authorization_policies, &namespaces, &mut errors);
         let peer_authentications =
-            build_each(&peers, PeerAuthentication::from_resource, &mut errors);
-        build_each(&homeless, PeerAuthentication::from_resource, &mut errors);
-
+            admitted(&records.peer_authentications, &namespaces, &mut errors);
         let snapshot = Snapshot::new(
             namespaces,
             workloads
@@ -203,8 +153,32 @@ impl Snapshot {
         (snapshot, errors)
     }
 
+    /// The workload of a pod read alone, enrolled with its namespace's labels: the pod's own
+    /// model when that changes nothing, else this snapshot's equal workload, else a new one. A
+    /// rebuild so allocates only for what changed.
+    fn enrolled(&self, pod: &Arc<Workload>, namespace_labels: &Labels) -> Arc<Workload> {
+        let enrollment = pod.enrollment_with(namespace_labels);
+        if enrollment == pod.enrollment {
+            return pod.clone();
+        }
+        let key = (pod.namespace.as_str(), pod.name.as_str());
+        let held = self
+            .workloads
+            .binary_search_by(|w| (w.namespace.as_str(), w.name.as_str()).cmp(&key))
+            .ok()
+            .map(|i| &self.workloads[i])
+            .filter(|held| held.enrollment == enrollment && held.same_pod(pod));
+        match held {
+            Some(held) => held.clone(),
+            None => Arc::new(Workload {
+                enrollment,
+                ..Workload::clone(pod)
+            }),
+        }
+    }
+
     /// Sets the EndpointSlices, sorting them so equal states compare equal.
-    pub fn with_endpoint_slices(mut self, mut slices: Vec<EndpointSlice>) -> Snapshot {
+    pub fn with_endpoint_slices(mut self, mut slices: Vec<Arc<EndpointSlice>>) -> Snapshot {
         slices.sort_by(|a, b| {
             (&a.namespace, &a.service, &a.name).cmp(&(&b.namespace, &b.service, &b.name))
         });
@@ -215,8 +189,8 @@ impl Snapshot {
     /// Assembles a snapshot, sorting workloads and services so equal states compare equal.
     pub fn new(
         namespaces: BTreeMap<String, Namespace>,
-        mut workloads: Vec<Workload>,
-        mut services: Vec<Service>,
+        mut workloads: Vec<Arc<Workload>>,
+        mut services: Vec<Arc<Service>>,
         mut files: Vec<PathBuf>,
     ) -> Snapshot {
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -237,8 +211,8 @@ impl Snapshot {
     /// Sets the Istio security policies, sorting them so equal states compare equal.
     pub fn with_policies(
         mut self,
-        mut authorization_policies: Vec<AuthorizationPolicy>,
-        mut peer_authentications: Vec<PeerAuthentication>,
+        mut authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+        mut peer_authentications: Vec<Arc<PeerAuthentication>>,
     ) -> Snapshot {
         authorization_policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -254,6 +228,7 @@ impl Snapshot {
             .workloads
             .get(&ip)
             .and_then(|&i| self.workloads.get(i))
+            .map(|workload| &**workload)
     }
 
     /// Every workload scheduled on `node`, enrolled or not.
@@ -264,18 +239,21 @@ impl Snapshot {
         self.workloads
             .iter()
             .filter(move |workload| workload.node == node)
+            .map(|workload| &**workload)
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads
             .iter()
             .find(|workload| workload.namespace == namespace && workload.name == name)
+            .map(|workload| &**workload)
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.services
             .iter()
             .find(|service| service.namespace == namespace && service.name == name)
+            .map(|service| &**service)
     }
 
     /// The service whose cluster IP this is.
@@ -284,6 +262,7 @@ impl Snapshot {
             .services
             .get(&ip)
             .and_then(|&i| self.services.get(i))
+            .map(|service| &**service)
     }
 
     /// The EndpointSlices of a service. When it has any, they, not its selector, say where its
@@ -303,7 +282,9 @@ impl Snapshot {
         let end = self
             .endpoint_slices
             .partition_point(|slice| of(slice) <= key);
-        self.endpoint_slices[start..end].iter()
+        self.endpoint_slices[start..end]
+            .iter()
+            .map(|slice| &**slice)
     }
 
     /// The workloads a service sends traffic to (running pods its selector matches).
@@ -316,16 +297,17 @@ impl Snapshot {
             .services
             .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&service.namespace, &service.name)))
             .ok()
-            .filter(|&i| std::ptr::eq(&self.services[i], service))
+            .filter(|&i| std::ptr::eq(&*self.services[i], service))
             .and_then(|i| self.lookups.selected.get(i));
         let (indexed, scanned) = match indexed {
-            Some(selected) => (Some(selected.iter().map(|&i| &self.workloads[i])), None),
+            Some(selected) => (Some(selected.iter().map(|&i| &*self.workloads[i])), None),
             None => (
                 None,
                 Some(
                     self.workloads
                         .iter()
-                        .filter(move |w| w.owns_ip() && service.selects(w)),
+                        .filter(move |w| w.owns_ip() && service.selects(w))
+                        .map(|w| &**w),
                 ),
             ),
         };
@@ -336,77 +318,35 @@ impl Snapshot {
     }
 }
 
-/// The workloads of `pods` that have an IP; the problems of the others go to `errors`.
-fn workloads_of<'a, 'b>(
-    pods: &'b [Named<'a, k8s::Pod>],
+/// The record's model if its namespace exists; its problems, and the missing namespace, go to
+/// `errors`.
+fn admit<'r, M>(
+    record: &'r Record<M>,
     namespaces: &BTreeMap<String, Namespace>,
     errors: &mut Vec<StateError>,
-) -> Vec<(Workload, &'b Named<'a, k8s::Pod>)> {
-    let no_labels = BTreeMap::new();
-    let mut workloads = Vec::new();
-    for pod in pods {
-        let namespace_labels = pod
-            .namespace
-            .and_then(|namespace| namespaces.get(namespace))
-            .map_or(&no_labels, |namespace| &namespace.labels);
-        match Workload::from_pod(pod.object, namespace_labels) {
-            Ok(Some(workload)) => workloads.push((workload, pod)),
-            Ok(None) => tracing::debug!(pod = %pod.label, "skipping pod without status.podIP"),
-            Err(problems) => errors.extend(
-                problems
-                    .into_iter()
-                    .map(|problem| pod.error(Some(problem.field()), problem)),
-            ),
-        }
+) -> Option<&'r Arc<M>> {
+    let homeless = record
+        .namespace
+        .as_ref()
+        .filter(|namespace| !namespaces.contains_key(*namespace));
+    if let Some(namespace) = homeless {
+        let error = ValidationError::MissingNamespace(namespace.clone());
+        errors.push(record.error(error.field(), error));
     }
-    workloads
+    errors.extend(record.problems.iter().cloned());
+    record.model.as_ref().filter(|_| homeless.is_none())
 }
 
-/// The model of a policy, or, when it cannot be understood, its fail-closed stand-in (its
-/// problems go to `errors`).
-fn authorization_of(
-    policy: &Named<'_, AuthorizationPolicyResource>,
+/// The models of the admitted records.
+fn admitted<M>(
+    records: &[Arc<Record<M>>],
+    namespaces: &BTreeMap<String, Namespace>,
     errors: &mut Vec<StateError>,
-) -> AuthorizationPolicy {
-    AuthorizationPolicy::from_resource(policy.object).unwrap_or_else(|problems| {
-        let model = AuthorizationPolicy::fail_closed(policy.object, &problems);
-        report_fields(policy, problems, errors);
-        model
-    })
-}
-
-/// Each (field, problem) of `object` as a state error.
-fn report_fields<R, E: std::fmt::Display>(
-    object: &Named<'_, R>,
-    problems: Vec<(String, E)>,
-    errors: &mut Vec<StateError>,
-) {
-    errors.extend(
-        problems
-            .into_iter()
-            .map(|(field, problem)| object.error(Some(&field), problem)),
-    );
-}
-
-/// Builds the model of each named resource, turning its field problems into state errors.
-fn build_each<R, M, E: std::fmt::Display>(
-    objects: &[Named<'_, R>],
-    build: impl Fn(&R) -> Result<M, Vec<(String, E)>>,
-    errors: &mut Vec<StateError>,
-) -> Vec<M> {
-    objects
+) -> Vec<Arc<M>> {
+    records
         .iter()
-        .filter_map(|object| {
-            build(object.object)
-                .map_err(|problems| report_fields(object, problems, errors))
-                .ok()
-        })
+        .filter_map(|record| admit(record, namespaces, errors).cloned())
         .collect()
-}
-
-/// Pairs each problem with the field it names, as [`build_each`] takes them.
-fn at_fields<E>(field: impl Fn(&E) -> String) -> impl FnOnce(Vec<E>) -> Vec<(String, E)> {
-    move |problems| problems.into_iter().map(|p| (field(&p), p)).collect()
 }
 
 #[cfg(test)]
@@ -592,7 +532,7 @@ status: {{podIP: \"{ip}\", phase: Running}}
         let broken = policies.iter().find(|p| p.name == "broken").expect("kept");
         assert_eq!(broken.action, Action::Deny);
         assert_eq!(broken.rules, [Rule::default()]);
-        assert_eq!(broken.selector.get("app").map(String::as_str), Some("a"));
+        assert_eq!(broken.selector.value("app"), Some("a"));
         assert!(!broken.dry_run);
         assert!(
             broken
@@ -710,7 +650,7 @@ status: {{podIP: \"{ip}\", phase: Running}}
         let keys: Vec<String> = snapshot
             .authorization_policies
             .iter()
-            .map(AuthorizationPolicy::key)
+            .map(|policy| policy.key())
             .collect();
         assert_eq!(keys, ["demo/a", "demo/z", "plain/b"]);
         assert_eq!(
@@ -739,14 +679,16 @@ status: {{podIP: \"{ip}\", phase: Running}}
             peer("demo", "default", "{mtls: {mode: ON}}"),
             "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: demo}\n",
         );
+        // Problems of names come first (they are found before objects are read), then each
+        // kind's in turn.
         assert_eq!(
             messages(build(&text)),
             [
                 "s.yaml: AuthorizationPolicy demo/p: defined more than once: first in s.yaml (document 4)",
+                "s.yaml: document 8: metadata.name: is required for a PeerAuthentication",
                 "s.yaml: AuthorizationPolicy istio-system/mesh: metadata.namespace: namespace \"istio-system\" has no Namespace object",
                 "s.yaml: AuthorizationPolicy demo/p: spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.x\" is not an IP address or CIDR block",
                 "s.yaml: AuthorizationPolicy demo/ext: spec.action: CUSTOM is not supported: external authorization needs an L7 proxy",
-                "s.yaml: document 8: metadata.name: is required for a PeerAuthentication",
                 "s.yaml: PeerAuthentication demo/default: spec.mtls.mode: \"ON\" is not an mTLS mode (UNSET, DISABLE, PERMISSIVE, STRICT)",
             ]
         );

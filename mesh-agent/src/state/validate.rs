@@ -4,13 +4,15 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::Metadata;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::document::{Sourced, object_label};
 use super::error::{Origin, StateError};
-use super::namespace::{Namespace, namespace_of};
+use super::namespace::namespace_of;
+use super::record::Record;
 use super::workload::Workload;
 
 /// A state that Kubernetes could not hold.
@@ -45,8 +47,6 @@ impl ValidationError {
 #[derive(Debug)]
 pub struct Named<'a, T> {
     pub label: String,
-    /// `None` for cluster-scoped kinds.
-    pub namespace: Option<&'a str>,
     pub origin: &'a Origin,
     pub object: &'a T,
 }
@@ -90,7 +90,6 @@ where
         };
         let named = Named {
             label,
-            namespace,
             origin,
             object,
         };
@@ -110,33 +109,13 @@ where
     kept
 }
 
-/// Splits namespaced objects into those whose namespace has a Namespace object and the others,
-/// which are reported. The others are still worth checking field by field, so that one reading
-/// reports every problem of an object, but are never used.
-pub fn namespaces_exist<'a, T>(
-    objects: Vec<Named<'a, T>>,
-    namespaces: &BTreeMap<String, Namespace>,
-    errors: &mut Vec<StateError>,
-) -> (Vec<Named<'a, T>>, Vec<Named<'a, T>>) {
-    objects.into_iter().partition(|object| {
-        match object.namespace.filter(|ns| !namespaces.contains_key(*ns)) {
-            Some(namespace) => {
-                let error = ValidationError::MissingNamespace(namespace.to_string());
-                errors.push(object.error(error.field(), error));
-                false
-            }
-            None => true,
-        }
-    })
-}
-
 /// Keeps the first running pod to claim an IP and reports (and drops) each later one.
 /// hostNetwork and terminal pods are left out: they legitimately share or free their IP.
-pub fn unique_ips<'a, 'b, T>(
-    workloads: Vec<(Workload, &'b Named<'a, T>)>,
+pub fn unique_ips<'r>(
+    workloads: Vec<(Arc<Workload>, &'r Record<Workload>)>,
     errors: &mut Vec<StateError>,
-) -> Vec<(Workload, &'b Named<'a, T>)> {
-    let mut owners: BTreeMap<Ipv4Addr, &Named<'_, T>> = BTreeMap::new();
+) -> Vec<(Arc<Workload>, &'r Record<Workload>)> {
+    let mut owners: BTreeMap<Ipv4Addr, &Record<Workload>> = BTreeMap::new();
     workloads
         .into_iter()
         .filter(|(workload, pod)| {
@@ -199,19 +178,6 @@ mod tests {
                 "one.yaml: document 1: metadata.name: is required for a Pod",
                 "two.yaml: Pod demo/a: defined more than once: first in one.yaml (document 1)",
             ]
-        );
-    }
-
-    #[test]
-    fn reports_missing_namespace() {
-        let pods = [pod(Some("a"), None, "p.yaml")];
-        let mut errors = Vec::new();
-        let kept = named(&pods, true, &mut errors);
-        let (kept, homeless) = namespaces_exist(kept, &BTreeMap::new(), &mut errors);
-        assert!(kept.is_empty() && homeless.len() == 1);
-        assert_eq!(
-            errors[0].to_string(),
-            "p.yaml: Pod default/a: metadata.namespace: namespace \"default\" has no Namespace object"
         );
     }
 }

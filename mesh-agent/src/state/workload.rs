@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::enrollment::{self, Enrollment, PodFacts};
 use super::namespace::namespace_of;
+use super::small_map::{Labels, SmallMap};
 
 /// Kubernetes' service account for pods that name none.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -24,7 +25,7 @@ pub struct Workload {
     pub service_account: String,
     /// `status.podIP`.
     pub ip: Ipv4Addr,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// `spec.hostNetwork`: the pod's IP is the node's.
     pub host_network: bool,
     /// `status.phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`).
@@ -32,7 +33,7 @@ pub struct Workload {
     pub enrollment: Enrollment,
     /// The pod's named TCP container ports (`spec.containers[].ports[]`): what a Service's
     /// named `targetPort` means on this pod.
-    pub named_ports: BTreeMap<String, u16>,
+    pub named_ports: SmallMap<u16>,
 }
 
 /// A Pod that cannot be turned into a workload; `field()` says where.
@@ -70,11 +71,55 @@ impl Workload {
         !self.host_network && !self.is_terminal()
     }
 
+    /// The enrollment this pod has in a namespace with these labels (a record of the pod alone
+    /// has it decided without them).
+    pub fn enrollment_with(&self, namespace_labels: &Labels) -> Enrollment {
+        let facts = PodFacts {
+            labels: &self.labels,
+            host_network: self.host_network,
+            phase: self.phase.as_deref(),
+        };
+        enrollment::evaluate(facts, namespace_labels)
+    }
+
+    /// Whether both are the same pod in the same state, whatever their enrollment.
+    pub fn same_pod(&self, other: &Workload) -> bool {
+        let Workload {
+            uid,
+            name,
+            namespace,
+            node,
+            service_account,
+            ip,
+            labels,
+            host_network,
+            phase,
+            enrollment: _,
+            named_ports,
+        } = self;
+        (uid, name, namespace, node, service_account, ip)
+            == (
+                &other.uid,
+                &other.name,
+                &other.namespace,
+                &other.node,
+                &other.service_account,
+                &other.ip,
+            )
+            && (labels, host_network, phase, named_ports)
+                == (
+                    &other.labels,
+                    &other.host_network,
+                    &other.phase,
+                    &other.named_ports,
+                )
+    }
+
     /// Builds the workload of a pod. `Ok(None)` for a pod without `status.podIP` (not running yet).
     /// Every problem is returned, not only the first. `metadata.name` is checked by the caller.
     pub fn from_pod(
         pod: &k8s::Pod,
-        namespace_labels: &BTreeMap<String, String>,
+        namespace_labels: &Labels,
     ) -> Result<Option<Workload>, Vec<WorkloadError>> {
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
@@ -109,7 +154,7 @@ impl Workload {
         let metadata = &pod.metadata;
         let name = metadata.name.clone().unwrap_or_default();
         let namespace = namespace_of(metadata).to_string();
-        let labels = metadata.labels.clone().unwrap_or_default();
+        let labels: Labels = metadata.labels.clone().unwrap_or_default().into();
         let host_network = spec.and_then(|spec| spec.host_network).unwrap_or(false);
         let phase = status.and_then(|status| status.phase.clone());
         let facts = PodFacts {
@@ -145,7 +190,7 @@ impl Workload {
 
 /// Named TCP ports of a pod's containers (the first of a name wins, as the API server forbids
 /// duplicates anyway); unnamed, non-TCP and out-of-range ports are not addressable by name.
-fn named_tcp_ports(spec: &k8s::PodSpec) -> BTreeMap<String, u16> {
+fn named_tcp_ports(spec: &k8s::PodSpec) -> SmallMap<u16> {
     let mut ports = BTreeMap::new();
     let declared = spec
         .containers
@@ -160,7 +205,7 @@ fn named_tcp_ports(spec: &k8s::PodSpec) -> BTreeMap<String, u16> {
             ports.entry(name.clone()).or_insert(number);
         }
     }
-    ports
+    ports.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -188,8 +233,8 @@ mod tests {
         }
     }
 
-    fn ambient() -> BTreeMap<String, String> {
-        [(enrollment::MODE_LABEL.to_string(), "ambient".to_string())].into()
+    fn ambient() -> Labels {
+        [(enrollment::MODE_LABEL, Box::from("ambient"))].into()
     }
 
     #[test]
@@ -212,7 +257,7 @@ mod tests {
         if let Some(spec) = pod.spec.as_mut() {
             spec.service_account_name = Some("web".into());
         }
-        let workload = Workload::from_pod(&pod, &BTreeMap::new())
+        let workload = Workload::from_pod(&pod, &Labels::default())
             .expect("must succeed")
             .expect("must succeed");
         assert_eq!(workload.uid, "1234");
@@ -256,7 +301,7 @@ mod tests {
             .expect("has an IP");
         assert_eq!(
             workload.named_ports,
-            [("admin".to_string(), 9901), ("http".to_string(), 8080)].into()
+            [("admin", 9901), ("http", 8080)].into()
         );
     }
 
