@@ -144,12 +144,14 @@ fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    let view = match req.uri().path() {
-        "/status" => serde_json::to_value(state.status()),
-        "/workloads" => serde_json::to_value(state.workloads()),
-        "/connections" => serde_json::to_value(state.connections()),
-        "/certs" => serde_json::to_value(state.certificates()),
-        "/policies" => serde_json::to_value(state.policies()),
+    // Each view is written straight to its bytes: the workloads of a large cluster as a
+    // `serde_json::Value` first would be several times their size again.
+    let body = match req.uri().path() {
+        "/status" => serde_json::to_vec_pretty(&state.status()),
+        "/workloads" => serde_json::to_vec_pretty(&state.workloads()),
+        "/connections" => serde_json::to_vec_pretty(&state.connections()),
+        "/certs" => serde_json::to_vec_pretty(&state.certificates()),
+        "/policies" => serde_json::to_vec_pretty(&state.policies()),
         "/explain" => {
             let query = query_pairs(req.uri().query().unwrap_or_default());
             let (Some(from), Some(to)) = (query.get("from"), query.get("to")) else {
@@ -159,18 +161,18 @@ fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 );
             };
             match state.explain(from, to) {
-                Ok(explanation) => serde_json::to_value(explanation),
+                Ok(explanation) => serde_json::to_vec_pretty(&explanation),
                 Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             }
         }
-        "/bpf" => serde_json::to_value(state.bpf()),
-        "/config_dump" => serde_json::to_value(state.config_dump()),
-        "/" => Ok(serde_json::json!({
+        "/bpf" => serde_json::to_vec_pretty(&state.bpf()),
+        "/config_dump" => serde_json::to_vec_pretty(&state.config_dump()),
+        "/" => serde_json::to_vec_pretty(&serde_json::json!({
             "endpoints": ["/status", "/workloads", "/connections", "/certs", "/policies", "/explain", "/bpf", "/config_dump"]
         })),
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     };
-    match view.and_then(|v| serde_json::to_vec_pretty(&v)) {
+    match body {
         Ok(body) => Response::builder()
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))

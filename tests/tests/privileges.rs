@@ -2,6 +2,9 @@
 //! DaemonSet manifest itself (`deploy/daemonset.yaml`); the agents run with exactly those
 //! (bounding, permitted and effective sets, no inheritable or ambient ones, via `setpriv`) and
 //! the mesh works; with any one of them taken away, the agent refuses to start and names it.
+//! The same for the host mounts the manifest gives the agent: with any one of them absent
+//! (unmounted in a private mount namespace, so the container would see sysfs's empty
+//! directory), the agent refuses to start and names it.
 
 mod common;
 
@@ -33,6 +36,46 @@ fn manifest_capabilities() -> Result<(Vec<String>, Vec<String>)> {
     Ok((list("add"), list("drop")))
 }
 
+/// The `mountPath`s of the `mesh-agent` container's hostPath volumes in the shipped DaemonSet.
+fn manifest_host_mounts() -> Result<Vec<String>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let daemonset: Value = serde_yaml::from_str(&text)?;
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let host_volumes: Vec<&str> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["hostPath"].is_object())
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    let container = spec["containers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
+        .context("no mesh-agent container in deploy/daemonset.yaml")?;
+    Ok(container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            m["name"]
+                .as_str()
+                .is_some_and(|n| host_volumes.contains(&n))
+        })
+        .filter_map(|m| m["mountPath"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// What the agent says when the host mount at `path` is missing.
+fn missing_mount_error(path: &str) -> Result<&'static str> {
+    Ok(match path {
+        "/sys/fs/bpf" => "bpffs is not mounted at /sys/fs/bpf",
+        "/sys/fs/cgroup" => "cgroup v2 is not mounted",
+        other => anyhow::bail!("host mount {other} is not known to this test"),
+    })
+}
+
 /// Bit numbers of the capabilities `setpriv` and the kernel know by these names.
 fn bit(name: &str) -> Result<u32> {
     Ok(match name {
@@ -48,6 +91,17 @@ fn bit(name: &str) -> Result<u32> {
 
 /// A wrapper that runs the agent with exactly `capabilities` (Kubernetes names, no `CAP_`).
 fn confined_agent(cluster: &Cluster, capabilities: &[String], tag: &str) -> Result<PathBuf> {
+    confined_agent_without(cluster, capabilities, None, tag)
+}
+
+/// [`confined_agent`], and with the mount at `hidden` (and all below it) gone from the agent's
+/// own mount namespace; the host's mounts are untouched (private propagation).
+fn confined_agent_without(
+    cluster: &Cluster,
+    capabilities: &[String],
+    hidden: Option<&str>,
+    tag: &str,
+) -> Result<PathBuf> {
     let binary = mesh_tests::agent_binary()?;
     let caps: Vec<String> = capabilities
         .iter()
@@ -57,10 +111,16 @@ fn confined_agent(cluster: &Cluster, capabilities: &[String], tag: &str) -> Resu
         .chain(caps)
         .collect::<Vec<_>>()
         .join(",");
-    let script = format!(
-        "#!/bin/sh\nexec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={set} -- {} \"$@\"\n",
+    let setpriv = format!(
+        "setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={set} -- {}",
         binary.display()
     );
+    let script = match hidden {
+        None => format!("#!/bin/sh\nexec {setpriv} \"$@\"\n"),
+        Some(path) => format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private -- sh -c 'umount -l {path} && exec {setpriv} \"$@\"' sh \"$@\"\n"
+        ),
+    };
     let path = cluster.temp_dir().join(format!("confined-agent-{tag}"));
     std::fs::write(&path, script)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
@@ -157,6 +217,43 @@ async fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()
             errors.len() == 1
                 && errors[0].contains(&format!("missing capability: CAP_{removed} (")),
             "without {removed} the agent must say so in one line: {log}"
+        );
+    }
+
+    // Any one of the manifest's host mounts absent: the agent refuses to start and names it,
+    // and the host still has the mount.
+    let mounts = manifest_host_mounts()?;
+    ensure!(
+        mounts.iter().any(|m| m == "/sys/fs/bpf") && mounts.iter().any(|m| m == "/sys/fs/cgroup"),
+        "the DaemonSet must mount the host's bpffs and cgroup2, mounts {mounts:?}"
+    );
+    for mount in &mounts {
+        let expected = missing_mount_error(mount)?;
+        let tag = format!("without-{}", mount.replace('/', "-"));
+        let options = AgentOptions {
+            binary: Some(confined_agent_without(&cluster, &add, Some(mount), &tag)?),
+            ..AgentOptions::default()
+        }
+        .no_wait();
+        let mut agent = cluster.start_agent_with(0, options).await?;
+        let exit = agent.wait_exit(Duration::from_secs(20)).await?;
+        ensure!(!exit.success(), "the agent started without {mount}");
+        let log = agent.log();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("mesh-agent: "))
+            .collect();
+        ensure!(
+            errors.len() == 1 && errors[0].contains(expected),
+            "without {mount} the agent must say {expected:?} in one line: {log}"
+        );
+        let host = std::fs::read_to_string("/proc/self/mountinfo")?;
+        ensure!(
+            host.lines().any(|l| l
+                .split(' ')
+                .nth(4)
+                .is_some_and(|p| p.starts_with(mount.as_str()))),
+            "the host lost {mount}"
         );
     }
     Ok(())

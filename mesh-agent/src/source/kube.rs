@@ -20,7 +20,6 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Resource,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -465,45 +464,41 @@ fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
     Snapshot::join(&records, Vec::new(), previous)
 }
 
-/// Where an API object came from, as state problems name it: `Pod shop/web-1`.
-fn origin(kind: &str, meta: &ObjectMeta) -> Origin {
-    let name = meta.name.as_deref().unwrap_or_default();
-    let document = match meta.namespace.as_deref() {
-        Some(namespace) => format!("{kind} {namespace}/{name}"),
-        None => format!("{kind} {name}"),
-    };
-    Origin::new(ORIGIN, document)
+/// Where an API object came from: the API. Its record's label names the object
+/// (`Pod shop/web-1`); the origin does not repeat it for each of the cluster's objects.
+fn origin() -> Origin {
+    Origin::new(ORIGIN, "")
 }
 
 fn read_namespace(object: wire::Namespace) -> Record<state::Namespace> {
-    let origin = origin("Namespace", &object.metadata);
+    let origin = origin();
     record::namespace(origin, &object.into())
 }
 
 fn read_pod(object: wire::Pod) -> Record<Workload> {
-    let origin = origin("Pod", &object.metadata);
+    let origin = origin();
     record::pod(origin, &object.into())
 }
 
 fn read_service(object: wire::Service) -> Record<state::Service> {
-    let origin = origin("Service", &object.metadata);
+    let origin = origin();
     record::service(origin, &object.into())
 }
 
 fn read_endpoint_slice(object: wire::EndpointSlice) -> Record<state::EndpointSlice> {
-    let origin = origin("EndpointSlice", &object.metadata);
+    let origin = origin();
     record::endpoint_slice(origin, &object.into())
 }
 
 fn read_authorization_policy(object: DynamicObject) -> Record<AuthorizationPolicy> {
-    let origin = origin("AuthorizationPolicy", &object.metadata);
+    let origin = origin();
     record::authorization_policy(origin, &authorization_policy(&object))
 }
 
 /// A PeerAuthentication that cannot be read is rejected alone: it has no safe stand-in that
 /// would not also open (PERMISSIVE) or close (STRICT) what its author did not write.
 fn read_peer_authentication(object: DynamicObject) -> Record<PeerAuthentication> {
-    let origin = origin("PeerAuthentication", &object.metadata);
+    let origin = origin();
     match typed::<PeerAuthenticationResource>(&object) {
         Ok(resource) => record::peer_authentication(origin, &resource),
         Err(reason) => {

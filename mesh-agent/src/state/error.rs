@@ -25,7 +25,11 @@ impl Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.file.display(), self.document)
+        match self.document.as_str() {
+            // An API object: its label says which.
+            "" => write!(f, "{}", self.file.display()),
+            document => write!(f, "{} ({document})", self.file.display()),
+        }
     }
 }
 

@@ -2,15 +2,44 @@
 //! objects, done for the records read from them, so that no Kubernetes object outlives the
 //! event that brought it (a node's agent holds every pod of the cluster).
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kube::runtime::watcher::Event;
 
 use crate::state::Record;
 
-/// `(namespace, name)` of an object.
-type Key = (Option<String>, String);
+/// A record, ordered and found by its label (`Pod shop/web-1`): one per object of a kind, and
+/// no second copy of the name as a key.
+struct ByLabel<M>(Arc<Record<M>>);
+
+impl<M> Borrow<str> for ByLabel<M> {
+    fn borrow(&self) -> &str {
+        &self.0.label
+    }
+}
+
+impl<M> PartialEq for ByLabel<M> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.label == other.0.label
+    }
+}
+
+impl<M> Eq for ByLabel<M> {}
+
+impl<M> PartialOrd for ByLabel<M> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<M> Ord for ByLabel<M> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.label.cmp(&other.0.label)
+    }
+}
 
 /// The records of one kind, by object.
 pub struct Store<M> {
@@ -18,18 +47,18 @@ pub struct Store<M> {
 }
 
 struct Inner<M> {
-    records: BTreeMap<Key, Arc<Record<M>>>,
+    records: BTreeSet<ByLabel<M>>,
     /// While a list (or relist after 410 Gone) is under way: what it has brought so far. It
     /// replaces `records` in one step when the list is done, so that an object present before
     /// and after is never seen missing.
-    listing: Option<BTreeMap<Key, Arc<Record<M>>>>,
+    listing: Option<BTreeSet<ByLabel<M>>>,
 }
 
 impl<M> Default for Store<M> {
     fn default() -> Self {
         Store {
             inner: Mutex::new(Inner {
-                records: BTreeMap::new(),
+                records: BTreeSet::new(),
                 listing: None,
             }),
         }
@@ -41,22 +70,15 @@ impl<M> Store<M> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a watch event, reading each object it brings with `read`.
-    pub fn apply<K: kube::Resource>(&self, event: Event<K>, read: impl Fn(K) -> Record<M>) {
-        let key = |object: &K| {
-            let meta = object.meta();
-            (
-                meta.namespace.clone(),
-                meta.name.clone().unwrap_or_default(),
-            )
-        };
+    /// Applies a watch event, reading each object it brings with `read` (a deleted one too:
+    /// its record's label is what finds it).
+    pub fn apply<K>(&self, event: Event<K>, read: impl Fn(K) -> Record<M>) {
+        let read = |object| ByLabel(Arc::new(read(object)));
         let mut inner = self.lock();
         match event {
-            Event::Init => inner.listing = Some(BTreeMap::new()),
+            Event::Init => inner.listing = Some(BTreeSet::new()),
             Event::InitApply(object) => {
-                let key = key(&object);
-                let record = Arc::new(read(object));
-                inner.listing.get_or_insert_default().insert(key, record);
+                inner.listing.get_or_insert_default().replace(read(object));
             }
             Event::InitDone => {
                 if let Some(listed) = inner.listing.take() {
@@ -64,12 +86,11 @@ impl<M> Store<M> {
                 }
             }
             Event::Apply(object) => {
-                let key = key(&object);
-                let record = Arc::new(read(object));
-                inner.records.insert(key, record);
+                inner.records.replace(read(object));
             }
             Event::Delete(object) => {
-                inner.records.remove(&key(&object));
+                let gone = read(object);
+                inner.records.remove::<str>(&gone.0.label);
             }
         }
     }
@@ -79,9 +100,9 @@ impl<M> Store<M> {
         self.lock().records.len()
     }
 
-    /// Every record, ordered by (namespace, name).
+    /// Every record, ordered by label.
     pub fn records(&self) -> Vec<Arc<Record<M>>> {
-        self.lock().records.values().cloned().collect()
+        self.lock().records.iter().map(|r| r.0.clone()).collect()
     }
 }
 
