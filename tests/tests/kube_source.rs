@@ -96,17 +96,47 @@ async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -
     expect_reset(web1, web2.addr(PORT)).await?;
     common::expect_echo(web1, batch2.addr(PORT)).await?;
 
-    // Deleting a pod releases it.
-    api.delete("Pod", "legacy", "batch-1")?;
+    // Deleting a pod releases it: gone from the agent's view and its veth bare in the kernel.
+    let node0 = cluster.node(0).netns();
+    let batch1_programs = || node0.tcx_programs(&batch1.host_veth);
+    ensure!(
+        batch1_programs()?.names() == ["capture_ingress", "capture_egress"],
+        "batch-1 not captured before its deletion"
+    );
+    let deleted = api.delete("Pod", "legacy", "batch-1")?;
     eventually(SETTLE, "batch-1 released after its deletion", || {
         let workloads = cluster.cli_json(0, &["workloads", "-o", "json"])?;
         Ok(!workloads
             .as_array()
             .into_iter()
             .flatten()
-            .any(|w| w["namespace"] == "legacy" && w["name"] == "batch-1"))
+            .any(|w| w["namespace"] == "legacy" && w["name"] == "batch-1")
+            && batch1_programs()?.is_empty())
     })
     .await?;
+
+    // A new pod (a new object, with a new uid, for the same pod network) is captured, and its
+    // traffic goes through the mesh.
+    let mut created = deleted;
+    if let Some(metadata) = created["metadata"].as_object_mut() {
+        metadata.remove("resourceVersion");
+        metadata.remove("creationTimestamp");
+        metadata.insert("uid".into(), json!("batch-1-created-again"));
+    }
+    api.apply(created)?;
+    eventually(SETTLE, "the new batch-1 captured", || {
+        Ok(batch1_programs()?.names() == ["capture_ingress", "capture_egress"])
+    })
+    .await?;
+    let before = common::records_to(&cluster, 0, "outbound", batch2.addr(PORT))?.len();
+    common::expect_echo(batch1, batch2.addr(PORT)).await?;
+    let records = wait_records(&cluster, 0, "outbound", batch2.addr(PORT), before + 1).await?;
+    ensure!(
+        records
+            .iter()
+            .any(|r| r["source_workload"] == "legacy/batch-1" && r["route"] == "tunnel"),
+        "the new batch-1's connection was not tunnelled: {records:#?}"
+    );
     Ok(())
 }
 
