@@ -21,8 +21,7 @@ use crate::{
     identity::{CertificateAuthority, CertificateManager},
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
-    source::{StateSource, kube},
-    state,
+    source::{StateSource, kube, local},
 };
 
 /// How often pods waiting for their veth, or with a changed veth, are looked at again.
@@ -59,7 +58,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {
     let (snapshot, state_status, source_watches) = match &config.source {
         StateSource::Files(path) => {
-            let watcher = state::Watcher::new(path.clone()).map_err(|errors| {
+            let watcher = local::Watcher::new(path.clone()).map_err(|errors| {
                 anyhow::anyhow!("the state at {} is invalid:\n{errors}", path.display())
             })?;
             let (snapshot, status) = (watcher.snapshot(), watcher.status());

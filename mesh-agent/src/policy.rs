@@ -58,13 +58,13 @@ status: {podIP: 10.0.2.1, phase: Running}
 
     /// [`state_text`], loaded as the agent loads a state directory.
     pub fn snapshot(extra: &str) -> Snapshot {
-        crate::state::testing::load_text(&state_text(extra))
+        crate::source::local::testing::load_text(&state_text(extra))
             .unwrap_or_else(|errors| panic!("test state must load: {errors}"))
     }
 
     /// [`state_text`] with each bad object rejected alone, as the Kubernetes source takes it.
     pub fn assembled(extra: &str) -> (Snapshot, Vec<crate::state::StateError>) {
-        crate::state::testing::assemble_text(&state_text(extra))
+        crate::source::local::testing::assemble_text(&state_text(extra))
     }
 
     pub fn workload<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> &'a Workload {

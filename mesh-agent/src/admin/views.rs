@@ -21,7 +21,8 @@ use crate::{
         connections::{ConnectionRecord, Totals},
         hbone::pool::TunnelView,
     },
-    state::{Snapshot, StateStatus},
+    source::StateStatus,
+    state::Snapshot,
 };
 
 /// Everything the admin API reads; shared with the rest of the agent.

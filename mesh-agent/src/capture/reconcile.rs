@@ -125,7 +125,7 @@ mod tests {
             pod("d1", "node-d", "10.7.4.10"),
         ]
         .concat();
-        let snapshot = crate::state::testing::load_text(&text).expect("state loads");
+        let snapshot = crate::source::local::testing::load_text(&text).expect("state loads");
         let table = RouteTable::parse(
             r#"[
                 {"dst":"10.7.2.0/24","gateway":"192.168.7.2","dev":"eth0","flags":[]},

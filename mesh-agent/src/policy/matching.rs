@@ -147,7 +147,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{policy::testing::authorization, state::testing::load_text};
+    use crate::{policy::testing::authorization, source::local::testing::load_text};
 
     const NAMESPACES: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 

@@ -327,7 +327,7 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
 
     /// The proxy of node `n1` over [`STATE`].
     fn context() -> ProxyContext {
-        let snapshot = crate::state::testing::load_text(STATE)
+        let snapshot = crate::source::local::testing::load_text(STATE)
             .unwrap_or_else(|errors| panic!("test state must load: {errors}"));
         let ca = Arc::new(CertificateAuthority::self_signed("cluster.local").unwrap());
         let certs = CertificateManager::new(ca, Duration::from_secs(3600));

@@ -185,7 +185,7 @@ mod tests {
     use super::*;
 
     fn snapshot(text: &str) -> Snapshot {
-        crate::state::testing::load_text(text)
+        crate::source::local::testing::load_text(text)
             .unwrap_or_else(|errors| panic!("test state must load: {errors}"))
     }
 

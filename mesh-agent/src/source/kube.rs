@@ -30,10 +30,11 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, watch};
 
 use self::store::Store;
+use super::StateStatus;
 use crate::state::{
     self, AuthorizationPolicy, AuthorizationPolicyResource, Origin, PeerAuthentication,
-    PeerAuthenticationResource, Record, Records, Snapshot, StateError, StateStatus, Workload,
-    WorkloadSelector, record,
+    PeerAuthenticationResource, Record, Records, Snapshot, StateError, Workload, WorkloadSelector,
+    record,
 };
 
 /// The pseudo file that state problems of API objects name.

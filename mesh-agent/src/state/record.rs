@@ -12,11 +12,11 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::authorization::AuthorizationPolicy;
-use super::document::{Object, Sourced, object_label};
 use super::endpoint_slice::EndpointSlice;
 use super::error::{Origin, StateError};
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::{Namespace, namespace_of};
+use super::object::{Object, Sourced, object_label};
 use super::peer_authentication::PeerAuthentication;
 use super::service::Service;
 use super::validate;

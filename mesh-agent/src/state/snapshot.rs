@@ -10,10 +10,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::authorization::AuthorizationPolicy;
-use super::document::{Object, Sourced};
 use super::endpoint_slice::EndpointSlice;
 use super::error::{StateError, StateErrors};
 use super::namespace::Namespace;
+use super::object::{Object, Sourced};
 use super::peer_authentication::PeerAuthentication;
 use super::record::{Record, Records};
 use super::service::Service;
@@ -352,7 +352,7 @@ fn admitted<M>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::document::{Format, parse};
+    use crate::source::local::document::{Format, parse};
     use crate::state::{Action, Rule};
     use std::path::Path;
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use k8s_openapi::Metadata;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::document::{Sourced, object_label};
 use super::error::{Origin, StateError};
 use super::namespace::namespace_of;
+use super::object::{Sourced, object_label};
 use super::record::Record;
 use super::workload::Workload;
 

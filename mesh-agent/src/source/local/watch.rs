@@ -12,34 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::watch;
 
-use super::error::{StateError, StateErrors};
-use super::snapshot::Snapshot;
-use super::source::{self, SourceFile};
+use crate::source::StateStatus;
+use crate::source::local::{self, SourceFile};
+use crate::state::{Snapshot, StateError, StateErrors};
 
 /// How often the state path is looked at; a change is published within about two intervals.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Every this many polls the contents are compared even when no file looks changed, for
 /// edits that keep size and modification time (coarse timestamps).
 const RECHECK_POLLS: u32 = 20;
-
-/// How the state source is doing; served by the admin API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StateStatus {
-    pub path: PathBuf,
-    /// 1 for the first snapshot, +1 for each one published since.
-    pub generation: u64,
-    /// When the published snapshot was loaded.
-    pub last_loaded: Option<SystemTime>,
-    /// Every problem of the current files, one per line; `None` when they are good.
-    pub last_error: Option<String>,
-    /// The same problems, structured.
-    pub errors: Vec<StateError>,
-    /// When the current files were found bad.
-    pub last_failed: Option<SystemTime>,
-}
 
 /// Loads the state at `path` once and returns a watcher for it; see [`Watcher`].
 pub fn watch(path: PathBuf) -> Result<Watcher, StateErrors> {
@@ -50,7 +33,7 @@ pub fn watch(path: PathBuf) -> Result<Watcher, StateErrors> {
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), mesh_agent::state::StateErrors> {
-/// let watcher = mesh_agent::state::watch("/etc/mesh-agent/state".into())?;
+/// let watcher = mesh_agent::source::local::watch("/etc/mesh-agent/state".into())?;
 /// let snapshots = watcher.snapshot();
 /// let status = watcher.status();
 /// watcher.spawn();
@@ -226,10 +209,10 @@ impl Poller {
     fn start(path: PathBuf) -> Result<(Self, Snapshot), StateErrors> {
         // Listing before reading: a change made in between shows up at the next poll.
         let applied = listing(&path);
-        let (files, errors) = source::read(&path);
+        let (files, errors) = local::read(&path);
         let content = content_hash(&files, &errors);
         StateErrors::check(errors)?;
-        let snapshot = source::parse(files)?;
+        let snapshot = local::parse(files)?;
         let poller = Poller {
             path,
             applied,
@@ -257,7 +240,7 @@ impl Poller {
         self.applied = current;
         self.polls_since_read = 0;
 
-        let (files, errors) = source::read(&self.path);
+        let (files, errors) = local::read(&self.path);
         let content = content_hash(&files, &errors);
         if content == self.content {
             return Outcome::Unchanged;
@@ -266,7 +249,7 @@ impl Poller {
         if let Err(errors) = StateErrors::check(errors) {
             return Outcome::Failed(errors);
         }
-        match source::parse(files) {
+        match local::parse(files) {
             Ok(snapshot) => Outcome::Loaded(Box::new(snapshot)),
             Err(errors) => Outcome::Failed(errors),
         }
@@ -274,7 +257,7 @@ impl Poller {
 }
 
 fn listing(path: &Path) -> Listing {
-    let files = source::list_files(path).map_err(|error| error.to_string())?;
+    let files = local::list_files(path).map_err(|error| error.to_string())?;
     files
         .into_iter()
         .map(|path| {

@@ -1,12 +1,18 @@
-//! Reads the state from disk: one file, or the `.yaml`/`.yml`/`.json` files of a directory (not recursive).
+//! Local Kubernetes YAML as the state source: what `kubectl get -o yaml` prints, in one file or
+//! the `.yaml`/`.yml`/`.json` files of a directory (not recursive), read from disk ([`load`]),
+//! parsed into the objects the model is built from ([`document`]), and polled ([`Watcher`]).
+
+pub mod document;
+mod watch;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::document::{self, Format};
-use super::error::{StateError, StateErrors};
-use super::snapshot::Snapshot;
+use self::document::Format;
+use crate::state::{Snapshot, StateError, StateErrors};
+
+pub use self::watch::{POLL_INTERVAL, Watcher, watch};
 
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
@@ -107,6 +113,29 @@ pub fn parse(files: Vec<SourceFile>) -> Result<Snapshot, StateErrors> {
     // Object problems first: later checks would only repeat them.
     StateErrors::check(errors)?;
     Snapshot::build(objects, paths)
+}
+
+/// For tests anywhere in the crate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::state::{Snapshot, StateErrors};
+
+    /// The snapshot of one state file with this text, loaded the way the agent loads its state.
+    pub fn load_text(text: &str) -> Result<Snapshot, StateErrors> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("test.yaml");
+        std::fs::write(&file, text).expect("writable");
+        super::load(&file)
+    }
+
+    /// The snapshot of this state text with each bad object rejected alone
+    /// ([`Snapshot::assemble`]), and the problems; the text must parse.
+    pub fn assemble_text(text: &str) -> (Snapshot, Vec<crate::state::StateError>) {
+        let file = std::path::Path::new("test.yaml");
+        let parsed = super::document::parse(file, text, super::Format::Yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        Snapshot::assemble(parsed.objects, vec![file.into()])
+    }
 }
 
 #[cfg(test)]

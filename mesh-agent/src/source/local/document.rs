@@ -2,13 +2,11 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-use super::error::{Origin, StateError};
-use super::istio::{self, AuthorizationPolicyResource, PeerAuthenticationResource};
+use crate::state::{DEFAULT_NAMESPACE, Object, Origin, Sourced, StateError, istio, object_label};
 
 /// Groups whose other kinds the agent will read later (waypoints, request authentication):
 /// skipped quietly, never errors.
@@ -29,24 +27,6 @@ impl Format {
             _ => Format::Yaml,
         }
     }
-}
-
-/// A Kubernetes object of a kind the agent reads.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Object {
-    Namespace(Box<k8s::Namespace>),
-    Pod(Box<k8s::Pod>),
-    Service(Box<k8s::Service>),
-    EndpointSlice(Box<k8s_openapi::api::discovery::v1::EndpointSlice>),
-    AuthorizationPolicy(Box<AuthorizationPolicyResource>),
-    PeerAuthentication(Box<PeerAuthenticationResource>),
-}
-
-/// An object with the place it came from, so later checks can name the file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sourced<T> {
-    pub origin: Origin,
-    pub object: T,
 }
 
 /// A document that does not hold a usable object.
@@ -82,20 +62,6 @@ pub enum DocumentError {
 pub struct Parsed {
     pub objects: Vec<Sourced<Object>>,
     pub errors: Vec<StateError>,
-}
-
-/// Names an object in messages: `Pod demo/client`, `Namespace demo`, or the document when unnamed.
-pub fn object_label(
-    kind: &str,
-    namespace: Option<&str>,
-    name: Option<&str>,
-    origin: &Origin,
-) -> String {
-    match (name.filter(|name| !name.is_empty()), namespace) {
-        (Some(name), Some(namespace)) => format!("{kind} {namespace}/{name}"),
-        (Some(name), None) => format!("{kind} {name}"),
-        (None, _) => origin.document.clone(),
-    }
 }
 
 /// Reads every document of a file. Parsing stops at the first syntax error (the parser cannot resync),
@@ -344,7 +310,7 @@ fn label_of(map: &Mapping, kind: &str, namespaced: bool, origin: &Origin) -> Str
     let namespace = namespaced.then(|| {
         text("namespace")
             .filter(|namespace| !namespace.is_empty())
-            .unwrap_or(super::namespace::DEFAULT_NAMESPACE)
+            .unwrap_or(DEFAULT_NAMESPACE)
     });
     object_label(kind, namespace, text("name"), origin)
 }
@@ -573,23 +539,6 @@ mod tests {
         assert_eq!(
             messages(&parsed),
             ["test.yaml: Pod demo/p: apiVersion: Pod is served by apiVersion v1, not \"apps/v1\""]
-        );
-    }
-
-    #[test]
-    fn labels_unnamed_objects_by_document() {
-        let origin = Origin::new("f.yaml", "document 3");
-        assert_eq!(
-            object_label("Pod", Some("demo"), None, &origin),
-            "document 3"
-        );
-        assert_eq!(
-            object_label("Pod", Some("demo"), Some(""), &origin),
-            "document 3"
-        );
-        assert_eq!(
-            object_label("Namespace", None, Some("demo"), &origin),
-            "Namespace demo"
         );
     }
 }
