@@ -66,10 +66,10 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             (snapshot, status, None)
         }
         StateSource::Kubernetes(connection) => {
-            let client = kube::client(connection).await?;
-            info!(?connection, "listing the cluster from the Kubernetes API");
+            let (client, api_server) = kube::client(connection).await?;
+            info!(?connection, %api_server, "listing the cluster from the Kubernetes API");
             // Not ready (nothing listens yet) until every kind has been listed once.
-            let source = kube::start(client, connection).await;
+            let source = kube::start(client, &api_server, connection).await;
             (source.snapshot, source.status, Some(source.watches))
         }
     };

@@ -50,6 +50,13 @@ async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -
         watches.len() == 6 && watches.iter().all(|w| w["state"] == "synced"),
         "every watch synced: {status:#}"
     );
+    // The source names the API server it reads.
+    let source = status["state"]["path"].as_str().unwrap_or_default();
+    ensure!(
+        source.starts_with("kubernetes ") && source.contains(&api.addr().to_string()),
+        "status names the source {source:?}, not the API server at {}",
+        api.addr()
+    );
 
     // Capture and the tunnel, from state the API served.
     let _echo = web2.echo_server(PORT).await?;

@@ -62,12 +62,16 @@ impl Connection {
         std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| Connection::InCluster)
     }
 
-    fn describe(&self) -> PathBuf {
+    /// What `status` shows as the source: the API server's URL and how it is reached.
+    fn describe(&self, api_server: &http::Uri) -> PathBuf {
         match self {
-            Connection::InCluster => PathBuf::from("kubernetes (in-cluster service account)"),
-            Connection::Kubeconfig(path) => {
-                PathBuf::from(format!("kubernetes (kubeconfig {})", path.display()))
-            }
+            Connection::InCluster => PathBuf::from(format!(
+                "kubernetes {api_server} (in-cluster service account)"
+            )),
+            Connection::Kubeconfig(path) => PathBuf::from(format!(
+                "kubernetes {api_server} (kubeconfig {})",
+                path.display()
+            )),
         }
     }
 }
@@ -85,8 +89,8 @@ pub enum KubeError {
     Client(#[from] kube::Error),
 }
 
-/// A client for `connection`.
-pub async fn client(connection: &Connection) -> Result<Client, KubeError> {
+/// A client for `connection`, and the URL of the API server it talks to.
+pub async fn client(connection: &Connection) -> Result<(Client, http::Uri), KubeError> {
     let config = match connection {
         Connection::InCluster => kube::Config::incluster()?,
         Connection::Kubeconfig(path) => {
@@ -100,7 +104,8 @@ pub async fn client(connection: &Connection) -> Result<Client, KubeError> {
                 .map_err(error)?
         }
     };
-    Ok(Client::try_from(config)?)
+    let api_server = config.cluster_url.clone();
+    Ok((Client::try_from(config)?, api_server))
 }
 
 /// How one watch is doing.
@@ -188,7 +193,7 @@ const KINDS: [&str; 6] = [
 /// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
 /// kind has been listed (or found not installed) and the first snapshot is built: until then
 /// the agent is not ready.
-pub async fn start(client: Client, connection: &Connection) -> KubeSource {
+pub async fn start(client: Client, api_server: &http::Uri, connection: &Connection) -> KubeSource {
     let now = SystemTime::now();
     let shared = Arc::new(Shared {
         watches: Mutex::new(
@@ -242,7 +247,7 @@ pub async fn start(client: Client, connection: &Connection) -> KubeSource {
     let (snapshot, errors) = build(&stores, &Snapshot::default());
     let reported = report(&errors, &BTreeSet::new());
     let status = StateStatus {
-        path: connection.describe(),
+        path: connection.describe(api_server),
         generation: 1,
         last_loaded: Some(SystemTime::now()),
         last_error: summary(&errors),
