@@ -127,6 +127,34 @@ fn confined_agent_without(
     Ok(path)
 }
 
+/// Starts `binary` as node 0's agent and expects it to exit unsuccessfully, saying `expected`
+/// in its one error line; `missing` names what it was started without.
+async fn refuses_to_start(
+    cluster: &Cluster,
+    binary: PathBuf,
+    missing: &str,
+    expected: &str,
+) -> Result<()> {
+    let options = AgentOptions {
+        binary: Some(binary),
+        ..AgentOptions::default()
+    }
+    .no_wait();
+    let mut agent = cluster.start_agent_with(0, options).await?;
+    let exit = agent.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(!exit.success(), "the agent started without {missing}");
+    let log = agent.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("mesh-agent: "))
+        .collect();
+    ensure!(
+        errors.len() == 1 && errors[0].contains(expected),
+        "without {missing} the agent must say {expected:?} in one line: {log}"
+    );
+    Ok(())
+}
+
 fn mask(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
@@ -200,24 +228,9 @@ async fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()
     // Any one taken away: the agent refuses to start and names it.
     for removed in &add {
         let fewer: Vec<String> = add.iter().filter(|c| *c != removed).cloned().collect();
-        let options = AgentOptions {
-            binary: Some(confined_agent(&cluster, &fewer, removed)?),
-            ..AgentOptions::default()
-        }
-        .no_wait();
-        let mut agent = cluster.start_agent_with(0, options).await?;
-        let exit = agent.wait_exit(Duration::from_secs(20)).await?;
-        ensure!(!exit.success(), "the agent started without {removed}");
-        let log = agent.log();
-        let errors: Vec<&str> = log
-            .lines()
-            .filter(|l| l.starts_with("mesh-agent: "))
-            .collect();
-        ensure!(
-            errors.len() == 1
-                && errors[0].contains(&format!("missing capability: CAP_{removed} (")),
-            "without {removed} the agent must say so in one line: {log}"
-        );
+        let confined = confined_agent(&cluster, &fewer, removed)?;
+        let expected = format!("missing capability: CAP_{removed} (");
+        refuses_to_start(&cluster, confined, removed, &expected).await?;
     }
 
     // Any one of the manifest's host mounts absent: the agent refuses to start and names it,
@@ -230,23 +243,8 @@ async fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()
     for mount in &mounts {
         let expected = missing_mount_error(mount)?;
         let tag = format!("without-{}", mount.replace('/', "-"));
-        let options = AgentOptions {
-            binary: Some(confined_agent_without(&cluster, &add, Some(mount), &tag)?),
-            ..AgentOptions::default()
-        }
-        .no_wait();
-        let mut agent = cluster.start_agent_with(0, options).await?;
-        let exit = agent.wait_exit(Duration::from_secs(20)).await?;
-        ensure!(!exit.success(), "the agent started without {mount}");
-        let log = agent.log();
-        let errors: Vec<&str> = log
-            .lines()
-            .filter(|l| l.starts_with("mesh-agent: "))
-            .collect();
-        ensure!(
-            errors.len() == 1 && errors[0].contains(expected),
-            "without {mount} the agent must say {expected:?} in one line: {log}"
-        );
+        let confined = confined_agent_without(&cluster, &add, Some(mount), &tag)?;
+        refuses_to_start(&cluster, confined, mount, expected).await?;
         let host = std::fs::read_to_string("/proc/self/mountinfo")?;
         ensure!(
             host.lines().any(|l| l
