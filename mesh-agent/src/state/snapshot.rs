@@ -392,6 +392,43 @@ status: {{podIP: \"{ip}\", phase: Running}}
             .collect()
     }
 
+    fn records(text: &str) -> Records {
+        let parsed = parse(Path::new("s.yaml"), text, Format::Yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let (records, errors) = Records::read(parsed.objects);
+        assert!(errors.is_empty(), "{errors:?}");
+        records
+    }
+
+    #[test]
+    fn a_rebuild_shares_what_did_not_change_and_enrolls_what_did() {
+        let text = format!(
+            "{NAMESPACES}{}{}",
+            pod("demo", "a", "n1", "10.0.0.1", ""),
+            pod("plain", "b", "n1", "10.0.0.2", "")
+        );
+        let records = records(&text);
+        let (first, errors) = Snapshot::join(&records, Vec::new(), &Snapshot::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let (a, b) = (&first.workloads[0], &first.workloads[1]);
+        assert!(a.is_enrolled() && !b.is_enrolled());
+        // A pod whose namespace decides nothing is the record's own model; an enrolled one
+        // is a copy, which the next rebuild takes over rather than copying again.
+        let model = |i: usize| records.pods[i].model.clone().expect("a workload");
+        assert!(Arc::ptr_eq(b, &model(1)) && !Arc::ptr_eq(a, &model(0)));
+        let (second, _) = Snapshot::join(&records, Vec::new(), &first);
+        assert!(Arc::ptr_eq(&second.workloads[0], a));
+        assert!(Arc::ptr_eq(&second.workloads[1], b));
+
+        // The namespace loses its label: the same pod records, now not enrolled.
+        let unlabelled = text.replacen("labels: {mesh-agent.dev/mode: ambient}", "", 1);
+        let mut changed = records.clone();
+        changed.namespaces = self::records(&unlabelled).namespaces;
+        let (third, _) = Snapshot::join(&changed, Vec::new(), &second);
+        assert!(!third.workloads[0].is_enrolled());
+        assert!(Arc::ptr_eq(&third.workloads[0], &model(0)));
+    }
+
     #[test]
     fn builds_sorted_workloads_and_lookups() {
         let text = format!(
