@@ -41,8 +41,17 @@ async fn service_address_spreads_over_endpoints_and_skips_dead_ones() -> Result<
         "no record names the service: {records:#?}"
     );
 
-    // web-1's server goes away: every connection still succeeds, through web-2.
+    // web-1's server goes away: every connection still succeeds, through web-2. The server's
+    // task ends asynchronously; wait until web-1 no longer listens, or a connection could land
+    // in a listener about to close, which the kernel then resets.
     drop(server1);
+    common::eventually(common::SETTLE, "web-1 stopped listening", || {
+        Ok(web1
+            .exec(&["ss", "-Hltn", "sport = :8080"])?
+            .trim()
+            .is_empty())
+    })
+    .await?;
     let before = server2.accepted();
     for i in 0..6 {
         expect_echo(client, address)
