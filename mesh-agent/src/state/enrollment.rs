@@ -29,7 +29,20 @@ struct ModeLabel {
 }
 const AMBIENT: &str = "ambient";
 const NONE: &str = "none";
-const TERMINAL_PHASES: [&str; 2] = ["Succeeded", "Failed"];
+/// Pod phases that never run again, with the reason each gives.
+const TERMINAL_PHASES: [(&str, &str); 2] = [
+    ("Succeeded", "pod phase Succeeded is terminal"),
+    ("Failed", "pod phase Failed is terminal"),
+];
+
+/// The reason a terminal phase gives; `None` for a phase that may still run.
+fn terminal_reason(phase: Option<&str>) -> Option<&'static str> {
+    let phase = phase?;
+    TERMINAL_PHASES
+        .iter()
+        .find(|(terminal, _)| *terminal == phase)
+        .map(|(_, reason)| *reason)
+}
 
 /// The decision for one pod; the reason is shown to operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,7 +74,7 @@ pub struct PodFacts<'a> {
 
 /// Returns true for pod phases that never run again (their IP may already belong to another pod).
 pub fn is_terminal(phase: Option<&str>) -> bool {
-    phase.is_some_and(|phase| TERMINAL_PHASES.contains(&phase))
+    terminal_reason(phase).is_some()
 }
 
 /// Decides enrollment: exclusions first (hostNetwork, terminal, pod opt-out), then the namespace opt-in.
@@ -71,10 +84,8 @@ pub fn evaluate(pod: PodFacts<'_>, namespace_labels: &Labels) -> Enrollment {
         // The pod shares the node's network namespace: capturing it would capture the node.
         return not_enrolled("pod uses hostNetwork");
     }
-    match pod.phase {
-        Some("Succeeded") => return not_enrolled("pod phase Succeeded is terminal"),
-        Some("Failed") => return not_enrolled("pod phase Failed is terminal"),
-        _ => {}
+    if let Some(reason) = terminal_reason(pod.phase) {
+        return not_enrolled(reason);
     }
     if let Some(label) = MODE_LABELS
         .iter()

@@ -182,9 +182,9 @@ pub fn namespace(origin: Origin, namespace: &k8s::Namespace) -> Record<Namespace
 
 pub fn pod(origin: Origin, pod: &k8s::Pod) -> Record<Workload> {
     Record::read(origin, pod, true, |pod| {
-        Workload::from_pod(pod, &Default::default()).map_err(at_fields(
-            |problem: &super::workload::WorkloadError| problem.field().to_string(),
-        ))
+        Workload::from_pod(pod).map_err(at_fields(|problem: &super::workload::WorkloadError| {
+            problem.field().to_string()
+        }))
     })
 }
 

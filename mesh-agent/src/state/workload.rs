@@ -117,10 +117,9 @@ impl Workload {
 
     /// Builds the workload of a pod. `Ok(None)` for a pod without `status.podIP` (not running yet).
     /// Every problem is returned, not only the first. `metadata.name` is checked by the caller.
-    pub fn from_pod(
-        pod: &k8s::Pod,
-        namespace_labels: &Labels,
-    ) -> Result<Option<Workload>, Vec<WorkloadError>> {
+    /// Enrollment is what the pod alone decides; its namespace's part is added when records are
+    /// joined ([`Workload::enrollment_with`]).
+    pub fn from_pod(pod: &k8s::Pod) -> Result<Option<Workload>, Vec<WorkloadError>> {
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
         let Some(raw_ip) = status
@@ -162,7 +161,7 @@ impl Workload {
             host_network,
             phase: phase.as_deref(),
         };
-        let enrollment = enrollment::evaluate(facts, namespace_labels);
+        let enrollment = enrollment::evaluate(facts, &Labels::default());
         let named_ports = spec.map(named_tcp_ports).unwrap_or_default();
         Ok(Some(Workload {
             uid: metadata
@@ -239,14 +238,15 @@ mod tests {
 
     #[test]
     fn builds_a_workload_with_defaults() {
-        let workload = Workload::from_pod(&pod(Some("10.0.0.5"), Some("node-a")), &ambient())
+        let workload = Workload::from_pod(&pod(Some("10.0.0.5"), Some("node-a")))
             .expect("valid")
             .expect("has an IP");
         assert_eq!(workload.uid, "demo/client");
         assert_eq!(workload.service_account, "default");
         assert_eq!(workload.ip, Ipv4Addr::new(10, 0, 0, 5));
         assert_eq!(workload.node, "node-a");
-        assert!(workload.is_enrolled());
+        assert!(!workload.is_enrolled(), "no namespace has spoken yet");
+        assert!(workload.enrollment_with(&ambient()).is_enrolled());
         assert!(workload.owns_ip());
     }
 
@@ -257,7 +257,7 @@ mod tests {
         if let Some(spec) = pod.spec.as_mut() {
             spec.service_account_name = Some("web".into());
         }
-        let workload = Workload::from_pod(&pod, &Labels::default())
+        let workload = Workload::from_pod(&pod)
             .expect("must succeed")
             .expect("must succeed");
         assert_eq!(workload.uid, "1234");
@@ -296,9 +296,7 @@ mod tests {
                 },
             ];
         }
-        let workload = Workload::from_pod(&pod, &ambient())
-            .expect("valid")
-            .expect("has an IP");
+        let workload = Workload::from_pod(&pod).expect("valid").expect("has an IP");
         assert_eq!(
             workload.named_ports,
             [("admin", 9901), ("http", 8080)].into()
@@ -307,17 +305,13 @@ mod tests {
 
     #[test]
     fn pod_without_ip_is_skipped() {
-        assert_eq!(Workload::from_pod(&pod(None, None), &ambient()), Ok(None));
-        assert_eq!(
-            Workload::from_pod(&pod(Some(""), None), &ambient()),
-            Ok(None)
-        );
+        assert_eq!(Workload::from_pod(&pod(None, None)), Ok(None));
+        assert_eq!(Workload::from_pod(&pod(Some(""), None)), Ok(None));
     }
 
     #[test]
     fn rejects_bad_ip_and_missing_node_together() {
-        let errors =
-            Workload::from_pod(&pod(Some("10.0.0.x"), None), &ambient()).expect_err("must fail");
+        let errors = Workload::from_pod(&pod(Some("10.0.0.x"), None)).expect_err("must fail");
         assert_eq!(
             errors,
             vec![
@@ -332,8 +326,7 @@ mod tests {
 
     #[test]
     fn rejects_ipv6() {
-        let errors = Workload::from_pod(&pod(Some("fd00::1"), Some("n")), &ambient())
-            .expect_err("must fail");
+        let errors = Workload::from_pod(&pod(Some("fd00::1"), Some("n"))).expect_err("must fail");
         assert_eq!(errors, vec![WorkloadError::Ipv6("fd00::1".into())]);
     }
 
@@ -343,10 +336,10 @@ mod tests {
         if let Some(status) = pod.status.as_mut() {
             status.phase = Some("Succeeded".into());
         }
-        let workload = Workload::from_pod(&pod, &ambient())
+        let workload = Workload::from_pod(&pod)
             .expect("must succeed")
             .expect("must succeed");
         assert!(!workload.owns_ip());
-        assert!(!workload.is_enrolled());
+        assert!(!workload.enrollment_with(&ambient()).is_enrolled());
     }
 }
