@@ -28,6 +28,14 @@ pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `mesh-agent` binary: `$MESH_AGENT_BIN`, else `target/release/mesh-agent` found next to the
 /// running executable (`target/release/{demo,deps/…}`) or from this crate's manifest directory.
+/// Whether the agent's status (`mesh-agent status -o json`) shows a watch of every kind the
+/// Kubernetes source watches, each synced.
+pub fn watches_synced(status: &serde_json::Value) -> bool {
+    status["state"]["watches"]
+        .as_array()
+        .is_some_and(|w| w.len() == 6 && w.iter().all(|w| w["state"] == "synced"))
+}
+
 pub fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = env::var_os("MESH_AGENT_BIN") {
         let path = PathBuf::from(path);

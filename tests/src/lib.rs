@@ -48,7 +48,7 @@ pub mod topology;
 pub mod traffic;
 pub mod wakeup;
 
-pub use agent::{Agent, AgentOptions, LogMark, agent_binary};
+pub use agent::{Agent, AgentOptions, LogMark, agent_binary, watches_synced};
 pub use netns::Netns;
 pub use tcx::{Attached, TcxPrograms};
 pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec};

@@ -42,12 +42,8 @@ async fn the_api_source_serves_capture_tunnel_and_policy_and_follows_changes() -
         cluster.pod("legacy", "batch-2"),
     );
     let status = cluster.cli_json(0, &["status", "-o", "json"])?;
-    let watches = status["state"]["watches"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     ensure!(
-        watches.len() == 6 && watches.iter().all(|w| w["state"] == "synced"),
+        mesh_tests::watches_synced(&status),
         "every watch synced: {status:#}"
     );
     // The source names the API server it reads.

@@ -15,16 +15,27 @@ use common::{PORT, wait_records};
 use mesh_tests::{AgentOptions, Cluster, ClusterSpec};
 use serde_json::Value;
 
-/// `securityContext.capabilities` of the `mesh-agent` container of the shipped DaemonSet.
-fn manifest_capabilities() -> Result<(Vec<String>, Vec<String>)> {
+/// The pod spec of the shipped DaemonSet (`deploy/daemonset.yaml`).
+fn manifest_pod_spec() -> Result<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let daemonset: Value = serde_yaml::from_str(&text)?;
-    let container = daemonset["spec"]["template"]["spec"]["containers"]
+    Ok(daemonset["spec"]["template"]["spec"].clone())
+}
+
+/// The `mesh-agent` container of a pod spec.
+fn agent_container(spec: &Value) -> Result<&Value> {
+    spec["containers"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
-        .context("no mesh-agent container in deploy/daemonset.yaml")?;
+        .context("no mesh-agent container in deploy/daemonset.yaml")
+}
+
+/// `securityContext.capabilities` of the `mesh-agent` container of the shipped DaemonSet.
+fn manifest_capabilities() -> Result<(Vec<String>, Vec<String>)> {
+    let spec = manifest_pod_spec()?;
+    let container = agent_container(&spec)?;
     let list = |key: &str| -> Vec<String> {
         container["securityContext"]["capabilities"][key]
             .as_array()
@@ -38,11 +49,7 @@ fn manifest_capabilities() -> Result<(Vec<String>, Vec<String>)> {
 
 /// The `mountPath`s of the `mesh-agent` container's hostPath volumes in the shipped DaemonSet.
 fn manifest_host_mounts() -> Result<Vec<String>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let daemonset: Value = serde_yaml::from_str(&text)?;
-    let spec = &daemonset["spec"]["template"]["spec"];
+    let spec = manifest_pod_spec()?;
     let host_volumes: Vec<&str> = spec["volumes"]
         .as_array()
         .into_iter()
@@ -50,11 +57,7 @@ fn manifest_host_mounts() -> Result<Vec<String>> {
         .filter(|v| v["hostPath"].is_object())
         .filter_map(|v| v["name"].as_str())
         .collect();
-    let container = spec["containers"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
-        .context("no mesh-agent container in deploy/daemonset.yaml")?;
-    Ok(container["volumeMounts"]
+    Ok(agent_container(&spec)?["volumeMounts"]
         .as_array()
         .into_iter()
         .flatten()

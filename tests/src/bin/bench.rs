@@ -803,12 +803,8 @@ mod state {
     /// Every object accepted: every watch synced, no state error, every pod a workload.
     async fn check_state(cluster: &Cluster, workloads: usize) -> Result<()> {
         let status = status(cluster).await?;
-        let watches = status["state"]["watches"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
         ensure!(
-            watches.len() == 6 && watches.iter().all(|w| w["state"] == "synced"),
+            mesh_tests::watches_synced(&status),
             "not every watch synced: {:#}",
             status["state"]["watches"]
         );
@@ -820,8 +816,10 @@ mod state {
             seen == workloads,
             "{seen} workloads, {workloads} pods served"
         );
-        let objects: Vec<String> = watches
-            .iter()
+        let objects: Vec<String> = status["state"]["watches"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .map(|w| format!("{} {}", w["objects"], w["kind"].as_str().unwrap_or("?")))
             .collect();
         println!(
