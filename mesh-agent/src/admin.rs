@@ -45,6 +45,15 @@ impl Bound {
         Ok(Self { name, listener })
     }
 
+    /// A listener bound elsewhere (by the agent this one took over from).
+    pub fn from_listener(
+        name: &'static str,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self { name, listener })
+    }
+
     /// Must be called within the runtime that will serve it.
     pub fn into_server(self) -> std::io::Result<Server> {
         Ok(Server {

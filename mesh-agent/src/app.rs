@@ -19,6 +19,11 @@ use crate::{
     capture::{Capture, capabilities, kernel, reconcile, route_table::RouteTable},
     config::Config,
     identity::{CertificateAuthority, CertificateManager},
+    lifecycle::{
+        Handovers, Process, drain,
+        handover::{self, Offer, Previous, Successor},
+        listeners::{self, Obtained, Sockets},
+    },
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
     source::{StateSource, kube, local},
@@ -87,14 +92,17 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
     let certs = CertificateManager::new(Arc::new(ca), config.identity.cert_ttl);
     let metrics = Arc::new(Metrics::new());
 
-    // Listeners first: capture must never steer a SYN to a port nobody listens on.
-    let outbound = Listener::bind("outbound", mesh_common::OUTBOUND_PORT)?;
-    let inbound = Listener::bind("inbound", mesh_common::INBOUND_PORT)?;
-    let tunnel = Listener::bind("tunnel", mesh_common::TUNNEL_PORT)?;
+    // Listeners before capture: capture must never steer a SYN to a port nobody listens on. An
+    // agent already serving the node hands its own over, so no SYN goes unanswered meanwhile.
+    let Obtained { sockets, previous } = listeners::obtain(&config).await?;
+    let outbound = Listener::from_std("outbound", sockets.take("outbound")?)?;
+    let inbound = Listener::from_std("inbound", sockets.take("inbound")?)?;
+    let tunnel = Listener::from_std("tunnel", sockets.take("tunnel")?)?;
     let capture = Arc::new(Mutex::new(Some(Capture::load(features)?)));
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);
+    let (handovers_tx, handovers) = watch::channel(Handovers::default());
     let pending = Arc::new(Mutex::new(reconcile::Pending::new()));
     let connections = Connections::new(metrics.clone());
     let ctx = Arc::new(ProxyContext {
@@ -118,55 +126,144 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             pending: pending.clone(),
             proxy: ctx.clone(),
             ready: ready.clone(),
+            handovers: handovers.clone(),
         });
-        let admin_thread = spawn_admin(&config, admin_state, metrics.clone(), ready.clone(), shutdown.clone())?;
+        let admin_thread = spawn_admin(&sockets, admin_state, metrics.clone(), ready.clone(), shutdown.clone())?;
 
         apply_state(&capture, &ctx, &pending);
+        if let Some(capture) = capture.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            capture.adopted();
+        }
         let reconciler = tokio::spawn(reconcile_loop(capture.clone(), ctx.clone(), pending.clone(), shutdown.clone()));
         let rotation = tokio::spawn(certs.clone().run(shutdown.clone()));
         let reaper = tokio::spawn(ctx.pool.clone().run_reaper(shutdown.clone()));
 
-        let mut outbound = tokio::spawn(outbound.run(ctx.clone(), shutdown.clone(), proxy::outbound::handle));
-        let mut inbound = tokio::spawn(inbound.run(ctx.clone(), shutdown.clone(), proxy::inbound::handle));
-        let mut tunnel = tokio::spawn(tunnel.run(ctx.clone(), shutdown.clone(), proxy::hbone::server::handle));
+        let outbound = tokio::spawn(outbound.run(ctx.clone(), shutdown.clone(), proxy::outbound::handle));
+        let inbound = tokio::spawn(inbound.run(ctx.clone(), shutdown.clone(), proxy::inbound::handle));
+        let tunnel = tokio::spawn(tunnel.run(ctx.clone(), shutdown.clone(), proxy::hbone::server::handle));
+        if let Some(previous) = previous {
+            predecessor_stops(previous, handovers_tx.clone()).await;
+        }
+        let mut offer = match Offer::bind(handover::SOCKET_NAME, OFFER_BIND_WAIT).await {
+            Ok(offer) => Some(offer),
+            Err(e) => {
+                warn!(error = %e, "cannot offer the listeners to a successor: an upgrade will have to bind afresh");
+                None
+            }
+        };
         let _ = ready_tx.send(true);
         info!(node = %config.node, "mesh-agent ready");
 
-        wait_for_signal().await?;
+        // Serve until told to stop or replaced by a successor that took the listeners over.
+        let mut signals = Signals::new()?;
+        let mut stop_requested = false;
+        let mut successor = None;
+        tokio::select! {
+            _ = signals.recv() => stop_requested = true,
+            next = next_successor(&mut offer, &sockets) => successor = Some(next),
+        }
         let _ = ready_tx.send(false);
         let open = connections.open_count();
-        info!(open_connections = open, drain = ?config.drain_timeout, "shutting down: draining connections");
+        info!(open_connections = open, drain = ?config.drain_timeout, replaced = successor.is_some(), "stopped accepting: draining connections");
         let _ = shutdown_tx.send(true);
-        let drained = tokio::time::timeout(config.drain_timeout, async {
-            let _ = (&mut outbound).await;
-            let _ = (&mut inbound).await;
-            let _ = (&mut tunnel).await;
-        })
-        .await;
-        if drained.is_err() {
-            warn!(open = connections.open_count(), "drain timeout reached; closing remaining connections");
-            // Aborting a listener task drops its connection tasks, closing their sockets.
-            outbound.abort();
-            inbound.abort();
-            tunnel.abort();
+
+        // Drain. Meanwhile the listening sockets stay open (unaccepted SYNs wait in their
+        // queues) and are still offered, so a successor starting now loses nothing either.
+        let drain = async {
+            let _ = tokio::join!(outbound, inbound, tunnel);
+        };
+        tokio::pin!(drain);
+        let deadline = tokio::time::sleep(config.drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut drain => break,
+                _ = &mut deadline => {
+                    let reset = drain::reset_open_connections().unwrap_or(0);
+                    warn!(open = connections.open_count(), reset, "drain period over; resetting the connections still open");
+                    break;
+                }
+                next = next_successor(&mut offer, &sockets), if successor.is_none() => successor = Some(next),
+                _ = signals.recv(), if !stop_requested => stop_requested = true,
+            }
+        }
+        if let Some(successor) = &successor {
+            handovers_tx.send_modify(|h| h.successor = Some(Process { pid: successor.pid, version: successor.version.clone(), state: "serving" }));
+        }
+        if !stop_requested {
+            // Replaced, but not told to stop: a DaemonSet's old pod waits to be deleted
+            // (exiting on its own would only make the kubelet start it again).
+            info!("handed over and drained; waiting for SIGTERM");
+            signals.recv().await;
         }
         let _ = reconciler.await;
         let _ = rotation.await;
         let _ = reaper.await;
         let _ = admin_thread.join();
+        // Gone: the successor learns it when this connection closes.
+        drop(successor);
         anyhow::Ok(())
     }
     .await;
 
-    // Whatever happened above, the kernel state we added goes.
-    let taken = capture.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(capture) = taken
-        && let Err(e) = capture.shutdown()
-    {
-        error!(error = %e, "removing capture failed; run `mesh-agent cleanup`");
-    }
-    info!("mesh-agent stopped");
+    // The pinned data plane stays, failing closed until an agent is back; closing our
+    // descriptors leaves it attached.
+    drop(capture.lock().unwrap_or_else(|p| p.into_inner()).take());
+    info!(
+        "mesh-agent stopped; capture stays in place until an agent is back (`mesh-agent uninstall` removes it)"
+    );
     result
+}
+
+/// How long binding the hand-over socket waits for a predecessor to let go of it.
+const OFFER_BIND_WAIT: Duration = Duration::from_secs(5);
+
+/// Tells the predecessor that this process accepts now (it then stops accepting and drains),
+/// and follows it until it exits.
+async fn predecessor_stops(mut previous: Previous, handovers: watch::Sender<Handovers>) {
+    let (pid, version) = (previous.pid, previous.version.clone());
+    if let Err(e) = previous.serving().await {
+        warn!(pid, error = %e, "telling the previous agent to stop accepting failed; it serves alongside until it exits");
+    }
+    info!(pid, %version, "the previous agent stopped accepting and drains");
+    let set = move |state| {
+        handovers.send_modify(|h| {
+            h.previous = Some(Process {
+                pid,
+                version: version.clone(),
+                state,
+            });
+        })
+    };
+    set("draining");
+    tokio::spawn(async move {
+        previous.exited().await;
+        info!(pid, "the previous agent exited");
+        set("exited");
+    });
+}
+
+/// The next successor that takes the listeners; pending forever without an offer.
+async fn next_successor(offer: &mut Option<Offer>, sockets: &Sockets) -> Successor {
+    let Some(offer) = offer else {
+        return std::future::pending().await;
+    };
+    loop {
+        match offer.next(&sockets.fds()).await {
+            Ok(successor) => {
+                info!(pid = successor.pid, version = %successor.version, "handed the listeners over to a new agent");
+                return successor;
+            }
+            // A probe (`mesh-agent uninstall` asking whether an agent serves) says nothing.
+            Err(e @ handover::HandoverError::Closed { .. }) => {
+                tracing::debug!(error = %e, "a hand-over connection closed early");
+            }
+            Err(e) => {
+                warn!(error = %e, "a hand-over did not complete; still serving");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// Brings capture and certificates in line with the current state.
@@ -224,7 +321,7 @@ async fn reconcile_loop(
 }
 
 fn spawn_admin(
-    config: &Config,
+    sockets: &Sockets,
     state: Arc<AdminState>,
     metrics: Arc<Metrics>,
     ready: watch::Receiver<bool>,
@@ -234,9 +331,9 @@ fn spawn_admin(
         .enable_all()
         .build()
         .context("starting the admin runtime")?;
-    let admin = admin::Bound::new("admin", config.admin_addr)?;
-    let readiness = admin::Bound::new("readiness", config.readiness_addr)?;
-    let metrics_server = admin::Bound::new("metrics", config.metrics_addr)?;
+    let admin = admin::Bound::from_listener("admin", sockets.take("admin")?)?;
+    let readiness = admin::Bound::from_listener("readiness", sockets.take("readiness")?)?;
+    let metrics_server = admin::Bound::from_listener("metrics", sockets.take("metrics")?)?;
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -263,13 +360,25 @@ fn spawn_admin(
         .context("starting the admin thread")
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+/// SIGTERM and SIGINT, installed once so that none is missed between waits.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received"),
+            _ = self.int.recv() => info!("SIGINT received"),
+        }
+    }
 }

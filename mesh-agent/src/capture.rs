@@ -1,9 +1,10 @@
 //! Kernel capture: loads the eBPF programs, attaches them to the host-side veths of enrolled
 //! pods, and keeps the `WORKLOADS` map in step with the node's enrolled pods.
 //!
-//! Every attachment is a bpf_link held by this process (TCX on the veths, a cgroup link for
-//! sock_ops), so if the agent dies the kernel detaches them; only the policy route outlives a
-//! crash, and `mesh-agent cleanup` removes it.
+//! Every attachment is a bpf_link (TCX on the veths and uplinks, a cgroup link for sock_ops)
+//! pinned with the maps under the node's pin directory (`lifecycle::pins`), so capture outlives
+//! the process: the programs fail closed while no agent listens, and the next agent adopts the
+//! pins. Only `mesh-agent uninstall` removes them.
 
 pub mod capabilities;
 pub mod kernel;
@@ -16,21 +17,26 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     net::Ipv4Addr,
+    path::PathBuf,
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, ProgramError, SchedClassifier, SockOps, TcAttachType,
-        sock_ops::SockOpsLinkId, tc::SchedClassifierLinkId,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
     },
 };
-use mesh_common::{CaptureConfig, WORKLOAD_ENROLLED, Workload, counter};
+use mesh_common::{
+    CaptureConfig, DATAPLANE_LAYOUT, DataPlaneMeta, WORKLOAD_ENROLLED, Workload, counter,
+};
 use serde::Serialize;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use self::{kernel::KernelFeatures, routing::PodLink};
+use crate::lifecycle::pins::{self, DataPlaneStatus, LinkPin, PinDir, Pinned, Role};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
@@ -38,6 +44,8 @@ pub const PROG_INGRESS: &str = "capture_ingress";
 pub const PROG_EGRESS: &str = "capture_egress";
 pub const PROG_UPLINK: &str = "capture_uplink";
 pub const PROG_SOCKOPS: &str = "observe_sockops";
+/// Every map of the object; all are pinned.
+const MAPS: [&str; 4] = ["CONFIG", "WORKLOADS", "COUNTERS", "META"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -67,6 +75,10 @@ pub enum CaptureError {
     Routing(#[from] routing::RoutingError),
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
+    #[error("pinning link {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
 }
 
 /// Turns a program error into one readable line; the verifier log goes to debug output only.
@@ -97,8 +109,8 @@ fn program_error(name: &'static str, err: ProgramError) -> CaptureError {
 /// The TCX links on one device.
 struct DeviceLinks {
     ifindex: u32,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    ingress: Pinned,
+    egress: Pinned,
     pods: BTreeSet<Ipv4Addr>,
 }
 
@@ -108,15 +120,19 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     devices: BTreeMap<String, DeviceLinks>,
     /// Node uplinks with `capture_uplink` attached (ingress), by name: (ifindex, link).
-    uplinks: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    uplinks: BTreeMap<String, (u32, Pinned)>,
     /// Why the uplinks could not be found last time, so the same problem is logged once.
     uplink_problem: Problem,
     /// Why attaching to an uplink failed last time, by device, likewise.
     uplink_attach_problems: BTreeMap<String, Problem>,
     pods: BTreeMap<Ipv4Addr, PodLink>,
-    sockops_link: Option<SockOpsLinkId>,
+    sockops_link: Option<Pinned>,
     features: KernelFeatures,
-    early_demux: Option<sysctl::Changed>,
+    pins: PinDir,
+    /// TCX links pinned by an earlier agent and not yet moved onto this agent's programs: each
+    /// is taken over when reconcile wants its device, the rest go in [`Capture::adopted`].
+    adopted: BTreeMap<(u32, Role), PinnedLink>,
+    dataplane: DataPlaneStatus,
 }
 
 /// The last problem of a periodic task, so a lasting one is logged once, not every period.
@@ -145,6 +161,8 @@ pub struct CaptureStatus {
     pub workloads_map: Vec<WorkloadEntry>,
     pub counters: BTreeMap<String, u64>,
     pub capture_route: String,
+    /// The pinned data plane: where, which layout, since when, adopted or created.
+    pub dataplane: DataPlaneStatus,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,10 +186,31 @@ fn key(ip: Ipv4Addr) -> u32 {
 }
 
 impl Capture {
-    /// Loads the programs and maps, attaches sock_ops to the cgroup v2 root and installs the
-    /// policy route. Veths are attached later, per enrolled pod, by [`Capture::enroll`].
+    /// Loads the programs against the node's pinned maps (created and pinned when there are
+    /// none of this layout), attaches sock_ops to the cgroup v2 root and installs the policy
+    /// route. Veths are attached later, per enrolled pod, by [`Capture::enroll`]; links pinned by
+    /// an earlier agent are taken over then, one atomic program swap each.
     pub fn load(features: KernelFeatures) -> Result<Self, CaptureError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(CaptureError::Object)?;
+        let pins = PinDir::for_this_netns(&features.bpffs)?;
+        let found = pins.meta().exists();
+        pins.create()?;
+        let maps_dir = pins.maps();
+        let paths: Vec<(&str, PathBuf)> = MAPS
+            .iter()
+            .map(|name| {
+                let path = if *name == "META" {
+                    pins.meta()
+                } else {
+                    maps_dir.join(name)
+                };
+                (*name, path)
+            })
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Object)?;
 
         let mut config: Array<MapData, CaptureConfig> = take_map(&mut ebpf, "CONFIG")?;
         config
@@ -182,6 +221,13 @@ impl Capture {
             })?;
         let workloads = take_map(&mut ebpf, "WORKLOADS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let mut meta_map: Array<MapData, DataPlaneMeta> = take_map(&mut ebpf, "META")?;
+        let map_error = |source| CaptureError::Map {
+            name: "META",
+            source,
+        };
+        let previous = meta_map.get(&0, 0).map_err(map_error)?;
+        let adopted = found && previous.pinned_since != 0;
 
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_UPLINK] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -189,24 +235,90 @@ impl Capture {
         }
         let sockops: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
         sockops.load().map_err(|e| program_error(PROG_SOCKOPS, e))?;
+
+        // Early demux is off while capture is in place. The value to restore is recorded once,
+        // by the agent that first turned it off, before it does, and kept across restarts for
+        // uninstall.
+        let demux = sysctl::get(sysctl::EARLY_DEMUX)?;
+        let early_demux_before = if adopted {
+            previous.early_demux_before
+        } else {
+            demux.parse::<u32>().map_or(0, |v| v + 1)
+        };
+        let now = pins::now_unix();
+        let version = pins::version_bytes(env!("CARGO_PKG_VERSION"));
+        let meta = DataPlaneMeta {
+            layout: DATAPLANE_LAYOUT,
+            early_demux_before,
+            pinned_since: if adopted { previous.pinned_since } else { now },
+            adopted_at: now,
+            created_by: if adopted {
+                previous.created_by
+            } else {
+                version
+            },
+            adopted_by: version,
+        };
+        meta_map.set(0, &meta, 0).map_err(map_error)?;
+        if demux != "0" {
+            sysctl::set(sysctl::EARLY_DEMUX, "0")?;
+        }
+        routing::install_capture_route()?;
+
+        let mut adopted_links = BTreeMap::new();
+        let mut old_sockops = Vec::new();
+        for (pin, path) in pins.pinned_links() {
+            let link = match PinnedLink::from_pin(&path) {
+                Ok(link) => link,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "a pinned link cannot be opened; removing it");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            match pin {
+                LinkPin::Tcx { ifindex, role } => {
+                    adopted_links.insert((ifindex, role), link);
+                }
+                LinkPin::SockOps { .. } => old_sockops.push(Pinned {
+                    path,
+                    link: link.into(),
+                }),
+            }
+        }
         let cgroup = File::open(&features.cgroup2).map_err(|source| CaptureError::Cgroup {
             path: features.cgroup2.display().to_string(),
             source,
         })?;
         // A bpf_link attachment always coexists with other programs on the cgroup (the kernel
-        // rejects ALLOW_MULTI flags on link_create), so "Single" here is not exclusive.
-        let sockops_link = sockops
+        // rejects ALLOW_MULTI flags on link_create), so "Single" here is not exclusive. sock_ops
+        // only counts, so the new link goes in before the adopted one goes out.
+        let sockops: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
+        let id = sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| program_error(PROG_SOCKOPS, e))?;
-
-        let early_demux = sysctl::change(sysctl::EARLY_DEMUX, "0")?;
-        if let Err(e) = routing::install_capture_route() {
-            if let Some(changed) = early_demux {
-                let _ = changed.restore();
-            }
-            return Err(e.into());
+        let link: FdLink = sockops
+            .take_link(id)
+            .map_err(|e| program_error(PROG_SOCKOPS, e))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
+                path: pins.links(),
+                reason: e.to_string(),
+            })?;
+        let link_id = link.info().map(|i| i.id()).unwrap_or_default();
+        let sockops_link = pin_link(link, pins.link(LinkPin::SockOps { id: link_id }))?;
+        for old in old_sockops {
+            old.remove();
         }
-        info!(cgroup = %features.cgroup2.display(), "capture programs loaded");
+
+        info!(
+            cgroup = %features.cgroup2.display(),
+            pins = %pins.root().display(),
+            adopted,
+            links = adopted_links.len(),
+            "capture programs loaded"
+        );
+        let dataplane = DataPlaneStatus::new(&pins, &meta, adopted);
         Ok(Self {
             ebpf,
             workloads,
@@ -218,8 +330,45 @@ impl Capture {
             pods: BTreeMap::new(),
             sockops_link: Some(sockops_link),
             features,
-            early_demux,
+            pins,
+            adopted: adopted_links,
+            dataplane,
         })
+    }
+
+    /// Ends the take-over of an earlier agent's data plane, after the first reconcile: links it
+    /// pinned that no enrolled pod or uplink wanted are removed, and so are map entries of pods
+    /// that are no longer enrolled and maps of other layouts.
+    pub fn adopted(&mut self) {
+        for ((ifindex, role), link) in std::mem::take(&mut self.adopted) {
+            debug!(
+                ifindex,
+                ?role,
+                "removing a pinned link nothing wants any more"
+            );
+            Pinned {
+                path: self.pins.link(LinkPin::Tcx { ifindex, role }),
+                link: link.into(),
+            }
+            .remove();
+        }
+        let stale: Vec<u32> = self
+            .workloads
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !self.pods.contains_key(&Ipv4Addr::from(k.to_ne_bytes())))
+            .collect();
+        for key in stale {
+            let _ = self.workloads.remove(&key);
+        }
+        for dir in self.pins.other_layouts() {
+            info!(path = %dir.display(), "removing the maps of another layout");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    pub fn dataplane(&self) -> &DataPlaneStatus {
+        &self.dataplane
     }
 
     /// Starts capturing the pod at `ip`, whose host-side device is `link`.
@@ -238,13 +387,31 @@ impl Capture {
         if stale {
             self.detach_device(&link.ifname);
         }
+        let entry = Workload {
+            flags: WORKLOAD_ENROLLED,
+            ifindex: link.ifindex,
+        };
+        let insert = |workloads: &mut HashMap<MapData, u32, Workload>| {
+            workloads
+                .insert(&key(ip), &entry, 0)
+                .map_err(|source| CaptureError::Map {
+                    name: "WORKLOADS",
+                    source,
+                })
+        };
+        // A device taken over from an earlier agent keeps capturing throughout: the entry goes
+        // into this agent's map before its programs replace the old ones on the links. A new
+        // device gets its entry only once both programs are attached.
+        let taken_over = self.adopted.contains_key(&(link.ifindex, Role::Ingress));
+        if taken_over {
+            insert(&mut self.workloads)?;
+        }
         if !self.devices.contains_key(&link.ifname) {
-            let ingress = self.attach(PROG_INGRESS, link.ifindex, TcAttachType::Ingress)?;
-            let egress = match self.attach(PROG_EGRESS, link.ifindex, TcAttachType::Egress) {
-                Ok(id) => id,
+            let ingress = self.attach(PROG_INGRESS, link.ifindex, Role::Ingress)?;
+            let egress = match self.attach(PROG_EGRESS, link.ifindex, Role::Egress) {
+                Ok(link) => link,
                 Err(e) => {
-                    let _ = program::<SchedClassifier>(&mut self.ebpf, PROG_INGRESS)
-                        .map(|p| p.detach(ingress));
+                    ingress.remove();
                     return Err(e);
                 }
             };
@@ -258,16 +425,9 @@ impl Capture {
                 },
             );
         }
-        let entry = Workload {
-            flags: WORKLOAD_ENROLLED,
-            ifindex: link.ifindex,
-        };
-        self.workloads
-            .insert(&key(ip), &entry, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "WORKLOADS",
-                source,
-            })?;
+        if !taken_over {
+            insert(&mut self.workloads)?;
+        }
         if let Some(device) = self.devices.get_mut(&link.ifname) {
             device.pods.insert(ip);
         }
@@ -306,28 +466,55 @@ impl Capture {
         self.pods.iter()
     }
 
+    /// Attaches program `name` to a device (TCX) and pins the link; a link an earlier agent
+    /// pinned there is taken over instead, by swapping its program atomically.
     fn attach(
         &mut self,
         name: &'static str,
         ifindex: u32,
-        direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId, CaptureError> {
+        role: Role,
+    ) -> Result<Pinned, CaptureError> {
+        let path = self.pins.link(LinkPin::Tcx { ifindex, role });
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        prog.attach(ifindex, direction)
-            .map_err(|e| program_error(name, e))
+        if let Some(old) = self.adopted.remove(&(ifindex, role)) {
+            let swapped = SchedClassifierLink::try_from(FdLink::from(old))
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
+                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()))
+                .and_then(|link| FdLink::try_from(link).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(link) => {
+                    debug!(ifindex, ?role, "took over a pinned link");
+                    return Ok(Pinned { path, link });
+                }
+                // Its device went away (the link is defunct): attach afresh below.
+                Err(reason) => debug!(ifindex, ?role, reason, "a pinned link cannot be taken over"),
+            }
+        }
+        let direction = match role {
+            Role::Egress => TcAttachType::Egress,
+            Role::Ingress | Role::Uplink => TcAttachType::Ingress,
+        };
+        let id = prog
+            .attach(ifindex, direction)
+            .map_err(|e| program_error(name, e))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| program_error(name, e))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        pin_link(link, path)
     }
 
     fn detach_device(&mut self, ifname: &str) {
         let Some(device) = self.devices.remove(ifname) else {
             return;
         };
-        // A device that vanished (pod deleted) took its links with it; errors are expected then.
-        if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, PROG_INGRESS) {
-            let _ = p.detach(device.ingress);
-        }
-        if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, PROG_EGRESS) {
-            let _ = p.detach(device.egress);
-        }
+        device.ingress.remove();
+        device.egress.remove();
         debug!(device = ifname, "capture detached");
     }
 
@@ -351,10 +538,8 @@ impl Capture {
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            if let Some((_, link)) = self.uplinks.remove(&name)
-                && let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, PROG_UPLINK)
-            {
-                let _ = p.detach(link);
+            if let Some((_, link)) = self.uplinks.remove(&name) {
+                link.remove();
             }
             info!(device = %name, "uplink capture detached");
         }
@@ -364,7 +549,7 @@ impl Capture {
             if self.uplinks.contains_key(name) {
                 continue;
             }
-            match self.attach(PROG_UPLINK, *ifindex, TcAttachType::Ingress) {
+            match self.attach(PROG_UPLINK, *ifindex, Role::Uplink) {
                 Ok(link) => {
                     info!(device = %name, "uplink capture attached");
                     self.uplink_attach_problems.remove(name);
@@ -453,33 +638,23 @@ impl Capture {
                 mesh_common::CAPTURE_MARK_MASK,
                 mesh_common::CAPTURE_ROUTE_TABLE
             ),
+            dataplane: self.dataplane.clone(),
         }
     }
+}
 
-    /// Detaches everything and removes the policy route.
-    pub fn shutdown(mut self) -> Result<(), CaptureError> {
-        let ifnames: Vec<String> = self.devices.keys().cloned().collect();
-        for ifname in ifnames {
-            self.detach_device(&ifname);
-        }
-        self.set_uplinks(&BTreeMap::new());
-        if let Some(link) = self.sockops_link.take()
-            && let Ok(p) = program::<SockOps>(&mut self.ebpf, PROG_SOCKOPS)
-        {
-            let _ = p.detach(link);
-        }
-        let route = routing::remove_capture_route();
-        let demux = self
-            .early_demux
-            .take()
-            .map(sysctl::Changed::restore)
-            .transpose();
-        drop(self.ebpf);
-        route?;
-        demux?;
-        info!("capture removed");
-        Ok(())
-    }
+/// Pins a freshly created link, replacing a stale pin of the same name (a defunct link whose
+/// device went away).
+fn pin_link(link: FdLink, path: PathBuf) -> Result<Pinned, CaptureError> {
+    let _ = std::fs::remove_file(&path);
+    let pinned = link.pin(&path).map_err(|e| CaptureError::Pin {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Pinned {
+        path,
+        link: pinned.into(),
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>

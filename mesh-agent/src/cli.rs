@@ -80,6 +80,13 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Seconds since the epoch, as UTC `YYYY-MM-DDTHH:MM:SSZ`.
+fn unix_time(v: &Value) -> String {
+    v.as_i64()
+        .map(crate::identity::rfc3339::format_unix)
+        .unwrap_or_else(|| s(v))
+}
+
 fn status(v: &Value) -> String {
     let state = &v["state"];
     let capture = &v["capture"];
@@ -127,6 +134,41 @@ fn status(v: &Value) -> String {
     if let Some(pending) = capture["pending"].as_object() {
         for (ip, reason) in pending {
             line("Pending:", format!("{ip}: {}", s(reason)));
+        }
+    }
+    let lifecycle = &v["lifecycle"];
+    let dataplane = &lifecycle["dataplane"];
+    if dataplane.is_object() {
+        let how = if dataplane["adopted"] == true {
+            format!(
+                "adopted (created by {}, pinned since {})",
+                s(&dataplane["created_by"]),
+                unix_time(&dataplane["pinned_since"])
+            )
+        } else {
+            format!("created {}", unix_time(&dataplane["pinned_since"]))
+        };
+        line(
+            "Data plane:",
+            format!(
+                "layout v{}, {how}, {}",
+                s(&dataplane["layout"]),
+                s(&dataplane["pin_dir"])
+            ),
+        );
+    }
+    for (key, label) in [("previous", "Previous agent:"), ("successor", "Successor:")] {
+        let process = &lifecycle[key];
+        if process.is_object() {
+            line(
+                label,
+                format!(
+                    "pid {} ({}), {}",
+                    s(&process["pid"]),
+                    s(&process["version"]),
+                    s(&process["state"])
+                ),
+            );
         }
     }
     line("Trust domain:", s(&v["trust_domain"]));

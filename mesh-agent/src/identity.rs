@@ -5,7 +5,7 @@ mod ca;
 mod cadir;
 mod certificate;
 mod manager;
-mod rfc3339;
+pub mod rfc3339;
 mod spiffe;
 pub mod tls;
 

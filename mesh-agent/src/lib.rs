@@ -7,12 +7,12 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
-pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod crds;
 pub mod explain;
 pub mod identity;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

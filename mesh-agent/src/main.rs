@@ -4,10 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    app, cleanup,
+    app,
     cli::{self, Output, View},
     config::Config,
     identity::IdentityConfig,
+    lifecycle::uninstall,
     proxy::{MeshConfig, hbone::pool::PoolSettings},
     source::{StateSource, kube::Connection},
 };
@@ -107,8 +108,12 @@ enum Command {
     /// Print CustomResourceDefinitions of the Istio kinds the agent reads (AuthorizationPolicy,
     /// PeerAuthentication), for clusters without Istio: `mesh-agent crds | kubectl apply -f -`.
     Crds,
-    /// Remove what a crashed agent left behind (policy route, pinned objects).
-    Cleanup {
+    /// Take this node's data plane away (pinned programs, links and maps, policy route,
+    /// sysctl, the proxy's leftover sockets), so its pods talk directly again. Refused while an
+    /// agent serves the node. A stopped or crashed agent leaves capture in place (enrolled pods'
+    /// new connections are dropped until an agent is back): this is the only way to remove it.
+    #[command(alias = "cleanup")]
+    Uninstall {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -195,7 +200,7 @@ fn main() -> ExitCode {
         Command::Crds => mesh_agent::crds::yaml()
             .map(|text| print!("{text}"))
             .map_err(anyhow::Error::from),
-        Command::Cleanup { output } => run_cleanup(output),
+        Command::Uninstall { output } => run_uninstall(output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -215,23 +220,28 @@ fn inspect(view: View, args: Inspect) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_cleanup(output: Output) -> anyhow::Result<()> {
-    let report = cleanup::cleanup()?;
+fn run_uninstall(output: Output) -> anyhow::Result<()> {
+    let report = uninstall::uninstall(false)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Table => {
-            println!(
-                "policy route: {}",
-                if report.removed_capture_route {
-                    "removed"
-                } else {
-                    "not present"
-                }
-            );
-            println!("pinned objects removed: {}", report.removed_pins.len());
-            for pin in &report.removed_pins {
-                println!("  {pin}");
+            let pin_dir = report.pin_dir.as_deref().unwrap_or("none");
+            println!("pinned data plane: {pin_dir}");
+            println!("links removed: {}", report.removed_links.len());
+            for link in &report.removed_links {
+                println!("  {link}");
             }
+            let route = if report.removed_capture_route {
+                "removed"
+            } else {
+                "not present"
+            };
+            println!("policy route: {route}");
+            match &report.restored_early_demux {
+                Some(value) => println!("net.ipv4.tcp_early_demux: restored to {value}"),
+                None => println!("net.ipv4.tcp_early_demux: unchanged"),
+            }
+            println!("leftover proxy sockets closed: {}", report.closed_sockets);
             if report.still_attached.is_empty() {
                 println!("capture programs attached: none");
             } else {

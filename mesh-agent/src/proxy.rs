@@ -185,12 +185,23 @@ pub struct Listener {
 
 impl Listener {
     pub fn bind(name: &'static str, port: u16) -> Result<Self, ProxyError> {
-        let listener = socket::transparent_listener(port).map_err(|source| ProxyError::Bind {
+        let bind_error = |source| ProxyError::Bind {
             listener: name,
             port,
             source,
-        })?;
-        Ok(Self { name, listener })
+        };
+        let listener = socket::transparent_listener(port).map_err(bind_error)?;
+        Self::from_std(name, listener).map_err(bind_error)
+    }
+
+    /// A listener bound elsewhere (by this process, or by the agent it took over from).
+    /// Must be called within the runtime that will serve it.
+    pub fn from_std(name: &'static str, listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            name,
+            listener: TcpListener::from_std(listener)?,
+        })
     }
 
     pub fn address(&self) -> io::Result<SocketAddr> {

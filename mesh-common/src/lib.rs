@@ -29,6 +29,11 @@ pub const CAPTURE_ROUTE_TABLE: u32 = 2004;
 /// Priority of the `fwmark` rule that selects [`CAPTURE_ROUTE_TABLE`].
 pub const CAPTURE_RULE_PRIORITY: u32 = 2004;
 
+/// Version of the pinned maps' layout (their names, key and value types). An agent reuses the
+/// maps pinned under `v<LAYOUT>` of its node; a different layout gets a fresh set, and the
+/// pinned links are moved over to programs using it.
+pub const DATAPLANE_LAYOUT: u32 = 1;
+
 /// [`Workload::flags`]: the pod is enrolled in the mesh; capture its traffic.
 pub const WORKLOAD_ENROLLED: u32 = 1 << 0;
 
@@ -82,6 +87,26 @@ impl CaptureConfig {
     }
 }
 
+/// Value of the single-entry `META` array: what the pinned data plane is and who made it. Only
+/// userspace reads and writes it; the programs never look at it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataPlaneMeta {
+    /// [`DATAPLANE_LAYOUT`] of the agent that created the maps.
+    pub layout: u32,
+    /// `net.ipv4.tcp_early_demux` before capture changed it, plus one (0: left unchanged), so
+    /// that uninstall restores it even after a crash.
+    pub early_demux_before: u32,
+    /// When the data plane was first pinned, in seconds since the Unix epoch.
+    pub pinned_since: u64,
+    /// When an agent process last adopted it (or created it), likewise.
+    pub adopted_at: u64,
+    /// Version of the agent that created it, NUL-padded.
+    pub created_by: [u8; 24],
+    /// Version of the agent that last adopted it, NUL-padded.
+    pub adopted_by: [u8; 24],
+}
+
 /// Indexes of the per-CPU `COUNTERS` array.
 pub mod counter {
     /// Outbound SYN from an enrolled pod assigned to the outbound listener.
@@ -94,7 +119,8 @@ pub mod counter {
     pub const INBOUND_REDIRECTED: u32 = 3;
     /// Packet of an enrolled pod left alone (not TCP, or a connection older than the enrollment).
     pub const PASSED: u32 = 4;
-    /// SYN that should have been captured but the listener was missing (agent not ready).
+    /// SYN of an enrolled pod dropped because no proxy listener was there to take it (no agent
+    /// serves the node): capture fails closed.
     pub const NO_LISTENER: u32 = 5;
     /// `bpf_sk_assign` failed.
     pub const ASSIGN_FAILED: u32 = 6;
@@ -129,8 +155,11 @@ mod user {
 
     const _: () = assert!(core::mem::size_of::<Workload>() == 8);
     const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 20);
+    const _: () = assert!(core::mem::size_of::<DataPlaneMeta>() == 72);
     // SAFETY: plain old data, no padding holes (checked above), every bit pattern valid.
     unsafe impl aya::Pod for Workload {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CaptureConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DataPlaneMeta {}
 }

@@ -9,6 +9,10 @@
 //!   connection, or opens a new one, is turned back to the veth's ingress, where
 //!   `capture_ingress` hands it to the inbound listener.
 //! - `observe_sockops` (sock_ops on cgroup v2): counts TCP connections that enrolled pods establish.
+//!
+//! The programs fail closed: the links stay pinned when the agent is gone, and a new connection
+//! of an enrolled pod that finds no proxy listener is dropped, never passed in plaintext (the
+//! client's SYN retransmission then reaches an agent that is back within seconds).
 #![no_std]
 #![no_main]
 
@@ -19,7 +23,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         __sk_buff, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
+        bpf_sock_tuple,
     },
     helpers::generated::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, sock_ops},
@@ -144,8 +149,9 @@ fn steer(
     // SAFETY: the tuple is a valid, initialised ipv4 tuple on the stack.
     let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, TUPLE4_LEN, CURRENT_NETNS, 0) };
     if sk.is_null() {
+        // No agent serves this node: fail closed.
         count(counter::NO_LISTENER);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_SHOT as i32);
     }
     // SAFETY: `sk` is a non-null socket reference returned by the lookup helper.
     let listening = unsafe { (*sk).state } == BPF_TCP_LISTEN;
@@ -158,7 +164,7 @@ fn steer(
         } else {
             counter::NO_LISTENER
         });
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_SHOT as i32);
     }
     ctx.set_mark(cfg.capture_mark);
     count(match direction {
@@ -195,16 +201,18 @@ fn try_capture_egress(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_OK as i32);
     }
     let mut tuple = tcp.tuple();
-    let capture = match lookup(ctx, &mut tuple) {
-        Some(SocketState::Connected) => true,
+    match lookup(ctx, &mut tuple) {
+        Some(SocketState::Connected) => {}
         Some(SocketState::Listening) | None if tcp.is_syn() => {
             set_dport(&mut tuple, cfg.inbound_listener(u16::from_be(tcp.dport)));
-            matches!(lookup(ctx, &mut tuple), Some(SocketState::Listening))
+            if !matches!(lookup(ctx, &mut tuple), Some(SocketState::Listening)) {
+                // A new connection for an enrolled pod and no agent to take it: fail closed.
+                count(counter::NO_LISTENER);
+                return Ok(TC_ACT_SHOT as i32);
+            }
         }
-        _ => false,
-    };
-    if !capture {
-        return Ok(TC_ACT_OK as i32);
+        // A connection that predates the enrollment (or the agent): leave it alone.
+        _ => return Ok(TC_ACT_OK as i32),
     }
     count(counter::INBOUND_REDIRECTED);
     // SAFETY: plain helper call; the ifindex is the veth this program runs on.

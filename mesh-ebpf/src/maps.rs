@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use mesh_common::{CaptureConfig, WORKLOAD_ENROLLED, Workload, counter};
+use mesh_common::{CaptureConfig, DataPlaneMeta, WORKLOAD_ENROLLED, Workload, counter};
 
 /// Enrolled pods of this node, keyed by IPv4 address as it appears in the packet.
 #[map]
@@ -13,6 +13,10 @@ pub static WORKLOADS: HashMap<u32, Workload> = HashMap::with_max_entries(4096, 0
 /// Ports and marks, written once by the agent before any program is attached.
 #[map]
 pub static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// What the pinned data plane is (layout, creation, adoption); for the agent only.
+#[map]
+pub static META: Array<DataPlaneMeta> = Array::with_max_entries(1, 0);
 
 /// Event counters, see `mesh_common::counter`.
 #[map]

@@ -142,13 +142,37 @@ impl Registry {
     /// SIGKILLs every agent still running. Safe against pid reuse: a pid stays registered only
     /// until its `Child` is reaped, so it still names our (possibly zombie) child.
     pub(crate) fn kill_all(&self) {
-        for pid in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let pids: Vec<u32> = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for pid in &pids {
             if let Err(e) = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL)
                 && e != nix::errno::Errno::ESRCH
             {
                 warn!("mesh-tests: cannot kill agent {pid}: {e}");
             }
         }
+        // Dead once its sockets are closed: a zombie (state Z) holds none.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for pid in pids {
+            while !exited(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// True once `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
     }
 }
 

@@ -716,6 +716,12 @@ impl Cluster {
             .with_context(|| format!("mesh-agent CLI on {}", node.name))
     }
 
+    /// `mesh-agent uninstall -o json` in node `node`'s namespace: takes the pinned data plane
+    /// away (a stopped agent leaves it failing closed).
+    pub fn uninstall(&self, node: usize) -> Result<serde_json::Value> {
+        self.cli_json(node, &["uninstall", "-o", "json"])
+    }
+
     /// [`Cluster::cli`], parsed as JSON.
     pub fn cli_json(&self, node: usize, args: &[&str]) -> Result<serde_json::Value> {
         let out = self.cli(node, args)?;
@@ -866,8 +872,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Agents first: nothing may still be attached to a namespace being deleted.
+        // Agents first: nothing may still be attached to a namespace being deleted. Then the
+        // data plane they pinned, which outlives them by design.
         self.agents.kill_all();
+        for node in 0..self.nodes.len() {
+            if let Err(e) = self.uninstall(node) {
+                warn!("mesh-tests: uninstalling from node {node}: {e:#}");
+            }
+        }
         // Then the namespaces (fields drop after this), then the temp dir unless kept.
         let keep = std::thread::panicking() || std::env::var_os("MESH_TESTS_KEEP").is_some();
         let pods = std::mem::take(&mut self.pods);

@@ -36,6 +36,8 @@ pub struct AdminState {
     pub pending: Arc<Mutex<Pending>>,
     pub proxy: Arc<ProxyContext>,
     pub ready: watch::Receiver<bool>,
+    /// The agent processes this one took over from or handed over to.
+    pub handovers: watch::Receiver<crate::lifecycle::Handovers>,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,6 +51,16 @@ pub struct StatusView {
     pub capture: CaptureSummary,
     pub connections: ConnectionSummary,
     pub certificates: usize,
+    pub lifecycle: LifecycleView,
+}
+
+/// The pinned data plane this process serves, and the processes before and after it.
+#[derive(Debug, Serialize)]
+pub struct LifecycleView {
+    pub pid: u32,
+    pub dataplane: Option<crate::lifecycle::pins::DataPlaneStatus>,
+    #[serde(flatten)]
+    pub handovers: crate::lifecycle::Handovers,
 }
 
 #[derive(Debug, Serialize)]
@@ -172,6 +184,15 @@ impl AdminState {
                 totals: self.proxy.connections.totals(),
             },
             certificates: self.proxy.certs.certificates().len(),
+            lifecycle: LifecycleView {
+                pid: std::process::id(),
+                dataplane: self
+                    .capture
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.as_ref().map(|c| c.dataplane().clone())),
+                handovers: self.handovers.borrow().clone(),
+            },
         }
     }
 

@@ -1,7 +1,7 @@
 //! RFC 3339 UTC timestamps (`2025-01-31T12:00:00Z`) for certificate views, without a date crate.
 
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian calendar, UTC).
-pub(crate) fn format_unix(secs: i64) -> String {
+pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let of_day = secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);

@@ -12,12 +12,12 @@ use std::{
 
 use mesh_common::PROXY_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A listener on `0.0.0.0:port` that accepts connections addressed to any IP (`IP_TRANSPARENT`):
 /// `bpf_sk_assign` hands it SYNs whose destination is the original one. Accepted connections
 /// inherit `TCP_NODELAY` from it (no per-connection syscall).
-pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
+pub fn transparent_listener(port: u16) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_ip_transparent_v4(true)?;
@@ -26,7 +26,7 @@ pub fn transparent_listener(port: u16) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Connects to `destination` from `source`'s IP (a pod's address, not one of the node's), so
@@ -151,7 +151,9 @@ mod tests {
         if !root("accepted_connections_inherit_nodelay") {
             return;
         }
-        let listener = transparent_listener(0).expect("listener");
+        let listener =
+            tokio::net::TcpListener::from_std(transparent_listener(0).expect("listener"))
+                .expect("tokio listener");
         let port = listener.local_addr().expect("address").port();
         let client = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
         let (client, accepted) = tokio::join!(client, listener.accept());

@@ -224,6 +224,10 @@ async fn data_path(rounds: usize, figures: Figures) -> Result<bool> {
                 if let Err(e) = agent.terminate().await {
                     eprintln!("bench: {e:#}");
                 }
+                // A stopped agent leaves capture failing closed; the next phase starts bare.
+                if let Err(e) = cluster.uninstall(agent.node_index()) {
+                    eprintln!("bench: {e:#}");
+                }
             }
         }
     }
