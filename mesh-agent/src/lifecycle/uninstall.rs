@@ -2,23 +2,22 @@
 //!
 //! It removes the pinned links (which detaches the programs), the pinned maps, the policy rule
 //! and route; puts `net.ipv4.tcp_early_demux` back to the value recorded before capture turned
-//! it off; and closes the sockets the proxy left on former pods' addresses. Those are
-//! TIME_WAIT (and orphaned) sockets of the node namespace bound to pod IPs: once capture is
-//! gone, early demux would hand a pod's packets to them instead of forwarding them, and the
-//! pod's next connection to the same peer would stall. It refuses while an agent still serves
+//! it off; and closes the sockets the proxy left on pods' addresses. Those are TIME_WAIT (and
+//! orphaned) sockets of the node namespace bound to pod IPs: once capture is gone, early demux
+//! would hand a pod's packets to them instead of forwarding them, and the pod's next connection
+//! to the same peer would stall. It refuses while an agent still serves
 //! the node: stop it first (a running agent whose DaemonSet is deleted uninstalls itself).
 
 use std::{
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, Map, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use mesh_common::{DataPlaneMeta, Workload};
+use mesh_common::DataPlaneMeta;
 use serde::Serialize;
 
 use crate::{
@@ -35,7 +34,7 @@ pub struct UninstallReport {
     pub removed_capture_route: bool,
     /// The value `net.ipv4.tcp_early_demux` was put back to.
     pub restored_early_demux: Option<String>,
-    /// Sockets left by the proxy on former pods' addresses, closed.
+    /// Sockets left by the proxy on pods' addresses, closed.
     pub closed_sockets: usize,
     /// Capture programs still attached (an agent is running in this namespace).
     pub still_attached: Vec<String>,
@@ -72,7 +71,6 @@ pub fn uninstall(by_agent: bool) -> Result<UninstallReport, UninstallError> {
     let pins = PinDir::for_this_netns(Path::new(kernel::BPFFS))?;
     let mut report = UninstallReport::default();
     let meta = read_meta(&pins);
-    let pods = pinned_pods(&pins);
 
     if pins.root().exists() {
         report.pin_dir = Some(pins.root().display().to_string());
@@ -101,7 +99,7 @@ pub fn uninstall(by_agent: bool) -> Result<UninstallReport, UninstallError> {
             }
         }
     }
-    report.closed_sockets = close_sockets(&pods)?;
+    report.closed_sockets = close_sockets()?;
     if pins.root().exists() {
         std::fs::remove_dir_all(pins.root()).map_err(|source| UninstallError::Remove {
             path: pins.root().to_path_buf(),
@@ -128,51 +126,50 @@ fn read_meta(pins: &PinDir) -> Option<DataPlaneMeta> {
     map.get(&0, 0).ok().filter(|m| m.pinned_since != 0)
 }
 
-/// Pods the pinned `WORKLOADS` map captures, of every layout directory found.
-fn pinned_pods(pins: &PinDir) -> Vec<Ipv4Addr> {
-    let mut dirs = pins.other_layouts();
-    dirs.push(pins.maps());
-    let mut pods = Vec::new();
-    for dir in dirs {
-        let Ok(data) = MapData::from_pin(dir.join("WORKLOADS")) else {
-            continue;
-        };
-        let Ok(map) = HashMap::<MapData, u32, Workload>::try_from(Map::HashMap(data)) else {
-            continue;
-        };
-        pods.extend(
-            map.keys()
-                .filter_map(Result::ok)
-                .map(|k| Ipv4Addr::from(k.to_ne_bytes())),
+/// Closes the proxy's leftovers with `SOCK_DESTROY` (`ss -K`), which also ends TIME_WAIT:
+/// sockets of this namespace in a closing state whose local address is none of the node's own.
+/// Only a transparent socket can have one — the proxy's upstream connections keep their
+/// client's address, a pod of this node or of another — and with the agent gone nothing owns
+/// them. Returns how many there were.
+fn close_sockets() -> Result<usize, UninstallError> {
+    let mut local: Vec<String> = vec!["0.0.0.0".into(), "127.0.0.0/8".into()];
+    if let Ok(addresses) = nix::ifaddrs::getifaddrs() {
+        local.extend(
+            addresses.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip().to_string())),
         );
     }
-    pods.sort_unstable();
-    pods.dedup();
-    pods
-}
-
-/// Closes every TCP socket of this namespace bound to one of `pods`' addresses (only the
-/// proxy binds them here: its upstream connections keep the client pod's address) with
-/// `SOCK_DESTROY`, which also ends TIME_WAIT; returns how many there were.
-fn close_sockets(pods: &[Ipv4Addr]) -> Result<usize, UninstallError> {
-    let mut closed = 0;
-    for ip in pods {
-        let ip = ip.to_string();
-        let out = Command::new("ss")
-            .args(["-K", "-t", "-a", "-n", "-H", "src", &ip])
-            .output()
-            .map_err(|e| UninstallError::Sockets(e.to_string()))?;
-        if !out.status.success() {
-            return Err(UninstallError::Sockets(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        closed += String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count();
+    let ours = local
+        .iter()
+        .map(|ip| format!("src {ip}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let mut args: Vec<String> = ["-K", "-H", "-t", "-a", "-n", "-4"]
+        .map(String::from)
+        .to_vec();
+    for state in [
+        "time-wait",
+        "fin-wait-1",
+        "fin-wait-2",
+        "closing",
+        "last-ack",
+        "close-wait",
+    ] {
+        args.extend(["state".to_string(), state.to_string()]);
     }
-    Ok(closed)
+    args.push(format!("not ( {ours} )"));
+    let out = Command::new("ss")
+        .args(&args)
+        .output()
+        .map_err(|e| UninstallError::Sockets(e.to_string()))?;
+    if !out.status.success() {
+        return Err(UninstallError::Sockets(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
 }
 
 /// `<device> <ingress|egress> <program>` for every capture program attached in this namespace.
