@@ -114,6 +114,7 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
         pool: Pool::new(config.pool.clone(), certs.clone()),
         metrics: metrics.clone(),
         services: Default::default(),
+        draining: shutdown.clone(),
     });
 
     let result = async {

@@ -61,6 +61,9 @@ pub struct ProxyContext {
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     pub services: upstream::ServiceBalancer,
+    /// Turns true when this process stops accepting (stop, or a successor took over): long-lived
+    /// tunnels then tell their peers to open new ones elsewhere (HTTP/2 GOAWAY).
+    pub draining: watch::Receiver<bool>,
 }
 
 impl ProxyContext {

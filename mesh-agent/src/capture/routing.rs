@@ -70,10 +70,11 @@ fn ip_owned(args: &[String]) -> Result<String, RoutingError> {
 }
 
 /// Marked packets are delivered to the local stack, where `bpf_sk_assign` put their socket.
+///
+/// Idempotent without a gap: an agent taking over from another (or from a crashed one) finds
+/// the rule and route in place, and removing them first would, for a moment, send captured
+/// segments on to their real destination, which resets the connection.
 pub fn install_capture_route() -> Result<(), RoutingError> {
-    // Idempotent: a previous crashed run may have left the rule behind.
-    remove_capture_route()?;
-    ip_owned(&rule_args("add"))?;
     let table = CAPTURE_ROUTE_TABLE.to_string();
     ip(&[
         "route",
@@ -85,7 +86,27 @@ pub fn install_capture_route() -> Result<(), RoutingError> {
         "table",
         &table,
     ])?;
+    if !capture_rule_present()? {
+        ip_owned(&rule_args("add"))?;
+    }
     Ok(())
+}
+
+/// Whether the capture rule is in place (`ip -json rule show`).
+fn capture_rule_present() -> Result<bool, RoutingError> {
+    let rules = ip(&["-json", "rule", "show"])?;
+    let parsed: Vec<serde_json::Value> =
+        serde_json::from_str(&rules).map_err(|e| RoutingError::Output {
+            args: "-json rule show".into(),
+            reason: e.to_string(),
+        })?;
+    let hex = |v: u32| format!("{v:#x}");
+    Ok(parsed.iter().any(|rule| {
+        rule["priority"] == CAPTURE_RULE_PRIORITY
+            && rule["fwmark"] == hex(CAPTURE_MARK).as_str()
+            && rule["fwmask"] == hex(CAPTURE_MARK_MASK).as_str()
+            && rule["table"] == CAPTURE_ROUTE_TABLE.to_string().as_str()
+    }))
 }
 
 /// Removes the rule and flushes the table; succeeds when they are already gone.

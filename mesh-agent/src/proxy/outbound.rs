@@ -344,6 +344,7 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
             certs,
             metrics,
             services: ServiceBalancer::default(),
+            draining: watch::channel(false).1,
         }
     }
 

@@ -89,7 +89,23 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     debug!(src = %peer, %peer_identity, dst = %local, "tunnel accepted");
-    while let Some(next) = connection.accept().await {
+    let mut draining = ctx.draining.clone();
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            // Draining: GOAWAY, so the peer opens its next streams on a new connection (to
+            // whichever process accepts now) while the streams in flight here finish. h2 sends
+            // it in two steps (the highest id first, the real last one a round trip later), so
+            // a stream already on its way is still served, not refused.
+            _ = crate::shutdown::requested(&mut draining), if !going_away => {
+                debug!(src = %peer, "draining: GOAWAY to the tunnel's peer");
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
                 let ctx = ctx.clone();
