@@ -23,6 +23,7 @@ use crate::{
         Handovers, Process, drain,
         handover::{self, Offer, Previous, Successor},
         listeners::{self, Obtained, Sockets},
+        pins::{self, PinDir},
     },
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
@@ -94,7 +95,9 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
 
     // Listeners before capture: capture must never steer a SYN to a port nobody listens on. An
     // agent already serving the node hands its own over, so no SYN goes unanswered meanwhile.
-    let Obtained { sockets, previous } = listeners::obtain(&config).await?;
+    let pins = PinDir::for_this_netns(&features.bpffs)?;
+    let Obtained { sockets, previous } =
+        listeners::obtain(&config, &pins::handover_token(&pins)).await?;
     let outbound = Listener::from_std("outbound", sockets.take("outbound")?)?;
     let inbound = Listener::from_std("inbound", sockets.take("inbound")?)?;
     let tunnel = Listener::from_std("tunnel", sockets.take("tunnel")?)?;
@@ -145,7 +148,13 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
         if let Some(previous) = previous {
             predecessor_stops(previous, handovers_tx.clone()).await;
         }
-        let mut offer = match Offer::bind(handover::SOCKET_NAME, OFFER_BIND_WAIT).await {
+        let token = capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.handover_token().to_owned())
+            .unwrap_or_default();
+        let mut offer = match Offer::bind(handover::SOCKET_NAME, OFFER_BIND_WAIT, token).await {
             Ok(offer) => Some(offer),
             Err(e) => {
                 warn!(error = %e, "cannot offer the listeners to a successor: an upgrade will have to bind afresh");

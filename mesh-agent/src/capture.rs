@@ -133,6 +133,7 @@ pub struct Capture {
     /// is taken over when reconcile wants its device, the rest go in [`Capture::adopted`].
     adopted: BTreeMap<(u32, Role), PinnedLink>,
     dataplane: DataPlaneStatus,
+    handover_token: String,
 }
 
 /// The last problem of a periodic task, so a lasting one is logged once, not every period.
@@ -258,6 +259,7 @@ impl Capture {
                 version
             },
             adopted_by: version,
+            handover_token: rand::random(),
         };
         meta_map.set(0, &meta, 0).map_err(map_error)?;
         if demux != "0" {
@@ -333,6 +335,7 @@ impl Capture {
             pins,
             adopted: adopted_links,
             dataplane,
+            handover_token: pins::token_text(&meta.handover_token),
         })
     }
 
@@ -369,6 +372,11 @@ impl Capture {
 
     pub fn dataplane(&self) -> &DataPlaneStatus {
         &self.dataplane
+    }
+
+    /// What a successor must present to take this agent's listeners over.
+    pub fn handover_token(&self) -> &str {
+        &self.handover_token
     }
 
     /// Starts capturing the pod at `ip`, whose host-side device is `link`.

@@ -105,6 +105,9 @@ pub struct DataPlaneMeta {
     pub created_by: [u8; 24],
     /// Version of the agent that last adopted it, NUL-padded.
     pub adopted_by: [u8; 24],
+    /// Random, renewed by every agent that adopts the data plane: what its successor presents
+    /// to take the listeners over. Reading it proves the right to change the data plane.
+    pub handover_token: [u8; 16],
 }
 
 /// Indexes of the per-CPU `COUNTERS` array.
@@ -155,7 +158,7 @@ mod user {
 
     const _: () = assert!(core::mem::size_of::<Workload>() == 8);
     const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 20);
-    const _: () = assert!(core::mem::size_of::<DataPlaneMeta>() == 72);
+    const _: () = assert!(core::mem::size_of::<DataPlaneMeta>() == 88);
     // SAFETY: plain old data, no padding holes (checked above), every bit pattern valid.
     unsafe impl aya::Pod for Workload {}
     // SAFETY: as above.

@@ -155,6 +155,9 @@ enum Message {
     Hello {
         version: String,
         pid: u32,
+        /// The node's hand-over token, read from the pinned data plane (see [`Offer::bind`]).
+        #[serde(default)]
+        token: String,
     },
     Listeners {
         version: String,
@@ -230,20 +233,22 @@ pub async fn take_over(
     socket_name: &str,
     expected: &[(&str, SocketAddr)],
     timeout: Duration,
+    token: &str,
 ) -> Result<Option<Inherited>, HandoverError> {
-    take_over_with(socket_name, expected, timeout, PeerRule::AGENT).await
+    take_over_with(socket_name, expected, timeout, token, PeerRule::AGENT).await
 }
 
 async fn take_over_with(
     socket_name: &str,
     expected: &[(&str, SocketAddr)],
     timeout: Duration,
+    token: &str,
     rule: PeerRule,
 ) -> Result<Option<Inherited>, HandoverError> {
     let address = abstract_address(socket_name)?;
     check_expected(expected)?;
     // Dropping the future on timeout drops whatever fds were received so far.
-    tokio::time::timeout(timeout, take_over_inner(&address, expected, rule))
+    tokio::time::timeout(timeout, take_over_inner(&address, expected, token, rule))
         .await
         .unwrap_or(Err(HandoverError::Timeout(timeout)))
 }
@@ -251,6 +256,7 @@ async fn take_over_with(
 async fn take_over_inner(
     address: &UnixAddr,
     expected: &[(&str, SocketAddr)],
+    token: &str,
     rule: PeerRule,
 ) -> Result<Option<Inherited>, HandoverError> {
     let stream = match UnixStream::connect_addr(&address.clone().into()).await {
@@ -267,6 +273,7 @@ async fn take_over_inner(
             &Message::Hello {
                 version: VERSION.to_owned(),
                 pid: std::process::id(),
+                token: token.to_owned(),
             },
             &[],
         )
@@ -420,6 +427,7 @@ pub struct Offer {
     name: String,
     state: OfferState,
     rule: PeerRule,
+    token: String,
 }
 
 #[derive(Debug)]
@@ -431,13 +439,23 @@ enum OfferState {
 impl Offer {
     /// Binds the abstract name. A predecessor may still hold it for a moment after our `serving()`:
     /// retry EADDRINUSE for up to `wait` (every 20 ms), then fail.
-    pub async fn bind(socket_name: &str, wait: Duration) -> Result<Offer, HandoverError> {
-        Self::bind_with(socket_name, wait, PeerRule::AGENT).await
+    ///
+    /// `token`: what a successor must present. The agent keeps it in the pinned data plane, which
+    /// only a process that may change the data plane itself can read (root with CAP_BPF and the
+    /// node's bpffs). Two agent pods do not share a pid namespace, so the peer's capabilities
+    /// cannot be read from /proc there; the token vouches for it instead.
+    pub async fn bind(
+        socket_name: &str,
+        wait: Duration,
+        token: String,
+    ) -> Result<Offer, HandoverError> {
+        Self::bind_with(socket_name, wait, token, PeerRule::AGENT).await
     }
 
     async fn bind_with(
         socket_name: &str,
         wait: Duration,
+        token: String,
         rule: PeerRule,
     ) -> Result<Offer, HandoverError> {
         let address = abstract_address(socket_name)?;
@@ -465,6 +483,7 @@ impl Offer {
             name: socket_name.to_owned(),
             state: OfferState::Open(listener),
             rule,
+            token,
         })
     }
 
@@ -496,7 +515,7 @@ impl Offer {
             )));
         }
         let (stream, _) = unix.accept().await.map_err(io_error("accepting"))?;
-        let successor = offer_to(stream, listeners, self.rule).await?;
+        let successor = offer_to(stream, listeners, &self.token, self.rule).await?;
         tracing::debug!(pid=successor.pid, version=%successor.version, component="handover", "successor serving");
         // Closing the listener frees the name for the successor's own Offer.
         self.state = OfferState::Taken { pid: successor.pid };
@@ -507,6 +526,7 @@ impl Offer {
 async fn offer_to(
     stream: UnixStream,
     listeners: &[(&str, BorrowedFd<'_>)],
+    token: &str,
     rule: PeerRule,
 ) -> Result<Successor, HandoverError> {
     // The pid for error messages until the peer check has vouched for it.
@@ -526,8 +546,8 @@ async fn offer_to(
         pid: claimed,
         waiting_for: "its hello",
     })?;
-    let version = match message {
-        Message::Hello { version, .. } if fds.is_empty() => version,
+    let (version, presented) = match message {
+        Message::Hello { version, token, .. } if fds.is_empty() => (version, token),
         other => {
             return Err(HandoverError::Protocol {
                 pid: claimed,
@@ -539,7 +559,18 @@ async fn offer_to(
             });
         }
     };
-    let pid = match check_peer(&connection.stream, rule) {
+    let checked = check_peer(&connection.stream, rule).and_then(|pid| {
+        if same_token(&presented, token) {
+            Ok(pid)
+        } else {
+            Err(HandoverError::PeerRefused {
+                pid,
+                reason: "it does not present this node's hand-over token (kept in the pinned data plane)"
+                    .to_owned(),
+            })
+        }
+    });
+    let pid = match checked {
         Ok(pid) => pid,
         Err(error) => {
             // Best effort: a legitimate but misdeployed successor then logs why.
@@ -628,13 +659,6 @@ fn check_peer(stream: &UnixStream, rule: PeerRule) -> Result<u32, HandoverError>
         .and_then(|pid| u32::try_from(pid).ok())
         .unwrap_or(0);
     let refuse = |reason: String| HandoverError::PeerRefused { pid, reason };
-    if pid == 0 {
-        // Two agent pods without hostPID see each other's socket (same network namespace) but
-        // not each other's pid.
-        return Err(refuse(
-            "its pid is not visible in our pid namespace (the agent needs hostPID)".to_owned(),
-        ));
-    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if cred.uid() != euid {
@@ -642,6 +666,12 @@ fn check_peer(stream: &UnixStream, rule: PeerRule) -> Result<u32, HandoverError>
             "its effective uid {} is not ours ({euid})",
             cred.uid()
         )));
+    }
+    if pid == 0 {
+        // Two agent pods see each other's socket (same network namespace) but not each other's
+        // pid (their own pid namespaces): its /proc cannot be read, and the token it presents
+        // has to vouch for it (see `Offer::bind`).
+        return Ok(0);
     }
     let ours = user_namespace("/proc/self/ns/user")
         .map_err(|error| refuse(format!("cannot read our user namespace: {error}")))?;
@@ -662,6 +692,16 @@ fn check_peer(stream: &UnixStream, rule: PeerRule) -> Result<u32, HandoverError>
         )));
     }
     Ok(pid)
+}
+
+/// Compares tokens without stopping at the first difference.
+fn same_token(presented: &str, expected: &str) -> bool {
+    presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 /// A namespace's identity: the device and inode of its nsfs file.
@@ -867,6 +907,7 @@ mod tests {
     use super::*;
 
     const STEP: Duration = Duration::from_secs(5);
+    const TOKEN: &str = "5f0c2a9e4b7d1c38";
 
     /// Every await in these tests is bounded: a bug fails them rather than hanging them.
     async fn within<F: Future>(future: F) -> F::Output {
@@ -905,11 +946,17 @@ mod tests {
         let name = unique_name();
         let (inbound, inbound_address) = listener();
         let (outbound, outbound_address) = listener();
-        let mut offer = within(Offer::bind_with(&name, STEP, test_rule()))
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
             .await
             .unwrap();
         // The name is ours while the offer is open.
-        let busy = Offer::bind_with(&name, Duration::from_millis(50), test_rule()).await;
+        let busy = Offer::bind_with(
+            &name,
+            Duration::from_millis(50),
+            TOKEN.to_owned(),
+            test_rule(),
+        )
+        .await;
         assert!(matches!(busy, Err(HandoverError::InUse { .. })), "{busy:?}");
 
         let old = tokio::spawn(async move {
@@ -919,7 +966,7 @@ mod tests {
             (offer, successor, inbound, outbound)
         });
         let expected = [("outbound", outbound_address), ("inbound", inbound_address)];
-        let inherited = within(take_over_with(&name, &expected, STEP, test_rule()))
+        let inherited = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule()))
             .await
             .unwrap()
             .expect("an agent answers");
@@ -949,7 +996,7 @@ mod tests {
             "{again:?}"
         );
         // The old process closed its Unix listener: the successor can offer in turn.
-        let _own = within(Offer::bind_with(&name, STEP, test_rule()))
+        let _own = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
             .await
             .unwrap();
 
@@ -977,7 +1024,9 @@ mod tests {
     #[tokio::test]
     async fn nobody_to_take_over_from() {
         let started = std::time::Instant::now();
-        let inherited = within(take_over(&unique_name(), &[], STEP)).await.unwrap();
+        let inherited = within(take_over(&unique_name(), &[], STEP, TOKEN))
+            .await
+            .unwrap();
         assert!(inherited.is_none());
         assert!(started.elapsed() < Duration::from_secs(1));
     }
@@ -989,7 +1038,7 @@ mod tests {
         let (_other, other_address) = listener();
         let dns = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dns_address = dns.local_addr().unwrap();
-        let mut offer = within(Offer::bind_with(&name, STEP, test_rule()))
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
             .await
             .unwrap();
 
@@ -1006,7 +1055,7 @@ mod tests {
             ("dns", dns_address),
             ("admin", other_address),
         ];
-        let refused = within(take_over_with(&name, &expected, STEP, test_rule())).await;
+        let refused = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule())).await;
         let Err(HandoverError::Listeners(mismatches)) = &refused else {
             panic!("{refused:?}")
         };
@@ -1036,6 +1085,7 @@ mod tests {
             &name,
             &[("inbound", inbound_address)],
             STEP,
+            TOKEN,
             test_rule(),
         ))
         .await
@@ -1058,7 +1108,7 @@ mod tests {
     async fn successor_gone_before_serving() {
         let name = unique_name();
         let (inbound, inbound_address) = listener();
-        let mut offer = within(Offer::bind_with(&name, STEP, test_rule()))
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
             .await
             .unwrap();
         let old = tokio::spawn(async move {
@@ -1069,13 +1119,13 @@ mod tests {
         let expected = [("inbound", inbound_address)];
 
         // A successor that dies after getting the listeners: its end closes.
-        let inherited = within(take_over_with(&name, &expected, STEP, test_rule()))
+        let inherited = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule()))
             .await
             .unwrap()
             .unwrap();
         drop(inherited);
 
-        let mut inherited = within(take_over_with(&name, &expected, STEP, test_rule()))
+        let mut inherited = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule()))
             .await
             .unwrap()
             .unwrap();
@@ -1095,6 +1145,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_successor_without_the_token_is_refused() {
+        let name = unique_name();
+        let (inbound, inbound_address) = listener();
+        let expected = [("inbound", inbound_address)];
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
+            .await
+            .unwrap();
+        let old = tokio::spawn(async move {
+            let refusal = offer.next(&[("inbound", inbound.as_fd())]).await;
+            (offer, inbound, refusal)
+        });
+        let refused = within(take_over_with(
+            &name,
+            &expected,
+            STEP,
+            "not-the-token",
+            test_rule(),
+        ))
+        .await;
+        assert!(
+            matches!(&refused, Err(HandoverError::Aborted { reason, .. }) if reason.contains("hand-over token")),
+            "{refused:?}"
+        );
+        let (mut offer, inbound, refusal) = within(old).await.unwrap();
+        assert!(
+            matches!(&refusal, Err(HandoverError::PeerRefused { reason, .. }) if reason.contains("hand-over token")),
+            "{refusal:?}"
+        );
+        // The offer stays usable for the real successor.
+        let old = tokio::spawn(async move { offer.next(&[("inbound", inbound.as_fd())]).await });
+        let mut inherited = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule()))
+            .await
+            .unwrap()
+            .unwrap();
+        within(inherited.previous.serving()).await.unwrap();
+        within(old).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn peer_without_the_capabilities_is_refused() {
         // No process has capability 63: both sides refuse the other, with the reason.
         let impossible = PeerRule {
@@ -1104,11 +1193,11 @@ mod tests {
         let (inbound, inbound_address) = listener();
         let expected = [("inbound", inbound_address)];
 
-        let mut offer = within(Offer::bind_with(&name, STEP, impossible))
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), impossible))
             .await
             .unwrap();
         let old = tokio::spawn(async move { offer.next(&[("inbound", inbound.as_fd())]).await });
-        let refused = within(take_over_with(&name, &expected, STEP, test_rule())).await;
+        let refused = within(take_over_with(&name, &expected, STEP, TOKEN, test_rule())).await;
         assert!(
             matches!(&refused, Err(HandoverError::Aborted { reason, .. }) if reason.contains("capability 63")),
             "{refused:?}"
@@ -1121,11 +1210,11 @@ mod tests {
 
         let name = unique_name();
         let (inbound, _) = listener();
-        let mut offer = within(Offer::bind_with(&name, STEP, test_rule()))
+        let mut offer = within(Offer::bind_with(&name, STEP, TOKEN.to_owned(), test_rule()))
             .await
             .unwrap();
         let old = tokio::spawn(async move { offer.next(&[("inbound", inbound.as_fd())]).await });
-        let refused = within(take_over_with(&name, &expected, STEP, impossible)).await;
+        let refused = within(take_over_with(&name, &expected, STEP, TOKEN, impossible)).await;
         assert!(
             matches!(&refused, Err(HandoverError::PeerRefused { .. })),
             "{refused:?}"
@@ -1148,9 +1237,17 @@ mod tests {
         // The production rule against ourselves: passes exactly when we have CAP_NET_ADMIN.
         let name = unique_name();
         let (inbound, inbound_address) = listener();
-        let mut offer = within(Offer::bind(&name, STEP)).await.unwrap();
+        let mut offer = within(Offer::bind(&name, STEP, TOKEN.to_owned()))
+            .await
+            .unwrap();
         let old = tokio::spawn(async move { offer.next(&[("inbound", inbound.as_fd())]).await });
-        let result = within(take_over(&name, &[("inbound", inbound_address)], STEP)).await;
+        let result = within(take_over(
+            &name,
+            &[("inbound", inbound_address)],
+            STEP,
+            TOKEN,
+        ))
+        .await;
         if test_rule().capabilities == 0 {
             assert!(
                 matches!(&result, Err(HandoverError::PeerRefused { reason, .. }) if reason.contains("CAP_NET_ADMIN")),

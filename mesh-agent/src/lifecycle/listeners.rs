@@ -90,11 +90,12 @@ pub struct Obtained {
 }
 
 /// Takes the listeners over from the agent serving this node, or binds them when none answers.
-pub async fn obtain(config: &Config) -> Result<Obtained, ListenersError> {
+/// `token`: the hand-over token of the node's pinned data plane (`pins::handover_token`).
+pub async fn obtain(config: &Config, token: &str) -> Result<Obtained, ListenersError> {
     let wanted = wanted(config);
     let expected: Vec<(&str, SocketAddr)> = wanted.to_vec();
     if let Some(inherited) =
-        handover::take_over(handover::SOCKET_NAME, &expected, TAKE_OVER_TIMEOUT).await?
+        handover::take_over(handover::SOCKET_NAME, &expected, TAKE_OVER_TIMEOUT, token).await?
     {
         let mut listeners = Vec::with_capacity(wanted.len());
         let mut got = inherited.listeners;

@@ -215,6 +215,23 @@ impl DataPlaneStatus {
     }
 }
 
+/// The hand-over token in the pinned `META` of this node, as text; empty when there is none
+/// (no data plane pinned yet, so no agent to take over from).
+pub fn handover_token(pins: &PinDir) -> String {
+    use aya::maps::{Array, Map, MapData};
+    let meta = MapData::from_pin(pins.meta())
+        .ok()
+        .and_then(|data| Array::<MapData, DataPlaneMeta>::try_from(Map::Array(data)).ok())
+        .and_then(|map| map.get(&0, 0).ok());
+    meta.map(|m| token_text(&m.handover_token))
+        .unwrap_or_default()
+}
+
+/// A token as the hex text the hand-over exchanges.
+pub fn token_text(token: &[u8; 16]) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The cookie of the calling thread's network namespace.
 pub fn netns_cookie() -> io::Result<u64> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
