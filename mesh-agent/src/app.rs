@@ -24,6 +24,7 @@ use crate::{
         handover::{self, Offer, Previous, Successor},
         listeners::{self, Obtained, Sockets},
         pins::{self, PinDir},
+        uninstall,
     },
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
@@ -62,21 +63,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {
-    let (snapshot, state_status, source_watches) = match &config.source {
+    let (snapshot, state_status, source_watches, kube_client) = match &config.source {
         StateSource::Files(path) => {
             let watcher = local::Watcher::new(path.clone()).map_err(|errors| {
                 anyhow::anyhow!("the state at {} is invalid:\n{errors}", path.display())
             })?;
             let (snapshot, status) = (watcher.snapshot(), watcher.status());
             tokio::spawn(watcher.run());
-            (snapshot, status, None)
+            (snapshot, status, None, None)
         }
         StateSource::Kubernetes(connection) => {
             let (client, api_server) = kube::client(connection).await?;
             info!(?connection, %api_server, "listing the cluster from the Kubernetes API");
             // Not ready (nothing listens yet) until every kind has been listed once.
-            let source = kube::start(client, &api_server, connection).await;
-            (source.snapshot, source.status, Some(source.watches))
+            let source = kube::start(client.clone(), &api_server, connection).await;
+            (
+                source.snapshot,
+                source.status,
+                Some(source.watches),
+                Some(client),
+            )
         }
     };
 
@@ -173,6 +179,15 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             next = next_successor(&mut offer, &sockets) => successor = Some(next),
         }
         let _ = ready_tx.send(false);
+        // Stopped, not replaced: is mesh-agent being removed from the cluster? Asked while the
+        // drain runs.
+        let fate = match (&successor, &kube_client, &config.daemonset) {
+            (None, Some(client), Some(daemonset)) => {
+                let (client, daemonset) = (client.clone(), daemonset.clone());
+                Some(tokio::spawn(async move { kube::daemonset::fate(client, &daemonset).await }))
+            }
+            _ => None,
+        };
         let open = connections.open_count();
         info!(open_connections = open, drain = ?config.drain_timeout, replaced = successor.is_some(), "stopped accepting: draining connections");
         let _ = shutdown_tx.send(true);
@@ -197,6 +212,18 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
                 _ = signals.recv(), if !stop_requested => stop_requested = true,
             }
         }
+        let mut uninstall = false;
+        if let (Some(fate), None) = (fate, &successor) {
+            match fate.await {
+                Ok(kube::daemonset::Fate::Removed(why)) => {
+                    info!(reason = why, "mesh-agent is being removed from the cluster: uninstalling the data plane");
+                    uninstall = true;
+                }
+                Ok(kube::daemonset::Fate::Kept) => info!("the DaemonSet stays: capture stays in place for the next agent"),
+                Ok(kube::daemonset::Fate::Unknown(e)) => warn!(error = %e, "cannot tell whether the DaemonSet is being removed: capture stays in place"),
+                Err(e) => warn!(error = %e, "asking about the DaemonSet failed: capture stays in place"),
+            }
+        }
         if let Some(successor) = &successor {
             handovers_tx.send_modify(|h| h.successor = Some(Process { pid: successor.pid, version: successor.version.clone(), state: "serving" }));
         }
@@ -212,17 +239,30 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
         let _ = admin_thread.join();
         // Gone: the successor learns it when this connection closes.
         drop(successor);
-        anyhow::Ok(())
+        anyhow::Ok(uninstall)
     }
     .await;
 
-    // The pinned data plane stays, failing closed until an agent is back; closing our
-    // descriptors leaves it attached.
+    // Closing our descriptors leaves the pinned data plane attached, failing closed until an
+    // agent is back; only a removal of mesh-agent itself takes it away.
     drop(capture.lock().unwrap_or_else(|p| p.into_inner()).take());
-    info!(
-        "mesh-agent stopped; capture stays in place until an agent is back (`mesh-agent uninstall` removes it)"
-    );
-    result
+    match &result {
+        Ok(true) => match uninstall::uninstall(true) {
+            Ok(report) => info!(
+                links = report.removed_links.len(),
+                sockets = report.closed_sockets,
+                "data plane uninstalled; pods talk directly"
+            ),
+            Err(e) => {
+                error!(error = %e, "uninstalling failed; run `mesh-agent uninstall` on the node")
+            }
+        },
+        Ok(false) => info!(
+            "mesh-agent stopped; capture stays in place until an agent is back (`mesh-agent uninstall` removes it)"
+        ),
+        Err(_) => {}
+    }
+    result.map(|_| ())
 }
 
 /// How long binding the hand-over socket waits for a predecessor to let go of it.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::{
     identity::IdentityConfig,
     proxy::{MeshConfig, hbone::pool::PoolSettings},
-    source::StateSource,
+    source::{StateSource, kube::daemonset::DaemonSetRef},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +27,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub mesh: MeshConfig,
     pub pool: PoolSettings,
+    /// The agent's own DaemonSet: when it is deleted, a stopping agent uninstalls the data plane.
+    pub daemonset: Option<DaemonSetRef>,
 }
 
 pub mod secs {

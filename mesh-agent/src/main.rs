@@ -10,7 +10,10 @@ use mesh_agent::{
     identity::IdentityConfig,
     lifecycle::uninstall,
     proxy::{MeshConfig, hbone::pool::PoolSettings},
-    source::{StateSource, kube::Connection},
+    source::{
+        StateSource,
+        kube::{Connection, daemonset::DaemonSetRef},
+    },
 };
 
 /// jemalloc, as ztunnel: a node agent holds the whole cluster's state between bursts of
@@ -29,6 +32,8 @@ struct Args {
     command: Command,
 }
 
+// `Run` is much larger than the inspection commands; the value is parsed once and dropped.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent for this node.
@@ -81,6 +86,11 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// `NAMESPACE/NAME` of the agent's own DaemonSet. On SIGTERM the agent asks the API server
+        /// about it: when it is gone or being deleted, the agent uninstalls the data plane after
+        /// its drain; otherwise (a rollout, a restart) it leaves capture in place, failing closed.
+        #[arg(long, env = "MESH_AGENT_DAEMONSET")]
+        daemonset: Option<DaemonSetRef>,
     },
     /// Agent summary: readiness, state source, capture, connections.
     Status(Inspect),
@@ -147,6 +157,7 @@ fn main() -> ExitCode {
             drain_timeout,
             worker_threads,
             log_json,
+            daemonset,
         } => {
             mesh_agent::logging::init(log_json);
             let secs = |s: f64, default: u64| {
@@ -184,6 +195,7 @@ fn main() -> ExitCode {
                     max_streams: pool_max_streams.max(1),
                     idle_timeout: secs(pool_idle_timeout, 60),
                 },
+                daemonset,
             })
         }
         Command::Status(i) => inspect(View::Status, i),

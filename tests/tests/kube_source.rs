@@ -308,3 +308,101 @@ async fn an_agent_started_while_the_api_is_down_is_ready_once_it_answers() -> Re
     drop(agent);
     Ok(())
 }
+
+/// The agents' DaemonSet as the API server holds it (a valid object: kube-rs reads it typed).
+fn daemonset() -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "mesh-agent", "namespace": "mesh-system"},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "mesh-agent"}},
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "mesh-agent"}},
+                "spec": {"containers": [{"name": "mesh-agent", "image": "mesh-agent"}]}
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_daemonset_uninstalls_and_a_rollout_does_not() -> Result<()> {
+    if !mesh_tests::require_root() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::new(ClusterSpec::shop_and_legacy())?;
+    cluster.serve_api_with(ApiServerConfig::default()).await?;
+    let api = cluster.api().context("the cluster serves no API")?;
+    api.apply(daemonset())?;
+    let options = || {
+        mesh_tests::AgentOptions::default()
+            .arg("--daemonset")
+            .arg("mesh-system/mesh-agent")
+    };
+    let mut agents = Vec::new();
+    for node in 0..2 {
+        agents.push(cluster.start_agent_with(node, options()).await?);
+    }
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    web1.send_and_verify(web2.addr(PORT), 4096).await?;
+    let veths = [&web1.host_veth, &web2.host_veth];
+
+    // A rollout (the DaemonSet stays): the stopped agent leaves capture in place.
+    let status = agents[1].terminate().await?;
+    ensure!(status.success(), "agent 1: {status}");
+    ensure!(
+        agents[1].log().contains("the DaemonSet stays"),
+        "agent 1 did not ask about its DaemonSet: {}",
+        agents[1].log_tail(20)
+    );
+    let tcx = cluster.node(1).netns().tcx_programs(veths[1])?;
+    ensure!(
+        tcx.names() == ["capture_ingress", "capture_egress"],
+        "after a rollout's stop web-2's veth carries {tcx:?}"
+    );
+    agents[1] = cluster.start_agent_with(1, options()).await?;
+    web1.send_and_verify(web2.addr(PORT), 4096).await?;
+
+    // The DaemonSet deleted: each agent, told to stop, uninstalls.
+    api.delete("DaemonSet", "mesh-system", "mesh-agent")?;
+    for (node, agent) in agents.iter_mut().enumerate() {
+        let status = agent.terminate().await?;
+        ensure!(status.success(), "agent {node}: {status}");
+        ensure!(
+            agent.log().contains("data plane uninstalled"),
+            "agent {node} did not uninstall: {}",
+            agent.log_tail(20)
+        );
+        let tcx = cluster.node(node).netns().tcx_programs(veths[node])?;
+        ensure!(
+            tcx.is_empty(),
+            "node {node}: {} still carries {tcx:?}",
+            veths[node]
+        );
+        let uplink = cluster.node(node).netns().tcx_programs("eth0")?;
+        ensure!(
+            uplink.is_empty(),
+            "node {node}: eth0 still carries {uplink:?}"
+        );
+        let rules = cluster.ip(node, &["rule", "show"])?;
+        ensure!(
+            !rules.contains("lookup 2004"),
+            "node {node}: policy rule left:\n{rules}"
+        );
+        // Nothing left for a manual uninstall to remove.
+        let report = cluster.uninstall(node)?;
+        ensure!(
+            report["pin_dir"].is_null() && report["removed_capture_route"] == false,
+            "node {node}: uninstall found leftovers: {report}"
+        );
+    }
+    // Direct now: the server sees the client's own connection (no proxy in between).
+    let _peer = web2.peer_server(PORT + 1).await?;
+    let report = web1.ask_peer(web2.addr(PORT + 1)).await?;
+    ensure!(
+        report.seen_by_server == report.local,
+        "after the removal the server sees the client as is: {report:?}"
+    );
+    Ok(())
+}

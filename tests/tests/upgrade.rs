@@ -167,8 +167,8 @@ async fn a_takeover_under_load_fails_no_connection_and_resets_none() -> Result<(
 
     // Each node in turn: a second agent takes over, then the first is told to stop.
     let mut successors = Vec::new();
-    for node in 0..2 {
-        let old_pid = agents[node].pid();
+    for (node, old) in agents.iter_mut().enumerate() {
+        let old_pid = old.pid();
         let options = mesh_tests::AgentOptions::default()
             .arg("--drain-timeout")
             .arg(DRAIN_SECONDS);
@@ -176,11 +176,10 @@ async fn a_takeover_under_load_fails_no_connection_and_resets_none() -> Result<(
         successor
             .wait_for_log("took the listeners over", common::SETTLE)
             .await?;
-        agents[node]
-            .wait_for_log("handed the listeners over", common::SETTLE)
+        old.wait_for_log("handed the listeners over", common::SETTLE)
             .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        agents[node].signal(Signal::SIGTERM)?;
+        old.signal(Signal::SIGTERM)?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let status = cluster.cli_json(node, &["status", "-o", "json"])?;
         let previous = &status["lifecycle"]["previous"];
@@ -189,9 +188,9 @@ async fn a_takeover_under_load_fails_no_connection_and_resets_none() -> Result<(
             "node {node}: the new agent's status says of its predecessor: {previous} (expected pid {old_pid}, draining: it still carries the long-lived connections)"
         );
         ensure!(
-            agents[node].is_running(),
+            old.is_running(),
             "node {node}: the old agent exited while its connections were open: {}",
-            agents[node].log_tail(20)
+            old.log_tail(20)
         );
         successors.push(successor);
     }

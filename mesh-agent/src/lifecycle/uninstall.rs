@@ -86,8 +86,12 @@ pub fn uninstall(by_agent: bool) -> Result<UninstallReport, UninstallError> {
     match meta {
         Some(meta) if meta.early_demux_before > 0 => {
             let value = (meta.early_demux_before - 1).to_string();
-            sysctl::set(sysctl::EARLY_DEMUX, &value)?;
-            report.restored_early_demux = Some(value);
+            // Written only when it differs: in a container /proc/sys is read-only, and there
+            // the init container, not the agent, turned it off (the recorded value is 0).
+            if sysctl::get(sysctl::EARLY_DEMUX)? != value {
+                sysctl::set(sysctl::EARLY_DEMUX, &value)?;
+                report.restored_early_demux = Some(value);
+            }
         }
         Some(_) => {}
         // No record (an agent from before pinning, or one that died before writing it): our

@@ -7,6 +7,7 @@
 //! keep what they hold, so the last state keeps serving; a relist (after 410 Gone) swaps a
 //! store's contents in one step, so no pod is released and enrolled again on the way.
 
+pub mod daemonset;
 mod store;
 mod wire;
 

@@ -92,6 +92,8 @@ pub const KINDS: &[Kind] = &[
         true,
         &[],
     ),
+    // The agent asks for its own DaemonSet when it stops (removal or rollout?).
+    kind("apps", "v1", "daemonsets", "DaemonSet", true, &[]),
     kind(
         "security.istio.io",
         "v1",
