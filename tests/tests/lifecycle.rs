@@ -513,3 +513,69 @@ async fn a_killed_agent_fails_closed_under_strict_and_its_successor_adopts_the_d
     ensure!(tcx.is_empty(), "web-2's veth still carries {tcx:?}");
     Ok(())
 }
+
+/// Ids of the maps the program `id` uses, from bpftool.
+fn maps_of(cluster: &Cluster, node: usize, id: u32) -> Result<Vec<u64>> {
+    let shown: Value = serde_json::from_str(
+        &cluster.bpftool(node, &["-j", "prog", "show", "id", &id.to_string()])?,
+    )?;
+    Ok(shown["map_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_of_another_layout_gets_fresh_maps_and_keeps_its_links() -> Result<()> {
+    let Some((cluster, mut agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    expect_echo(web1, web2.addr(PORT)).await?;
+    let dir = pin_dir(&cluster, 1)?;
+    let links_before = pinned_links(&cluster, 1, &dir)?;
+    let status = agents[1].terminate().await?;
+    ensure!(status.success(), "agent 1: {status}");
+
+    // As if an agent of another layout (0) had pinned these maps.
+    let (ours, other) = (format!("{dir}v1"), format!("{dir}v0"));
+    cluster.node_exec(1, &["mv", &ours, &other])?;
+    let before = cluster.node(1).netns().tcx_programs(&web2.host_veth)?;
+    let old_maps = maps_of(
+        &cluster,
+        1,
+        before.ingress.first().context("no program")?.id,
+    )?;
+
+    agents[1] = cluster.start_agent(1).await?;
+    ensure!(
+        std::path::Path::new(&ours).is_dir() && !std::path::Path::new(&other).exists(),
+        "after the take-over: {ours} should exist and {other} be gone"
+    );
+    let after = cluster.node(1).netns().tcx_programs(&web2.host_veth)?;
+    ensure!(
+        after.names() == ["capture_ingress", "capture_egress"],
+        "web-2's veth carries {after:?}"
+    );
+    let new_maps = maps_of(&cluster, 1, after.ingress[0].id)?;
+    ensure!(
+        new_maps.iter().all(|m| !old_maps.contains(m)),
+        "the programs still use the other layout's maps: {new_maps:?} (old {old_maps:?})"
+    );
+    // The links themselves were kept (only sock_ops is replaced).
+    let links_after = pinned_links(&cluster, 1, &dir)?;
+    let kept = links_before
+        .iter()
+        .filter(|(id, _)| links_after.iter().any(|(a, _)| a == id))
+        .count();
+    ensure!(
+        kept == links_before.len() - 1,
+        "links before {links_before:?}, after {links_after:?}"
+    );
+    expect_echo(web1, web2.addr(PORT)).await?;
+    wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    Ok(())
+}
