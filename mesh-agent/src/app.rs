@@ -191,9 +191,16 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
         let open = connections.open_count();
         info!(open_connections = open, drain = ?config.drain_timeout, replaced = successor.is_some(), "stopped accepting: draining connections");
         let _ = shutdown_tx.send(true);
+        // Our copies of the listening sockets go too. Replaced, the successor holds its own;
+        // stopped, the sockets close, and enrolled pods' new connections are dropped in the
+        // kernel (fail closed) until an agent is back, which their SYN retransmissions then
+        // reach. Kept open and unaccepted they would complete handshakes nobody serves, to be
+        // reset when this process exits (measured by the bench: every new connection to the
+        // node hung for the whole drain).
+        drop(sockets);
+        drop(offer);
 
-        // Drain. Meanwhile the listening sockets stay open (unaccepted SYNs wait in their
-        // queues) and are still offered, so a successor starting now loses nothing either.
+        // Drain.
         let drain = async {
             let _ = tokio::join!(outbound, inbound, tunnel);
         };
@@ -208,7 +215,6 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
                     warn!(open = connections.open_count(), reset, "drain period over; resetting the connections still open");
                     break;
                 }
-                next = next_successor(&mut offer, &sockets), if successor.is_none() => successor = Some(next),
                 _ = signals.recv(), if !stop_requested => stop_requested = true,
             }
         }

@@ -261,3 +261,49 @@ async fn a_takeover_under_load_fails_no_connection_and_resets_none() -> Result<(
     drop(successors);
     Ok(())
 }
+
+/// Two agent pods of a DaemonSet share the node's network namespace but not a pid namespace:
+/// the running agent cannot see its successor's pid (SO_PEERCRED says 0) nor read its /proc, and
+/// the token from the pinned data plane has to vouch for it. Here the first agent runs in a pid
+/// namespace of its own (`unshare --pid`), its successor in the host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_across_pid_namespaces_is_vouched_for_by_the_token() -> Result<()> {
+    let Some((cluster, mut agents)) = common::mesh().await? else {
+        return Ok(());
+    };
+    let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
+    let _echo = web2.echo_server(PORT).await?;
+    let status = agents[1].terminate().await?;
+    ensure!(status.success(), "agent 1: {status}");
+
+    let wrapper = cluster.temp_dir().join("agent-in-its-own-pid-namespace");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare --pid --kill-child=SIGTERM {} \"$@\"\n",
+            cluster.agent_binary()?.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let isolated = mesh_tests::AgentOptions {
+        binary: Some(wrapper),
+        ..mesh_tests::AgentOptions::default()
+    };
+    let mut old = cluster.start_agent_with(1, isolated).await?;
+    common::expect_echo(web1, web2.addr(PORT)).await?;
+
+    let mut successor = cluster.start_agent(1).await?;
+    successor
+        .wait_for_log("took the listeners over", common::SETTLE)
+        .await?;
+    old.wait_for_log("handed the listeners over", common::SETTLE)
+        .await?;
+    common::expect_echo(web1, web2.addr(PORT)).await?;
+    let served = common::wait_records(&cluster, 1, "inbound", web2.addr(PORT), 1).await?;
+    ensure!(!served.is_empty(), "the successor serves nothing");
+    old.signal(Signal::SIGTERM)?;
+    Ok(())
+}

@@ -3,8 +3,8 @@
 //!
 //! All six are handed over — the proxy's three and the admin, readiness and metrics servers —
 //! so the successor needs no port of its own and the kubelet's probes reach whichever process
-//! accepts. The process keeps a copy of each for the whole of its life, so that a successor
-//! that starts while it drains still gets sockets whose accept queues held on to every SYN.
+//! accepts. The process keeps a copy of each while it serves, to offer to a successor, and lets
+//! go of them when it stops accepting.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
