@@ -132,6 +132,15 @@ async fn run() -> Result<bool> {
     for agent in &mut agents {
         stop(agent).await;
     }
+    // A stopped agent leaves capture pinned and failing closed for the next one; uninstall is
+    // what takes it away.
+    for node in 0..cluster.nodes().len() {
+        println!("---- mesh-agent uninstall (node {node}) ----");
+        match cluster.cli(node, &["uninstall"]) {
+            Ok(out) => print!("{}", ensure_newline(out)),
+            Err(e) => println!("(failed: {e:#})"),
+        }
+    }
     let names = cluster.netns_names();
     drop(agents);
     drop(cluster);
