@@ -26,6 +26,7 @@ use crate::{
         pins::{self, PinDir},
         uninstall,
     },
+    limits,
     metrics::Metrics,
     proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
     source::{StateSource, kube, local},
@@ -37,6 +38,12 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 pub fn run(config: Config) -> anyhow::Result<()> {
     info!(config = ?config, "starting mesh-agent");
     capabilities::check()?;
+    let open_files = limits::raise_open_files();
+    info!(
+        open_files = open_files.current,
+        hard = open_files.hard,
+        "open-files limit"
+    );
     let features = kernel::check()?;
     // One worker: tokio's current-thread scheduler on a thread of its own, which skips the
     // multi-thread scheduler's per-poll bookkeeping (work stealing, queue-interval tuning).
@@ -47,7 +54,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the data-plane runtime")?;
-        return runtime.block_on(serve(config, features));
+        return runtime.block_on(serve(config, features, open_files));
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("dataplane-blocking")
@@ -56,13 +63,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the data-plane runtime")?;
     std::thread::Builder::new()
         .name("dataplane".into())
-        .spawn(move || runtime.block_on(serve(config, features)))
+        .spawn(move || runtime.block_on(serve(config, features, open_files)))
         .context("starting the data-plane thread")?
         .join()
         .map_err(|_| anyhow::anyhow!("the data-plane thread panicked"))?
 }
 
-async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    features: kernel::KernelFeatures,
+    open_files: limits::OpenFiles,
+) -> anyhow::Result<()> {
     let (snapshot, state_status, source_watches, kube_client) = match &config.source {
         StateSource::Files(path) => {
             let watcher = local::Watcher::new(path.clone()).map_err(|errors| {
@@ -137,6 +148,7 @@ async fn serve(config: Config, features: kernel::KernelFeatures) -> anyhow::Resu
             proxy: ctx.clone(),
             ready: ready.clone(),
             handovers: handovers.clone(),
+            open_files,
         });
         let admin_thread = spawn_admin(&sockets, admin_state, metrics.clone(), ready.clone(), shutdown.clone())?;
 
@@ -337,7 +349,14 @@ fn apply_state(
             let routes = RouteTable::read();
             reconcile::reconcile(capture, &snapshot, &ctx.node, &mut pending, routes.as_ref());
             match &routes {
-                Ok(table) => capture.set_uplinks(&reconcile::uplinks(table, &snapshot, &ctx.node)),
+                Ok(table) => match reconcile::uplinks(table, &snapshot, &ctx.node) {
+                    Ok(uplinks) => capture.set_uplinks(&uplinks),
+                    Err(e) => {
+                        if capture.uplinks_unknown(e.to_string()) {
+                            warn!(error = %e, "looking up the uplinks failed; keeping the current ones");
+                        }
+                    }
+                },
                 Err(e) => {
                     if capture.uplinks_unknown(e.to_string()) {
                         warn!(error = %e, "reading the routing table for uplinks failed; keeping the current ones");

@@ -125,6 +125,8 @@ pub struct Capture {
     uplink_problem: Problem,
     /// Why attaching to an uplink failed last time, by device, likewise.
     uplink_attach_problems: BTreeMap<String, Problem>,
+    /// Why a captured pod's device could not be looked up last time, likewise.
+    lookup_problem: Problem,
     pods: BTreeMap<Ipv4Addr, PodLink>,
     sockops_link: Option<Pinned>,
     features: KernelFeatures,
@@ -329,6 +331,7 @@ impl Capture {
             uplinks: BTreeMap::new(),
             uplink_problem: Problem::default(),
             uplink_attach_problems: BTreeMap::new(),
+            lookup_problem: Problem::default(),
             pods: BTreeMap::new(),
             sockops_link: Some(sockops_link),
             features,
@@ -524,6 +527,17 @@ impl Capture {
         device.ingress.remove();
         device.egress.remove();
         debug!(device = ifname, "capture detached");
+    }
+
+    /// Records that a captured pod's device could not be looked up (its capture stays); true
+    /// when this problem is new, so the caller logs it once.
+    pub fn lookup_failed(&mut self, problem: String) -> bool {
+        self.lookup_problem.report(problem)
+    }
+
+    /// Forgets a device lookup problem; true when there was one.
+    pub fn lookups_work(&mut self) -> bool {
+        self.lookup_problem.clear()
     }
 
     /// Records that the uplinks could not be found (the attached ones stay); true when this

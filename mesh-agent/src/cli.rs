@@ -171,6 +171,15 @@ fn status(v: &Value) -> String {
             );
         }
     }
+    let open_files = &v["limits"]["open_files"];
+    line(
+        "Open-files limit:",
+        format!(
+            "{} (hard {})",
+            s(&open_files["current"]),
+            s(&open_files["hard"])
+        ),
+    );
     line("Trust domain:", s(&v["trust_domain"]));
     line("Certificates:", s(&v["certificates"]));
     line("Open connections:", s(&v["connections"]["open"]));

@@ -13,6 +13,7 @@ pub mod crds;
 pub mod explain;
 pub mod identity;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

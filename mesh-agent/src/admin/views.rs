@@ -38,6 +38,8 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
     /// The agent processes this one took over from or handed over to.
     pub handovers: watch::Receiver<crate::lifecycle::Handovers>,
+    /// The open-files limit raised at start.
+    pub open_files: crate::limits::OpenFiles,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +54,13 @@ pub struct StatusView {
     pub connections: ConnectionSummary,
     pub certificates: usize,
     pub lifecycle: LifecycleView,
+    pub limits: LimitsView,
+}
+
+/// The process's resource limits.
+#[derive(Debug, Serialize)]
+pub struct LimitsView {
+    pub open_files: crate::limits::OpenFiles,
 }
 
 /// The pinned data plane this process serves, and the processes before and after it.
@@ -192,6 +201,9 @@ impl AdminState {
                     .ok()
                     .and_then(|c| c.as_ref().map(|c| c.dataplane().clone())),
                 handovers: self.handovers.borrow().clone(),
+            },
+            limits: LimitsView {
+                open_files: self.open_files,
             },
         }
     }

@@ -36,13 +36,29 @@ pub fn reconcile(
         .enrolled()
         .map(|(ip, link)| (*ip, link.ifname.clone(), link.ifindex))
         .collect();
+    let mut lookups_failed = false;
     for (ip, ifname, ifindex) in current {
-        let moved = routing::ifindex(&ifname) != Some(ifindex);
+        let moved = match routing::ifindex(&ifname) {
+            Ok(now) => now != Some(ifindex),
+            // Could not ask (out of file descriptors, say): the pod's capture stays as it is.
+            // Removing it would let its traffic pass in plaintext; only the state, or a device
+            // that is really gone, may take a pod's capture away.
+            Err(e) => {
+                lookups_failed = true;
+                if capture.lookup_failed(e.to_string()) {
+                    warn!(pod_ip = %ip, error = %e, "cannot check the pod's device; its capture stays; will retry");
+                }
+                false
+            }
+        };
         if (!desired.contains(&ip) || moved)
             && let Err(e) = capture.release(ip)
         {
             warn!(pod_ip = %ip, error = %e, "releasing pod from capture failed");
         }
+    }
+    if !lookups_failed && capture.lookups_work() {
+        info!("device lookups work again");
     }
     pending.retain(|ip, _| desired.contains(ip));
     let captured: BTreeSet<Ipv4Addr> = capture.enrolled().map(|(ip, _)| *ip).collect();
@@ -69,16 +85,32 @@ pub fn reconcile(
 
 /// The node's uplinks: the devices its routes to other nodes' pods go through (one pod per
 /// other node, looked up in one read of the routing table). Pod veths of this node are never
-/// among them.
-pub fn uplinks(table: &RouteTable, snapshot: &Snapshot, node: &str) -> BTreeMap<String, u32> {
-    uplinks_in(table, snapshot, node, routing::ifindex)
+/// among them. An error when a device could not be looked up: the caller keeps the uplinks it
+/// has rather than detaching one it merely failed to ask about.
+pub fn uplinks(
+    table: &RouteTable,
+    snapshot: &Snapshot,
+    node: &str,
+) -> Result<BTreeMap<String, u32>, RoutingError> {
+    let mut failed = None;
+    let found = uplinks_in(table, snapshot, node, |dev| match routing::ifindex(dev) {
+        Ok(index) => index,
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
 }
 
 fn uplinks_in(
     table: &RouteTable,
     snapshot: &Snapshot,
     node: &str,
-    ifindex: impl Fn(&str) -> Option<u32>,
+    mut ifindex: impl FnMut(&str) -> Option<u32>,
 ) -> BTreeMap<String, u32> {
     let mut seen_nodes = BTreeSet::new();
     let mut uplinks = BTreeMap::new();

@@ -24,6 +24,12 @@ pub enum RoutingError {
     Output { args: String, reason: String },
     #[error("no route to pod {ip} through a local device (the pod's veth is not set up yet)")]
     NoLocalRoute { ip: Ipv4Addr },
+    #[error("looking up device {ifname}: {source}")]
+    DeviceLookup {
+        ifname: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A pod's host-side device, as found from the node's routing table.
@@ -142,11 +148,21 @@ pub fn pod_link(table: &RouteTable, ip: Ipv4Addr) -> Result<PodLink, RoutingErro
         .link_for(ip)
         .ok_or(RoutingError::NoLocalRoute { ip })?
         .to_owned();
-    let ifindex = ifindex(&ifname).ok_or(RoutingError::NoLocalRoute { ip })?;
+    let ifindex = ifindex(&ifname)?.ok_or(RoutingError::NoLocalRoute { ip })?;
     Ok(PodLink { ifname, ifindex })
 }
 
-/// Current index of a device in this network namespace.
-pub fn ifindex(ifname: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(ifname).ok()
+/// Current index of a device in this network namespace: `Ok(None)` when there is no such
+/// device, an error when the kernel could not be asked (the lookup needs a socket, which an
+/// agent out of file descriptors cannot open). Only a device that is really gone may cost a
+/// pod its capture.
+pub fn ifindex(ifname: &str) -> Result<Option<u32>, RoutingError> {
+    match nix::net::if_::if_nametoindex(ifname) {
+        Ok(index) => Ok(Some(index)),
+        Err(nix::errno::Errno::ENODEV) => Ok(None),
+        Err(errno) => Err(RoutingError::DeviceLookup {
+            ifname: ifname.to_owned(),
+            source: errno.into(),
+        }),
+    }
 }
