@@ -135,6 +135,7 @@ async fn serve(
         metrics: metrics.clone(),
         services: Default::default(),
         draining: shutdown.clone(),
+        node_addresses: Default::default(),
     });
 
     let result = async {
@@ -341,6 +342,7 @@ fn apply_state(
     pending: &Mutex<reconcile::Pending>,
 ) {
     let snapshot = ctx.snapshot();
+    ctx.node_addresses.refresh();
     {
         let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());

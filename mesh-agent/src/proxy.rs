@@ -64,6 +64,8 @@ pub struct ProxyContext {
     /// Turns true when this process stops accepting (stop, or a successor took over): long-lived
     /// tunnels then tell their peers to open new ones elsewhere (HTTP/2 GOAWAY).
     pub draining: watch::Receiver<bool>,
+    /// This node's own addresses: connections to them come from the node, not the pod.
+    pub node_addresses: upstream::NodeAddresses,
 }
 
 impl ProxyContext {

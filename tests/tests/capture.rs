@@ -311,3 +311,37 @@ async fn label_edit_enrolls_and_releases_a_pod_live() -> Result<()> {
     drop(open);
     Ok(())
 }
+
+/// A host-network service on the pod's own node (a node-local DNS cache, the kubelet, a host
+/// port), as Istio ambient lets an ambient pod reach it: the enrolled pod's connection to its
+/// node's address is captured and carried, as is a plain pod's and the other node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_pod_reaches_its_own_node() -> Result<()> {
+    let Some((cluster, _agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let (web1, batch1) = (
+        cluster.pod("shop", "web-1"),
+        cluster.pod("legacy", "batch-1"),
+    );
+    let mut servers = Vec::new();
+    for node in cluster.nodes() {
+        let address = std::net::SocketAddr::from((node.link_ip, PORT));
+        servers.push(mesh_tests::Server::echo(
+            node.netns().listen_on(address).await?,
+        ));
+    }
+    for node in cluster.nodes() {
+        let address = std::net::SocketAddr::from((node.link_ip, PORT));
+        common::expect_echo(web1, address).await?;
+        common::expect_echo(batch1, address).await?;
+    }
+    // The enrolled pod's connection to its own node went through node 0's proxy.
+    let own = std::net::SocketAddr::from((cluster.node(0).link_ip, PORT));
+    let records = wait_records(&cluster, 0, "outbound", own, 1).await?;
+    ensure!(
+        records.iter().all(|r| r["route"] == "direct"),
+        "to its own node: {records:#?}"
+    );
+    Ok(())
+}

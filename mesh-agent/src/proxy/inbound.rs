@@ -61,7 +61,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     };
     // A long connection must not pin the state it started under.
     drop(snapshot);
-    match upstream::direct(peer, original_destination).await {
+    match upstream::direct(peer, original_destination, &ctx.node_addresses).await {
         Ok(up) => {
             if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {
                 guard.fail(e);

@@ -50,7 +50,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     socket::reset_on_close(&client);
                     return;
                 };
-                match upstream::direct(peer, address).await {
+                match upstream::direct(peer, address, &ctx.node_addresses).await {
                     Ok(up) => {
                         if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {
                             guard.fail(e);
@@ -121,7 +121,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     }
                 }
             }
-            Route::Direct => match upstream::direct(peer, address).await {
+            Route::Direct => match upstream::direct(peer, address, &ctx.node_addresses).await {
                 Ok(up) => {
                     let mut guard = ctx.connections.open(info);
                     if let Err(e) = forward::bidirectional(client, up, guard.counts()).await {
@@ -345,6 +345,7 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
             metrics,
             services: ServiceBalancer::default(),
             draining: watch::channel(false).1,
+            node_addresses: Default::default(),
         }
     }
 

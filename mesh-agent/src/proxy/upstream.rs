@@ -41,26 +41,61 @@ pub enum UpstreamError {
 }
 
 /// Opens a plain connection to `destination` from the client's own address, so the
-/// destination sees the real client.
+/// destination sees the real client — except to an address of this node itself (a host-network
+/// service, the node's DNS cache, the kubelet): its answer to a pod's address would be routed
+/// straight to the pod, past the proxy, so that connection comes from the node, as a pod's
+/// hairpin connection does.
 pub async fn direct(
     source: SocketAddr,
     destination: SocketAddr,
+    node: &NodeAddresses,
 ) -> Result<TcpStream, UpstreamError> {
     let (SocketAddr::V4(source), SocketAddr::V4(destination)) = (source, destination) else {
         return Err(UpstreamError::NotIpv4(destination));
     };
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        socket::connect_as(*source.ip(), destination),
-    )
-    .await
-    {
+    let from = if node.contains(*destination.ip()) {
+        *destination.ip()
+    } else {
+        *source.ip()
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket::connect_as(from, destination)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(UpstreamError::Connect {
             destination,
             source,
         }),
         Err(_) => Err(UpstreamError::Timeout { destination }),
+    }
+}
+
+/// The node's own IPv4 addresses, refreshed on every reconcile pass (`refresh`), read per
+/// direct connection without a syscall.
+#[derive(Debug, Default)]
+pub struct NodeAddresses(std::sync::RwLock<std::sync::Arc<[std::net::Ipv4Addr]>>);
+
+impl NodeAddresses {
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+
+    /// Reads the addresses of this network namespace's devices; keeps the last ones when the
+    /// kernel cannot be asked.
+    pub fn refresh(&self) {
+        let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+            return;
+        };
+        let mut found: Vec<std::net::Ipv4Addr> = addresses
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if **current != *found {
+            *current = found.into();
+        }
     }
 }
 

@@ -187,7 +187,8 @@ async fn stream(
     };
     // A long stream must not pin the state it started under.
     drop(snapshot);
-    let mut upstream = match upstream::direct(client, target.destination).await {
+    let mut upstream = match upstream::direct(client, target.destination, &ctx.node_addresses).await
+    {
         Ok(up) => up,
         Err(e) => {
             guard.fail(&e);
