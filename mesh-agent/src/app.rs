@@ -118,7 +118,7 @@ async fn serve(
     let outbound = Listener::from_std("outbound", sockets.take("outbound")?)?;
     let inbound = Listener::from_std("inbound", sockets.take("inbound")?)?;
     let tunnel = Listener::from_std("tunnel", sockets.take("tunnel")?)?;
-    let capture = Arc::new(Mutex::new(Some(Capture::load(features)?)));
+    let capture = Arc::new(Mutex::new(Some(Capture::load(features, pins)?)));
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);

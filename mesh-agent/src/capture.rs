@@ -193,8 +193,7 @@ impl Capture {
     /// none of this layout), attaches sock_ops to the cgroup v2 root and installs the policy
     /// route. Veths are attached later, per enrolled pod, by [`Capture::enroll`]; links pinned by
     /// an earlier agent are taken over then, one atomic program swap each.
-    pub fn load(features: KernelFeatures) -> Result<Self, CaptureError> {
-        let pins = PinDir::for_this_netns(&features.bpffs)?;
+    pub fn load(features: KernelFeatures, pins: PinDir) -> Result<Self, CaptureError> {
         let found = pins.meta().exists();
         pins.create()?;
         let maps_dir = pins.maps();
@@ -301,14 +300,7 @@ impl Capture {
         let id = sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| program_error(PROG_SOCKOPS, e))?;
-        let link: FdLink = sockops
-            .take_link(id)
-            .map_err(|e| program_error(PROG_SOCKOPS, e))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
-                path: pins.links(),
-                reason: e.to_string(),
-            })?;
+        let link = fd_link(sockops.take_link(id), PROG_SOCKOPS, &pins.links())?;
         let link_id = link.info().map(|i| i.id()).unwrap_or_default();
         let sockops_link = pin_link(link, pins.link(LinkPin::SockOps { id: link_id }))?;
         for old in old_sockops {
@@ -509,14 +501,7 @@ impl Capture {
         let id = prog
             .attach(ifindex, direction)
             .map_err(|e| program_error(name, e))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| program_error(name, e))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let link = fd_link(prog.take_link(id), name, &path)?;
         pin_link(link, path)
     }
 
@@ -663,6 +648,24 @@ impl Capture {
             dataplane: self.dataplane.clone(),
         }
     }
+}
+
+/// A link just created, taken from program `name`, as the fd link that gets pinned at `path`.
+fn fd_link<L>(
+    taken: Result<L, ProgramError>,
+    name: &'static str,
+    path: &std::path::Path,
+) -> Result<FdLink, CaptureError>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    taken
+        .map_err(|e| program_error(name, e))?
+        .try_into()
+        .map_err(|e| CaptureError::Pin {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 /// Pins a freshly created link, replacing a stale pin of the same name (a defunct link whose

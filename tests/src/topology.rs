@@ -759,6 +759,23 @@ impl Cluster {
         }
     }
 
+    /// Options that run the agent under `prefix` (a command and its arguments, such as
+    /// `prlimit --nofile=128:128`), through a script `name` in the cluster's temp dir.
+    pub fn wrapped_agent(&self, name: &str, prefix: &str) -> Result<AgentOptions> {
+        use std::os::unix::fs::PermissionsExt;
+        let script = self.dir_path.join(name);
+        let text = format!(
+            "#!/bin/sh\nexec {prefix} {} \"$@\"\n",
+            self.agent_binary()?.display()
+        );
+        std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        Ok(AgentOptions {
+            binary: Some(script),
+            ..AgentOptions::default()
+        })
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, ClusterState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -9,11 +9,11 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{Outcome, PORT, SETTLE, apply, eventually, exchange, expect_echo, expect_reset};
-use mesh_tests::{AgentOptions, Cluster, ClusterSpec};
+use common::{
+    Outcome, PORT, SETTLE, STRICT, apply, eventually, exchange, expect_echo, expect_reset,
+};
+use mesh_tests::{Cluster, ClusterSpec};
 
-/// PeerAuthentication: STRICT for the whole `shop` namespace.
-const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
 /// Node 1's agent's open-files limit, soft and hard (so raising it at start changes nothing).
 const OPEN_FILES: u32 = 128;
 /// More connections than that limit lets node 1 carry.
@@ -29,28 +29,12 @@ async fn an_agent_out_of_file_descriptors_keeps_capture_and_recovers() -> Result
     if common::from_the_api() {
         cluster.serve_api().await?;
     }
-    let wrapper = cluster.temp_dir().join("agent-with-few-files");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec prlimit --nofile={OPEN_FILES}:{OPEN_FILES} {} \"$@\"\n",
-            cluster.agent_binary()?.display()
-        ),
-    )?;
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    let few_files = cluster.wrapped_agent(
+        "agent-with-few-files",
+        &format!("prlimit --nofile={OPEN_FILES}:{OPEN_FILES}"),
     )?;
     let _agent0 = cluster.start_agent(0).await?;
-    let mut agent1 = cluster
-        .start_agent_with(
-            1,
-            AgentOptions {
-                binary: Some(wrapper),
-                ..AgentOptions::default()
-            },
-        )
-        .await?;
+    let mut agent1 = cluster.start_agent_with(1, few_files).await?;
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));
     let batch1 = cluster.pod("legacy", "batch-1");
     apply(&cluster, "strict.yaml", STRICT).await?;

@@ -6,12 +6,10 @@ mod common;
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{DENIAL_DEADLINE, Outcome, apply, exchange, expect_reset};
+use common::{DENIAL_DEADLINE, Outcome, STRICT, apply, exchange, expect_reset};
 use mesh_tests::{Cluster, ClusterSpec, MODE_AMBIENT, MODE_LABEL, PodSpec};
 
 const WEB: &str = "cluster.local/ns/shop/sa/web";
-/// PeerAuthentication: STRICT for the whole `shop` namespace.
-const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
 
 /// The server is `shop/web-2` on node 1. Clients on node 0: `shop/web-1`, `ops/ops-1` (enrolled)
 /// and `legacy/batch-1` (plain); on node 1, the server's own node: `ops/ops-2` (enrolled, served

@@ -276,22 +276,10 @@ async fn a_takeover_across_pid_namespaces_is_vouched_for_by_the_token() -> Resul
     let status = agents[1].terminate().await?;
     ensure!(status.success(), "agent 1: {status}");
 
-    let wrapper = cluster.temp_dir().join("agent-in-its-own-pid-namespace");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare --pid --kill-child=SIGTERM {} \"$@\"\n",
-            cluster.agent_binary()?.display()
-        ),
+    let isolated = cluster.wrapped_agent(
+        "agent-in-its-own-pid-namespace",
+        "unshare --pid --kill-child=SIGTERM",
     )?;
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let isolated = mesh_tests::AgentOptions {
-        binary: Some(wrapper),
-        ..mesh_tests::AgentOptions::default()
-    };
     let mut old = cluster.start_agent_with(1, isolated).await?;
     common::expect_echo(web1, web2.addr(PORT)).await?;
 

@@ -14,6 +14,29 @@ pub const PORT: u16 = 8080;
 /// free, because every wait returns as soon as its condition holds.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
+/// PeerAuthentication: STRICT for the whole `shop` namespace.
+pub const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
+
+/// Expects `client` to reach `server` directly, with no proxy in between: a peer server on
+/// `port` sees the client's own address and port.
+pub async fn expect_unproxied(
+    client: &mesh_tests::Pod,
+    server: &mesh_tests::Pod,
+    port: u16,
+) -> Result<()> {
+    let _peer = server.peer_server(port).await?;
+    let report = client.ask_peer(server.addr(port)).await?;
+    anyhow::ensure!(
+        report.seen_by_server == report.local,
+        "{} -> {}: the server sees {} for a client at {}: something is in between",
+        client.id(),
+        server.id(),
+        report.seen_by_server,
+        report.local
+    );
+    Ok(())
+}
+
 /// The demo cluster (`shop` enrolled, `legacy` not; `web-N`, `batch-N` on node N-1) with an
 /// agent on each node. `None` (after a loud skip message) when not root.
 pub async fn mesh() -> Result<Option<(Cluster, Vec<Agent>)>> {
