@@ -28,7 +28,9 @@ use crate::{
     },
     limits,
     metrics::Metrics,
-    proxy::{self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool},
+    proxy::{
+        self, Listener, ProxyContext, connections::Connections, hbone::pool::Pool, limits::Limits,
+    },
     source::{StateSource, kube, local},
 };
 
@@ -115,9 +117,22 @@ async fn serve(
     let pins = PinDir::for_this_netns(&features.bpffs)?;
     let Obtained { sockets, previous } =
         listeners::obtain(&config, &pins::handover_token(&pins)).await?;
-    let outbound = Listener::from_std("outbound", sockets.take("outbound")?)?;
-    let inbound = Listener::from_std("inbound", sockets.take("inbound")?)?;
-    let tunnel = Listener::from_std("tunnel", sockets.take("tunnel")?)?;
+    // Keepalive is set on the proxy's listeners, also on those taken over from an agent that
+    // did not set it: the sockets they accept inherit it.
+    let proxy_listener = |name: &'static str| -> anyhow::Result<Listener> {
+        let listener = sockets.take(name)?;
+        config
+            .keepalive
+            .apply(&listener)
+            .with_context(|| format!("TCP keepalive on the {name} listener"))?;
+        Ok(Listener::from_std(name, listener)?)
+    };
+    let outbound = proxy_listener("outbound")?;
+    let inbound = proxy_listener("inbound")?;
+    let tunnel = proxy_listener("tunnel")?;
+    proxy::socket::set_upstream_keepalive(config.keepalive);
+    let limits = config.limits.resolve(open_files.current);
+    info!(?limits, "proxy limits");
     let capture = Arc::new(Mutex::new(Some(Capture::load(features, pins)?)));
 
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -131,11 +146,13 @@ async fn serve(
         state: snapshot.clone(),
         connections: connections.clone(),
         certs: certs.clone(),
-        pool: Pool::new(config.pool.clone(), certs.clone()),
+        pool: Pool::new(config.pool.clone(), config.keepalive, certs.clone()),
         metrics: metrics.clone(),
         services: Default::default(),
         draining: shutdown.clone(),
         node_addresses: Default::default(),
+        limits: Limits::new(limits, metrics.clone()),
+        keepalive: config.keepalive,
     });
 
     let result = async {
@@ -160,6 +177,7 @@ async fn serve(
         let reconciler = tokio::spawn(reconcile_loop(capture.clone(), ctx.clone(), pending.clone(), shutdown.clone()));
         let rotation = tokio::spawn(certs.clone().run(shutdown.clone()));
         let reaper = tokio::spawn(ctx.pool.clone().run_reaper(shutdown.clone()));
+        let idle_sweep = tokio::spawn(ctx.connections.clone().run_idle_sweep(config.keepalive.idle_timeout, shutdown.clone()));
 
         let outbound = tokio::spawn(outbound.run(ctx.clone(), shutdown.clone(), proxy::outbound::handle));
         let inbound = tokio::spawn(inbound.run(ctx.clone(), shutdown.clone(), proxy::inbound::handle));
@@ -255,6 +273,7 @@ async fn serve(
         let _ = reconciler.await;
         let _ = rotation.await;
         let _ = reaper.await;
+        let _ = idle_sweep.await;
         let _ = admin_thread.join();
         // Gone: the successor learns it when this connection closes.
         drop(successor);

@@ -180,6 +180,44 @@ fn status(v: &Value) -> String {
             s(&open_files["hard"])
         ),
     );
+    let proxy = &v["limits"]["proxy"];
+    let max = &proxy["settings"];
+    line(
+        "Connections:",
+        format!(
+            "{} of {} ({} per source, {} per destination)",
+            s(&proxy["connections"]),
+            s(&max["connections"]),
+            s(&max["connections_per_source"]),
+            s(&max["connections_per_destination"])
+        ),
+    );
+    line(
+        "TLS handshakes:",
+        format!(
+            "{} of {} ({} per source)",
+            s(&proxy["handshakes"]),
+            s(&max["handshakes"]),
+            s(&max["handshakes_per_source"])
+        ),
+    );
+    line(
+        "Tunnels accepted:",
+        format!(
+            "{} of {} ({} per identity, {} streams each)",
+            s(&proxy["tunnels"]),
+            s(&max["tunnels"]),
+            s(&max["tunnels_per_identity"]),
+            s(&max["streams_per_tunnel"])
+        ),
+    );
+    if let Some(refused) = proxy["refused"].as_object().filter(|r| !r.is_empty()) {
+        let list: Vec<String> = refused
+            .iter()
+            .map(|(limit, n)| format!("{limit} {}", s(n)))
+            .collect();
+        line("Refused at limits:", list.join(", "));
+    }
     line("Trust domain:", s(&v["trust_domain"]));
     line("Certificates:", s(&v["certificates"]));
     line("Open connections:", s(&v["connections"]["open"]));

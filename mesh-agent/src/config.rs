@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use crate::{
     identity::IdentityConfig,
-    proxy::{MeshConfig, hbone::pool::PoolSettings},
+    proxy::{
+        MeshConfig, hbone::pool::PoolSettings, keepalive::KeepaliveSettings, limits::LimitOverrides,
+    },
     source::{StateSource, kube::daemonset::DaemonSetRef},
 };
 
@@ -27,6 +29,9 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub mesh: MeshConfig,
     pub pool: PoolSettings,
+    /// Limits given explicitly; `mesh-agent status` shows all of them as in force.
+    pub limits: LimitOverrides,
+    pub keepalive: KeepaliveSettings,
     /// The agent's own DaemonSet: when it is deleted, a stopping agent uninstalls the data plane.
     pub daemonset: Option<DaemonSetRef>,
 }

@@ -9,7 +9,9 @@ use mesh_agent::{
     config::Config,
     identity::IdentityConfig,
     lifecycle::uninstall,
-    proxy::{MeshConfig, hbone::pool::PoolSettings},
+    proxy::{
+        MeshConfig, hbone::pool::PoolSettings, keepalive::KeepaliveSettings, limits::LimitOverrides,
+    },
     source::{
         StateSource,
         kube::{Connection, daemonset::DaemonSetRef},
@@ -91,6 +93,26 @@ enum Command {
         /// its drain; otherwise (a rollout, a restart) it leaves capture in place, failing closed.
         #[arg(long, env = "MESH_AGENT_DAEMONSET")]
         daemonset: Option<DaemonSetRef>,
+        #[command(flatten)]
+        limits: LimitOverrides,
+        /// Seconds a proxied socket is quiet before TCP keepalive probes start.
+        #[arg(long, default_value_t = 60.0)]
+        tcp_keepalive_time: f64,
+        /// Seconds between TCP keepalive probes.
+        #[arg(long, default_value_t = 10.0)]
+        tcp_keepalive_interval: f64,
+        /// Unanswered TCP keepalive probes before the connection is reset.
+        #[arg(long, default_value_t = 6)]
+        tcp_keepalive_probes: u32,
+        /// Seconds between HTTP/2 PINGs on a tunnel (0: none).
+        #[arg(long, default_value_t = 30.0)]
+        http2_keepalive_interval: f64,
+        /// Seconds a tunnel waits for a PONG before it is closed with its streams.
+        #[arg(long, default_value_t = 10.0)]
+        http2_keepalive_timeout: f64,
+        /// Seconds a connection may carry nothing either way before it is closed (0: never).
+        #[arg(long, default_value_t = 3600.0)]
+        idle_timeout: f64,
     },
     /// Agent summary: readiness, state source, capture, connections.
     Status(Inspect),
@@ -158,6 +180,13 @@ fn main() -> ExitCode {
             worker_threads,
             log_json,
             daemonset,
+            limits,
+            tcp_keepalive_time,
+            tcp_keepalive_interval,
+            tcp_keepalive_probes,
+            http2_keepalive_interval,
+            http2_keepalive_timeout,
+            idle_timeout,
         } => {
             mesh_agent::logging::init(log_json);
             let secs = |s: f64, default: u64| {
@@ -196,6 +225,15 @@ fn main() -> ExitCode {
                     idle_timeout: secs(pool_idle_timeout, 60),
                 },
                 daemonset,
+                limits,
+                keepalive: KeepaliveSettings {
+                    tcp_time: secs(tcp_keepalive_time, 60),
+                    tcp_interval: secs(tcp_keepalive_interval, 10),
+                    tcp_probes: tcp_keepalive_probes.max(1),
+                    http2_interval: secs(http2_keepalive_interval, 30),
+                    http2_timeout: secs(http2_keepalive_timeout, 10),
+                    idle_timeout: secs(idle_timeout, 3600),
+                },
             })
         }
         Command::Status(i) => inspect(View::Status, i),

@@ -50,6 +50,12 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The bound that refused (`connections_per_source`, `handshakes`, ...).
+    pub limit: &'static str,
+}
+
 /// The four Istio TCP counters of one label set. A connection looks them up once, when it
 /// opens; everything after that is an atomic add.
 #[derive(Clone, Debug)]
@@ -71,6 +77,7 @@ pub struct Metrics {
     received_bytes: Family<TcpLabels, Counter>,
     pub denied: Family<DenialLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,6 +95,7 @@ impl Metrics {
         let received_bytes = Family::default();
         let denied = Family::default();
         let failures = Family::default();
+        let limit_refusals = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -118,6 +126,11 @@ impl Metrics {
             "Connections refused or failed before carrying data",
             failures.clone(),
         );
+        registry.register(
+            "mesh_agent_limit_refusals",
+            "New connections, streams, handshakes or tunnels refused at a limit",
+            limit_refusals.clone(),
+        );
         Self {
             registry,
             tcp: RwLock::default(),
@@ -127,6 +140,7 @@ impl Metrics {
             received_bytes,
             denied,
             failures,
+            limit_refusals,
         }
     }
 
@@ -153,6 +167,13 @@ impl Metrics {
             .entry(labels.clone())
             .or_insert(counters)
             .clone()
+    }
+
+    /// Something refused because a limit was reached.
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels { limit })
+            .inc();
     }
 
     /// A connection the proxy refused before it was a connection (bad TLS, bad request...).

@@ -14,6 +14,8 @@ pub mod connections;
 pub mod forward;
 pub mod hbone;
 pub mod inbound;
+pub mod keepalive;
+pub mod limits;
 pub mod outbound;
 pub mod socket;
 pub mod upstream;
@@ -66,6 +68,9 @@ pub struct ProxyContext {
     pub draining: watch::Receiver<bool>,
     /// This node's own addresses: connections to them come from the node, not the pod.
     pub node_addresses: upstream::NodeAddresses,
+    /// What peers and pods may make the proxy hold.
+    pub limits: Arc<limits::Limits>,
+    pub keepalive: keepalive::KeepaliveSettings,
 }
 
 impl ProxyContext {

@@ -29,10 +29,16 @@ async fn an_agent_out_of_file_descriptors_keeps_capture_and_recovers() -> Result
     if common::from_the_api() {
         cluster.serve_api().await?;
     }
-    let few_files = cluster.wrapped_agent(
-        "agent-with-few-files",
-        &format!("prlimit --nofile={OPEN_FILES}:{OPEN_FILES}"),
-    )?;
+    // The proxy's own connection limit is lifted: this test is about what happens when the
+    // process, not the proxy's budget, runs out.
+    let few_files = cluster
+        .wrapped_agent(
+            "agent-with-few-files",
+            &format!("prlimit --nofile={OPEN_FILES}:{OPEN_FILES}"),
+        )?
+        .arg("--max-connections=100000")
+        .arg("--max-connections-per-source=100000")
+        .arg("--max-connections-per-destination=100000");
     let _agent0 = cluster.start_agent(0).await?;
     let mut agent1 = cluster.start_agent_with(1, few_files).await?;
     let (web1, web2) = (cluster.pod("shop", "web-1"), cluster.pod("shop", "web-2"));

@@ -61,6 +61,9 @@ pub struct StatusView {
 #[derive(Debug, Serialize)]
 pub struct LimitsView {
     pub open_files: crate::limits::OpenFiles,
+    /// The proxy's bounds, what is held against them, and what they refused.
+    pub proxy: crate::proxy::limits::LimitsStatus,
+    pub keepalive: crate::proxy::keepalive::KeepaliveSettings,
 }
 
 /// The pinned data plane this process serves, and the processes before and after it.
@@ -204,6 +207,8 @@ impl AdminState {
             },
             limits: LimitsView {
                 open_files: self.open_files,
+                proxy: self.proxy.limits.status(),
+                keepalive: self.proxy.keepalive,
             },
         }
     }

@@ -7,10 +7,11 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 use super::forward::ByteCounts;
 use crate::metrics::{DenialLabels, Metrics, TcpCounters, TcpLabels};
@@ -140,6 +141,9 @@ struct Open {
     counts: Arc<ByteCounts>,
     /// Istio's TCP counters this connection reports to (two for a same-node connection).
     counters: Vec<TcpCounters>,
+    /// Bytes both ways when the idle sweep last looked, and when they last changed.
+    bytes_seen: u64,
+    active_at: Instant,
 }
 
 #[derive(Default)]
@@ -189,6 +193,8 @@ impl Connections {
                 since: Instant::now(),
                 counts: counts.clone(),
                 counters,
+                bytes_seen: 0,
+                active_at: Instant::now(),
             },
         );
         ConnectionGuard {
@@ -226,6 +232,47 @@ impl Connections {
         let id = inner.next_id;
         inner.totals.denied += 1;
         push_recent(&mut inner, ConnectionRecord { id, ..record });
+    }
+
+    /// Cuts every open connection that carried no byte either way for `idle` (it ends as a
+    /// failure, both legs reset); returns how many. Run periodically: a connection is looked at
+    /// once per run, never on its own data path.
+    pub fn cut_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut cut = 0;
+        for open in self.lock().open.values_mut() {
+            let bytes = open.counts.sent.load(Ordering::Relaxed)
+                + open.counts.received.load(Ordering::Relaxed);
+            if bytes != open.bytes_seen {
+                open.bytes_seen = bytes;
+                open.active_at = now;
+            } else if now.duration_since(open.active_at) >= idle {
+                open.counts.idle.cut();
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// Cuts idle connections until shutdown, looking every quarter of `idle` (at most a minute).
+    pub async fn run_idle_sweep(self, idle: Duration, mut shutdown: watch::Receiver<bool>) {
+        if idle.is_zero() {
+            return;
+        }
+        let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::shutdown::requested(&mut shutdown) => return,
+                _ = tick.tick() => {
+                    let cut = self.cut_idle(idle);
+                    if cut > 0 {
+                        tracing::info!(cut, idle_timeout = ?idle, "idle connections closed");
+                    }
+                }
+            }
+        }
     }
 
     pub fn open_count(&self) -> usize {
@@ -269,6 +316,7 @@ impl Connections {
             since,
             counts,
             counters,
+            ..
         } = open;
         let duration_ms = since.elapsed().as_millis() as u64;
         let record = record(id, info, started, &counts, Some(duration_ms), error);

@@ -13,7 +13,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::socket::reset_on_close;
+use super::{
+    keepalive::{Cut, idle_error},
+    socket::reset_on_close,
+};
 
 const BUFFER: usize = 32 * 1024;
 
@@ -24,11 +27,13 @@ pub struct ByteCounts {
     pub sent: AtomicU64,
     /// From the destination back to the client.
     pub received: AtomicU64,
+    /// Set when the connection stayed idle too long (see `Connections::cut_idle`).
+    pub idle: Cut,
 }
 
 /// Forwards until both directions have finished. A read of EOF on one side becomes a
 /// `shutdown(SHUT_WR)` on the other, so half-closed connections keep working. An error on
-/// either side resets both.
+/// either side, or the idle timeout, resets both.
 pub async fn bidirectional(
     client: TcpStream,
     upstream: TcpStream,
@@ -38,7 +43,11 @@ pub async fn bidirectional(
     let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
     let to_upstream = copy_half(&mut client_rx, &mut upstream_tx, &counts.sent);
     let to_client = copy_half(&mut upstream_rx, &mut client_tx, &counts.received);
-    let result = tokio::try_join!(to_upstream, to_client);
+    let result = tokio::select! {
+        biased;
+        done = async { tokio::try_join!(to_upstream, to_client) } => done.map(|_| ()),
+        () = counts.idle.wait() => Err(idle_error()),
+    };
     if result.is_err()
         && let (Ok(client), Ok(upstream)) = (
             client_rx.reunite(client_tx),
@@ -48,7 +57,7 @@ pub async fn bidirectional(
         reset_on_close(&client);
         reset_on_close(&upstream);
     }
-    result.map(|_| ())
+    result
 }
 
 async fn copy_half<R, W>(reader: &mut R, writer: &mut W, counter: &AtomicU64) -> io::Result<()>

@@ -19,6 +19,13 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     let Ok(original_destination) = client.local_addr() else {
         return;
     };
+    let Ok(_permit) = ctx
+        .limits
+        .connection_to(peer.ip(), original_destination.ip())
+    else {
+        socket::reset_on_close(&client);
+        return;
+    };
     let snapshot = ctx.snapshot();
     let Some(destination) = ctx.local_enrolled(&snapshot, original_destination.ip()) else {
         // Only reachable by a stale capture entry or a client dialing 15006 directly.

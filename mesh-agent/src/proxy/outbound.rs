@@ -28,6 +28,11 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
     let Ok(original_destination) = client.local_addr() else {
         return;
     };
+    // Counted before anything is decided: a source at its limit costs nothing more.
+    let Ok(mut permit) = ctx.limits.connection(peer.ip()) else {
+        socket::reset_on_close(&client);
+        return;
+    };
     // Decided while the state is at hand; the state is let go before any waiting, so a long
     // connection does not pin the state it started under.
     let Plan {
@@ -44,6 +49,10 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
         route,
     } in attempts
     {
+        if let Err(limit) = permit.to(address.ip()) {
+            last_error = Some(format!("{limit} limit reached"));
+            continue;
+        }
         match route {
             Route::Local(destination) => {
                 let Some(mut guard) = ctx.admit(&ctx.snapshot(), info, &destination) else {
@@ -260,6 +269,8 @@ mod tests {
             MeshConfig,
             connections::Connections,
             hbone::pool::{Pool, PoolSettings},
+            keepalive::KeepaliveSettings,
+            limits::{LimitSettings, Limits},
             upstream::ServiceBalancer,
         },
     };
@@ -340,12 +351,18 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
             },
             state: watch::channel(Arc::new(snapshot)).1,
             connections: Connections::new(metrics.clone()),
-            pool: Pool::new(PoolSettings::default(), certs.clone()),
+            pool: Pool::new(
+                PoolSettings::default(),
+                KeepaliveSettings::default(),
+                certs.clone(),
+            ),
             certs,
+            limits: Limits::new(LimitSettings::for_open_files(1 << 20), metrics.clone()),
             metrics,
             services: ServiceBalancer::default(),
             draining: watch::channel(false).1,
             node_addresses: Default::default(),
+            keepalive: KeepaliveSettings::default(),
         }
     }
 

@@ -8,11 +8,22 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
+    sync::OnceLock,
 };
 
 use mesh_common::PROXY_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
+
+use super::keepalive::KeepaliveSettings;
+
+/// The keepalive every upstream socket gets (listeners get theirs where they are served).
+static UPSTREAM_KEEPALIVE: OnceLock<KeepaliveSettings> = OnceLock::new();
+
+/// Sets the keepalive of upstream sockets for the life of the process (first call wins).
+pub fn set_upstream_keepalive(settings: KeepaliveSettings) {
+    let _ = UPSTREAM_KEEPALIVE.set(settings);
+}
 
 /// A listener on `0.0.0.0:port` that accepts connections addressed to any IP (`IP_TRANSPARENT`):
 /// `bpf_sk_assign` hands it SYNs whose destination is the original one. Accepted connections
@@ -44,6 +55,9 @@ pub async fn connect_as(source: Ipv4Addr, destination: SocketAddrV4) -> io::Resu
     )?;
     socket.set_mark(PROXY_MARK)?;
     socket.set_tcp_nodelay(true)?;
+    if let Some(keepalive) = UPSTREAM_KEEPALIVE.get() {
+        keepalive.apply(&socket)?;
+    }
     if source != *destination.ip() {
         socket.set_ip_transparent_v4(true)?;
         set_bind_address_no_port(&socket)?;

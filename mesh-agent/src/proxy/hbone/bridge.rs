@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::pool::PendingResponse;
-use crate::proxy::{forward::ByteCounts, socket::reset_on_close};
+use crate::proxy::{forward::ByteCounts, keepalive::idle_error, socket::reset_on_close};
 
 /// Largest read from the TCP side; also the most a stream asks capacity for at once.
 const CHUNK: usize = 64 * 1024;
@@ -147,14 +147,18 @@ pub async fn bridge(
     }
     let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
     let down = async { stream_to_tcp(answer.recv().await?, &mut wr, to_tcp).await };
-    let result = tokio::try_join!(up, down);
+    let result = tokio::select! {
+        biased;
+        done = async { tokio::try_join!(up, down) } => done.map(|_| ()),
+        () = counts.idle.wait() => Err(idle_error()),
+    };
     if result.is_err() {
         send.reset(Reason::CANCEL);
         if let Ok(tcp) = rd.reunite(wr) {
             reset_on_close(&tcp);
         }
     }
-    result.map(|_| ())
+    result
 }
 
 async fn tcp_to_stream<R: AsyncRead + Unpin>(

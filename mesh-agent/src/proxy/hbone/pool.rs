@@ -21,7 +21,10 @@ use tracing::{debug, info, warn};
 use super::{bridge::h2_error, headers};
 use crate::{
     identity::{CertificateManager, Identity, WorkloadCertificate, tls},
-    proxy::socket,
+    proxy::{
+        keepalive::{self, KeepaliveSettings},
+        socket,
+    },
 };
 
 /// HTTP/2 settings for tunnels (both ends): large windows so one stream can fill a fast link.
@@ -165,6 +168,7 @@ pub struct Pool {
 
 struct Inner {
     settings: PoolSettings,
+    keepalive: KeepaliveSettings,
     certs: CertificateManager,
     connections: Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<AsyncMutex<()>>>>,
@@ -176,10 +180,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings, certs: CertificateManager) -> Self {
+    pub fn new(
+        settings: PoolSettings,
+        keepalive: KeepaliveSettings,
+        certs: CertificateManager,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
+                keepalive,
                 certs,
                 connections: Mutex::new(HashMap::new()),
                 dialing: Mutex::new(HashMap::new()),
@@ -338,9 +347,22 @@ impl Pool {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
+        let keepalive = self.inner.keepalive;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(tunnel = id, error = %e, "tunnel connection ended with an error");
+            let mut connection = connection;
+            let peer_gone = keepalive::unanswered(
+                connection.ping_pong(),
+                keepalive.http2_interval,
+                keepalive.http2_timeout,
+            );
+            tokio::select! {
+                ended = &mut connection => if let Err(e) = ended {
+                    debug!(tunnel = id, error = %e, "tunnel connection ended with an error");
+                },
+                // Dropping the connection fails every stream on it: their clients are reset.
+                () = peer_gone => {
+                    warn!(tunnel = id, %address, "tunnel peer left a PING unanswered; closed");
+                }
             }
             done.store(true, Ordering::Release);
         });
@@ -511,6 +533,7 @@ mod tests {
                 max_streams,
                 idle_timeout: Duration::from_secs(60),
             },
+            KeepaliveSettings::default(),
             CertificateManager::new(ca, Duration::from_secs(3600)),
         )
     }

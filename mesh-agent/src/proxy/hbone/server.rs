@@ -20,15 +20,19 @@ use crate::{
     proxy::{
         ProxyContext,
         connections::{ConnectionInfo, Direction, Security},
-        upstream, workload_ref, workload_ref_at,
+        keepalive, socket, upstream, workload_ref, workload_ref_at,
     },
 };
 
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams one tunnel may carry at once (above the clients' default pool limit).
-const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+    // Unauthenticated until the handshake is done: bounded in all and per source address,
+    // refused with a reset past that (the client learns at once; nothing waits).
+    let Ok(handshake) = ctx.limits.handshake(peer.ip()) else {
+        socket::reset_on_close(&tcp);
+        return;
+    };
     let Ok(local) = tcp.local_addr() else { return };
     let snapshot = ctx.snapshot();
     let Some(destination) = ctx.local_enrolled(&snapshot, local.ip()) else {
@@ -69,16 +73,21 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    drop(handshake);
     let Some((peer_identity, peer_serial)) = tls::peer_certificate(tls.get_ref().1) else {
         warn!(src = %peer, "peer certificate has no SPIFFE identity; refused");
         ctx.metrics.refused("tunnel", "no peer identity");
+        return;
+    };
+    let Ok(_tunnel) = ctx.limits.tunnel(&peer_identity) else {
+        socket::reset_on_close(tls.get_ref().0.get_ref());
         return;
     };
     let mut connection = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(ctx.limits.settings().streams_per_tunnel)
         .handshake::<_, Bytes>(tls)
         .await
     {
@@ -91,9 +100,22 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     debug!(src = %peer, %peer_identity, dst = %local, "tunnel accepted");
     let mut draining = ctx.draining.clone();
     let mut going_away = false;
+    let keepalive = ctx.keepalive;
+    let peer_gone = keepalive::unanswered(
+        connection.ping_pong(),
+        keepalive.http2_interval,
+        keepalive.http2_timeout,
+    );
+    tokio::pin!(peer_gone);
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
+            // Dropping the connection ends every stream on it: their upstreams are reset.
+            () = &mut peer_gone => {
+                warn!(src = %peer, %peer_identity, timeout = ?keepalive.http2_timeout, "tunnel peer left a PING unanswered; closed");
+                ctx.metrics.refused("tunnel", "keepalive timeout");
+                break;
+            }
             // Draining: GOAWAY, so the peer opens its next streams on a new connection (to
             // whichever process accepts now) while the streams in flight here finish. h2 sends
             // it in two steps (the highest id first, the real last one a round trip later), so
@@ -166,6 +188,13 @@ async fn stream(
     let client = match target.forwarded_for {
         Some(f) if f.ip() == peer.ip() => f,
         _ => peer,
+    };
+    let Ok(_permit) = ctx
+        .limits
+        .connection_to(client.ip(), target.destination.ip())
+    else {
+        reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        return;
     };
     let info = ConnectionInfo {
         direction: Direction::Inbound,
