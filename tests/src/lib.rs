@@ -132,3 +132,42 @@ mod tests {
         assert_eq!(root_gate(false, true), Gate::Fail);
     }
 }
+
+/// Raises this process's open-files limit, soft and hard, to at least `files` (root may raise
+/// the hard limit): tests that hold tens of thousands of sockets need more than the default.
+pub fn raise_open_files(files: u64) -> anyhow::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct passed, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if limit.rlim_cur >= files {
+        return Ok(());
+    }
+    let raised = libc::rlimit {
+        rlim_cur: files,
+        rlim_max: limit.rlim_max.max(files),
+    };
+    // SAFETY: setrlimit only reads the struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(anyhow::anyhow!(
+            "raising the open-files limit to {files}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Resident memory of process `pid`, in KiB (`VmRSS`).
+pub fn resident_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}

@@ -7,19 +7,18 @@
 
 mod common;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use common::{
     PORT,
-    certs::{self, AnyServer, Leaf, Validity},
+    certs::{self, Leaf, Validity},
     mesh,
 };
 use mesh_tests::{Agent, LogMark};
 use rcgen::SanType;
 use rustls::AlertDescription;
-use rustls_pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 
 /// What the agent logs for each refused handshake.
@@ -39,25 +38,6 @@ enum Outcome {
     Echoed,
 }
 
-/// A TLS 1.3 client for the tunnel port, presenting `cert` (none at all when `None`).
-fn client_config(cert: Option<Leaf>) -> Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let mut config = match cert {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-fn name() -> Result<ServerName<'static>> {
-    Ok(ServerName::try_from("mesh.invalid")?.to_owned())
-}
-
 /// A handshake the server must refuse: the TLS alert the client received for it, during the
 /// handshake or (TLS 1.3: the server checks the client's certificate after the client is done)
 /// on its first read, and the client's address (as the agent logs it). Anything else — a
@@ -69,9 +49,9 @@ async fn refusal(
 ) -> Result<(AlertDescription, SocketAddr)> {
     let tcp = pod.connect(tunnel).await?;
     let local = tcp.local_addr()?;
-    let connector = tokio_rustls::TlsConnector::from(client_config(cert)?);
+    let connector = tokio_rustls::TlsConnector::from(certs::client_config(cert)?);
     let attempt = async {
-        let error = match connector.connect(name()?, tcp).await {
+        let error = match connector.connect(certs::server_name()?, tcp).await {
             Err(e) => e,
             Ok(mut tls) => {
                 let mut buf = [0u8; 1];
@@ -101,12 +81,12 @@ async fn attempt(
     method: http::Method,
     authority: &str,
 ) -> Result<(Outcome, SocketAddr)> {
-    let config = client_config(Some(cert))?;
+    let config = certs::client_config(Some(cert))?;
     let tcp = pod.connect(tunnel).await?;
     let local = tcp.local_addr()?;
     let attempt = async {
         let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name()?, tcp)
+            .connect(certs::server_name()?, tcp)
             .await
             .context("TLS handshake")?;
         let (send, connection) = h2::client::handshake(tls)

@@ -161,7 +161,10 @@ mod tests {
         let socket = SockRef::from(&listener);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
-        assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),
@@ -178,7 +181,10 @@ mod tests {
         let (accepted, _) = listener.accept().unwrap();
         let socket = SockRef::from(&accepted);
         assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),
             Some(Duration::from_secs(120))

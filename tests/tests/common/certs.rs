@@ -124,3 +124,25 @@ impl ServerCertVerifier for AnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// A TLS 1.3 client for the tunnel port, presenting `cert` (none at all when `None`), offering
+/// HTTP/2 and accepting any server certificate (the tests check the server, not the client).
+pub fn client_config(cert: Option<Leaf>) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The name a test client asks for (the agent's certificates carry none; the verifier above
+/// does not look).
+pub fn server_name() -> Result<ServerName<'static>> {
+    Ok(ServerName::try_from("mesh.invalid")?.to_owned())
+}
