@@ -120,19 +120,6 @@ pub fn skip(reason: &str) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_root_test_skips_outside_ci_and_fails_under_it() {
-        assert_eq!(root_gate(true, false), Gate::Run);
-        assert_eq!(root_gate(true, true), Gate::Run);
-        assert_eq!(root_gate(false, false), Gate::Skip);
-        assert_eq!(root_gate(false, true), Gate::Fail);
-    }
-}
-
 /// Raises this process's open-files limit, soft and hard, to at least `files` (root may raise
 /// the hard limit): tests that hold tens of thousands of sockets need more than the default.
 pub fn raise_open_files(files: u64) -> anyhow::Result<()> {
@@ -170,4 +157,17 @@ pub fn resident_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_test_skips_outside_ci_and_fails_under_it() {
+        assert_eq!(root_gate(true, false), Gate::Run);
+        assert_eq!(root_gate(true, true), Gate::Run);
+        assert_eq!(root_gate(false, false), Gate::Skip);
+        assert_eq!(root_gate(false, true), Gate::Fail);
+    }
 }

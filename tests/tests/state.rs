@@ -120,3 +120,101 @@ async fn bad_state_is_rejected_and_last_good_state_keeps_serving() -> Result<()>
     );
     Ok(())
 }
+
+/// Files the parser must never be handed whole, each with what the rejection must say.
+fn hostile_files() -> Vec<(&'static str, String, String)> {
+    let rules = "{}, ".repeat(100_001);
+    vec![
+        (
+            "zz-deep.yaml",
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {}",
+                "[".repeat(200_000)
+            ),
+            "nests deeper than 64 levels (line 3)".to_string(),
+        ),
+        (
+            "zz-big.yaml",
+            format!("items: [{}", "a, ".repeat(17_000_000)),
+            "over the limit of 8388608 bytes".to_string(),
+        ),
+        (
+            "zz-rules.yaml",
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: huge, namespace: shop}}\nspec:\n  rules: [{rules}]\n"
+            ),
+            "spec.rules: has 100001 rules, over the limit of 1000".to_string(),
+        ),
+    ]
+}
+
+/// Most the agent's resident memory may grow while it refuses one of [`hostile_files`].
+const REFUSAL_CEILING_KIB: u64 = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_and_deeply_nested_files_are_refused_at_once() -> Result<()> {
+    let Some((cluster, agents)) = mesh().await? else {
+        return Ok(());
+    };
+    let pid = agents[0].pid();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = mesh_tests::resident_kib(pid)?;
+    let status = |cluster: &mesh_tests::Cluster| -> Result<serde_json::Value> {
+        Ok(cluster.cli_json(0, &["status", "-o", "json"])?["state"].clone())
+    };
+    for (index, (file, contents, reason)) in hostile_files().into_iter().enumerate() {
+        cluster.write_state_file(file, &contents)?;
+        drop(contents);
+        let written = std::time::Instant::now();
+        let mut peak = 0;
+        eventually(SETTLE, &format!("{file} refused"), || {
+            peak = peak.max(mesh_tests::resident_kib(pid)?);
+            let error = status(&cluster)?["status"]["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            Ok(error.contains(file) && error.contains(&reason))
+        })
+        .await?;
+        let refused_after = written.elapsed();
+        ensure!(
+            refused_after < Duration::from_secs(1),
+            "{file} was refused only after {refused_after:?}"
+        );
+        ensure!(
+            peak <= idle + REFUSAL_CEILING_KIB,
+            "refusing {file} took the agent from {idle} to {peak} KiB"
+        );
+
+        // Removed and, at the same moment, another change made: it applies at once.
+        let workloads = status(&cluster)?["workloads"].as_u64().unwrap_or_default();
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: late-{index}, namespace: legacy}}\nspec: {{nodeName: {}}}\nstatus: {{podIP: 10.250.0.{}, phase: Running}}\n",
+            cluster.node(0).name,
+            index + 1
+        );
+        cluster.remove_state_file(file)?;
+        cluster.write_state_file(&format!("zz-late-{index}.yaml"), &pod)?;
+        let changed = std::time::Instant::now();
+        eventually(SETTLE, "the next change applied", || {
+            let state = status(&cluster)?;
+            Ok(state["status"]["last_error"].is_null()
+                && state["workloads"].as_u64() == Some(workloads + 1))
+        })
+        .await?;
+        let applied_after = changed.elapsed();
+        ensure!(
+            applied_after < Duration::from_secs(1),
+            "after {file}, the next change took {applied_after:?} to apply"
+        );
+        eprintln!(
+            "{file}: refused in {refused_after:?}, peak {peak} KiB (idle {idle}), next change applied in {applied_after:?}"
+        );
+    }
+    let after = mesh_tests::resident_kib(pid)?;
+    ensure!(
+        after <= 2 * idle,
+        "after the refusals the agent holds {after} KiB, idle it held {idle}"
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! the `.yaml`/`.yml`/`.json` files of a directory (not recursive), read from disk ([`load`]),
 //! parsed into the objects the model is built from ([`document`]), and polled ([`Watcher`]).
 
+pub mod bounds;
 pub mod document;
 mod watch;
 
@@ -32,13 +33,15 @@ pub enum SourceError {
     List(io::Error),
     #[error("cannot read: {0}")]
     Read(io::Error),
+    #[error(transparent)]
+    Bounds(#[from] bounds::BoundsError),
 }
 
 impl SourceError {
     fn at(self, file: &Path) -> StateError {
         let object = match self {
             SourceError::Path(_) | SourceError::List(_) => "state path",
-            SourceError::Read(_) => "file",
+            SourceError::Read(_) | SourceError::Bounds(_) => "file",
         };
         StateError::new(file, object, None, self)
     }
@@ -91,12 +94,32 @@ pub fn read(path: &Path) -> (Vec<SourceFile>, Vec<StateError>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
-        match fs::read_to_string(&path) {
+        match read_bounded(&path) {
             Ok(text) => files.push(SourceFile { path, text }),
-            Err(error) => errors.push(SourceError::Read(error).at(&path)),
+            Err(error) => errors.push(error.at(&path)),
         }
     }
     (files, errors)
+}
+
+/// The text of one state file, refused unread when it is over [`bounds::MAX_FILE_BYTES`]
+/// (and unread beyond that if it grows while being read).
+fn read_bounded(path: &Path) -> Result<String, SourceError> {
+    use std::io::Read as _;
+    let file = fs::File::open(path).map_err(SourceError::Read)?;
+    let size = file.metadata().map_err(SourceError::Read)?.len();
+    if size > bounds::MAX_FILE_BYTES {
+        return Err(bounds::BoundsError::TooLarge { size }.into());
+    }
+    let mut text = String::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(bounds::MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(SourceError::Read)?;
+    if text.len() as u64 > bounds::MAX_FILE_BYTES {
+        let size = text.len() as u64;
+        return Err(bounds::BoundsError::TooLarge { size }.into());
+    }
+    Ok(text)
 }
 
 /// Parses and checks files already read.

@@ -232,7 +232,13 @@ pub enum AuthorizationError {
     NoValues,
     #[error("{0}")]
     Unreadable(String),
+    #[error("has {count} rules, over the limit of {MAX_RULES}")]
+    TooManyRules { count: usize },
 }
+
+/// Most rules one policy may have: the rules are tried in turn for every connection, and a
+/// policy that needs more is better split by selector.
+pub const MAX_RULES: usize = 1000;
 
 /// Problems with the field path of each, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
 pub type FieldErrors = Vec<(String, AuthorizationError)>;
@@ -271,6 +277,15 @@ impl AuthorizationPolicy {
             }
         };
         let dry_run = dry_run(&resource.metadata.annotations, &mut check);
+        if spec.rules.len() > MAX_RULES {
+            check.fail(
+                "spec.rules",
+                AuthorizationError::TooManyRules {
+                    count: spec.rules.len(),
+                },
+            );
+            return Err(check.errors);
+        }
         let rules = spec
             .rules
             .iter()
@@ -567,6 +582,22 @@ mod tests {
                 .map(|(field, error)| format!("{field}: {error}"))
                 .collect()
         })
+    }
+
+    #[test]
+    fn a_policy_over_the_rule_limit_is_refused_whole() {
+        let rules = "{}, ".repeat(MAX_RULES + 1);
+        let text = format!("metadata: {{name: p, namespace: shop}}\nspec:\n  rules: [{rules}]\n");
+        assert_eq!(
+            policy(&text),
+            Err(vec![format!(
+                "spec.rules: has {} rules, over the limit of {MAX_RULES}",
+                MAX_RULES + 1
+            )])
+        );
+        let fits = "{}, ".repeat(MAX_RULES);
+        let text = format!("metadata: {{name: p, namespace: shop}}\nspec:\n  rules: [{fits}]\n");
+        assert_eq!(policy(&text).map(|p| p.rules.len()), Ok(MAX_RULES));
     }
 
     #[test]

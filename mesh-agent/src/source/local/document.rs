@@ -55,6 +55,8 @@ pub enum DocumentError {
     NestedList,
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Bounds(#[from] super::bounds::BoundsError),
 }
 
 /// What one file holds: the objects to use and the problems found.
@@ -68,6 +70,16 @@ pub struct Parsed {
 /// but every other problem is reported.
 pub fn parse(file: &Path, text: &str, format: Format) -> Parsed {
     let mut parsed = Parsed::default();
+    // Before the parser: what it would take minutes or gigabytes over is refused in one pass.
+    if let Err(error) = super::bounds::check_depth(text) {
+        parsed.fail(
+            &Origin::new(file, "file"),
+            "file".into(),
+            None,
+            error.into(),
+        );
+        return parsed;
+    }
     match format {
         Format::Yaml => {
             for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
