@@ -384,6 +384,9 @@ fn apply_state(
                     }
                 }
             }
+            ctx.metrics
+                .capture_problems
+                .set(capture.problems().len() as i64);
         }
     }
     // Certificates for exactly the identities of this node's enrolled pods, issued ahead of use.

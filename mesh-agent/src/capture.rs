@@ -514,6 +514,26 @@ impl Capture {
         debug!(device = ifname, "capture detached");
     }
 
+    /// What the data plane could not do on its last pass and keeps retrying (the capture it
+    /// has stays as it is meanwhile): `mesh-agent status` and `mesh_agent_capture_problems`.
+    pub fn problems(&self) -> Vec<String> {
+        let lookup = self
+            .lookup_problem
+            .0
+            .iter()
+            .map(|p| format!("device lookup: {p}"));
+        let uplinks = self
+            .uplink_problem
+            .0
+            .iter()
+            .map(|p| format!("uplinks: {p}"));
+        let attach = self
+            .uplink_attach_problems
+            .iter()
+            .filter_map(|(device, p)| p.0.as_ref().map(|p| format!("uplink {device}: {p}")));
+        lookup.chain(uplinks).chain(attach).collect()
+    }
+
     /// Records that a captured pod's device could not be looked up (its capture stays); true
     /// when this problem is new, so the caller logs it once.
     pub fn lookup_failed(&mut self, problem: String) -> bool {

@@ -123,6 +123,9 @@ fn status(v: &Value) -> String {
         line(&format!("Watch {}:", s(&watch["kind"])), text);
     }
     line("Capture active:", s(&capture["active"]));
+    for problem in capture["problems"].as_array().into_iter().flatten() {
+        line("Capture retrying:", s(problem));
+    }
     line(
         "Enrolled on node:",
         format!(

@@ -8,7 +8,7 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -78,6 +78,9 @@ pub struct Metrics {
     pub denied: Family<DenialLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
+    /// Data-plane steps failing on the last reconcile pass (retried each second; the capture
+    /// in place stays meanwhile).
+    pub capture_problems: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,6 +99,7 @@ impl Metrics {
         let denied = Family::default();
         let failures = Family::default();
         let limit_refusals = Family::default();
+        let capture_problems = Gauge::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -131,6 +135,11 @@ impl Metrics {
             "New connections, streams, handshakes or tunnels refused at a limit",
             limit_refusals.clone(),
         );
+        registry.register(
+            "mesh_agent_capture_problems",
+            "Data-plane steps that failed on the last reconcile pass and are being retried",
+            capture_problems.clone(),
+        );
         Self {
             registry,
             tcp: RwLock::default(),
@@ -141,6 +150,7 @@ impl Metrics {
             denied,
             failures,
             limit_refusals,
+            capture_problems,
         }
     }
 

@@ -95,6 +95,8 @@ pub struct CaptureSummary {
     pub enrolled_on_node: usize,
     pub captured: usize,
     pub pending: BTreeMap<Ipv4Addr, String>,
+    /// Steps failing and retried; the capture in place stays as it is meanwhile.
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -189,6 +191,12 @@ impl AdminState {
                     .count(),
                 captured: captured.len(),
                 pending: self.pending.lock().map(|p| p.clone()).unwrap_or_default(),
+                problems: self
+                    .capture
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.as_ref().map(Capture::problems))
+                    .unwrap_or_default(),
             },
             connections: ConnectionSummary {
                 open: self.proxy.connections.open_count(),
