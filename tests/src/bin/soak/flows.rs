@@ -134,7 +134,10 @@ impl Tally {
     }
 
     pub fn errors(&self) -> Vec<String> {
-        self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn fail(&self, kind: Failure, message: String) {
@@ -225,7 +228,13 @@ fn collect(
 /// Holds connection `id` from `start` until `end`: one chunk per [`PERIOD`] at the
 /// connection's own offset, each echo checked byte for byte; then a half-close, which must
 /// bring the server's EOF and nothing more.
-pub async fn hold(id: usize, mut stream: TcpStream, start: Instant, end: Instant, tally: Arc<Tally>) {
+pub async fn hold(
+    id: usize,
+    mut stream: TcpStream,
+    start: Instant,
+    end: Instant,
+    tally: Arc<Tally>,
+) {
     tally.open.fetch_add(1, Ordering::SeqCst);
     let outcome = exchange(id, &mut stream, start, end, &tally).await;
     tally.open.fetch_sub(1, Ordering::SeqCst);
@@ -248,8 +257,10 @@ async fn exchange(
 ) -> Ended {
     let mut draws = Draws(id as u64);
     let offset = Duration::from_micros(draws.below(PERIOD.as_micros() as u64));
-    let (mut sending, mut expecting) = (PatternStream::new(id as u64), PatternStream::new(id as u64));
-    let (mut chunk, mut expected, mut echo) = ([0u8; CHUNK_MAX], [0u8; CHUNK_MAX], [0u8; CHUNK_MAX]);
+    let (mut sending, mut expecting) =
+        (PatternStream::new(id as u64), PatternStream::new(id as u64));
+    let (mut chunk, mut expected, mut echo) =
+        ([0u8; CHUNK_MAX], [0u8; CHUNK_MAX], [0u8; CHUNK_MAX]);
     let mut ticks = tokio::time::interval_at(start + offset, PERIOD);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut at = 0u64;
@@ -285,7 +296,10 @@ async fn read_echo(stream: &mut TcpStream, echo: &mut [u8], expected: &[u8], at:
             Err(_) => {
                 return Err((
                     Failure::Stalled,
-                    format!("no echo of byte {} within {ECHO_TIMEOUT:?}", at + got as u64),
+                    format!(
+                        "no echo of byte {} within {ECHO_TIMEOUT:?}",
+                        at + got as u64
+                    ),
                 ));
             }
             Ok(Err(e)) => {
@@ -299,13 +313,22 @@ async fn read_echo(stream: &mut TcpStream, echo: &mut [u8], expected: &[u8], at:
         if n == 0 {
             return Err((
                 Failure::Truncated,
-                format!("EOF after {} echoed bytes, {} sent", at + got as u64, at + echo.len() as u64),
+                format!(
+                    "EOF after {} echoed bytes, {} sent",
+                    at + got as u64,
+                    at + echo.len() as u64
+                ),
             ));
         }
         if let Some(i) = (got..got + n).find(|&i| echo[i] != expected[i]) {
             return Err((
                 Failure::Mismatch,
-                format!("echoed byte {} differs ({:#04x}, sent {:#04x})", at + i as u64, echo[i], expected[i]),
+                format!(
+                    "echoed byte {} differs ({:#04x}, sent {:#04x})",
+                    at + i as u64,
+                    echo[i],
+                    expected[i]
+                ),
             ));
         }
         got += n;
@@ -315,16 +338,27 @@ async fn read_echo(stream: &mut TcpStream, echo: &mut [u8], expected: &[u8], at:
 
 /// The clean end: half-close, then the server's EOF with no byte before it.
 async fn close(stream: &mut TcpStream, at: u64) -> Ended {
-    stream
-        .shutdown()
-        .await
-        .map_err(|e| (Failure::Broken, format!("half-closing after {at} bytes: {e}")))?;
+    stream.shutdown().await.map_err(|e| {
+        (
+            Failure::Broken,
+            format!("half-closing after {at} bytes: {e}"),
+        )
+    })?;
     let mut rest = [0u8; 64];
     match timeout(ECHO_TIMEOUT, stream.read(&mut rest)).await {
-        Err(_) => Err((Failure::Stalled, format!("no EOF within {ECHO_TIMEOUT:?} of the half-close"))),
-        Ok(Err(e)) => Err((Failure::Broken, format!("waiting for EOF after {at} bytes: {e}"))),
+        Err(_) => Err((
+            Failure::Stalled,
+            format!("no EOF within {ECHO_TIMEOUT:?} of the half-close"),
+        )),
+        Ok(Err(e)) => Err((
+            Failure::Broken,
+            format!("waiting for EOF after {at} bytes: {e}"),
+        )),
         Ok(Ok(0)) => Ok(()),
-        Ok(Ok(n)) => Err((Failure::Truncated, format!("{n} bytes more than sent after the half-close"))),
+        Ok(Ok(n)) => Err((
+            Failure::Truncated,
+            format!("{n} bytes more than sent after the half-close"),
+        )),
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`samples::rule`]). `MESH_SOAK_SECS` and `MESH_SOAK_CONNECTIONS` set a shorter trial.
 
 mod flows;
+mod report;
 mod samples;
 mod server;
 
@@ -25,6 +26,7 @@ use tokio::{
 };
 
 use flows::Tally;
+use report::Report;
 use samples::{AgentSample, Sample};
 use server::EchoProcess;
 
@@ -76,7 +78,10 @@ impl Settings {
 
 fn env_number(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("{name} must be a number, not {v:?}")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name} must be a number, not {v:?}")),
         Err(_) => Ok(default),
     }
 }
@@ -125,7 +130,10 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(_) => {
-            eprintln!("soak: FAIL: did not finish within {:?}", settings.duration + SPARE);
+            eprintln!(
+                "soak: FAIL: did not finish within {:?}",
+                settings.duration + SPARE
+            );
             ExitCode::FAILURE
         }
     }
@@ -133,7 +141,10 @@ async fn main() -> ExitCode {
 
 /// The first SIGINT or SIGTERM, by name.
 async fn interrupted() -> &'static str {
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         eprintln!("soak: cannot watch for signals; Ctrl-C will leave the cluster behind");
         return std::future::pending().await;
     };
@@ -178,7 +189,11 @@ fn raise_open_files() -> Result<u64> {
 
 /// How the agents are started: under `prlimit` with `open_files`, and, when that is below
 /// [`OPEN_FILES`], with connection budgets sized for the soak (see [`BUDGET_MARGIN`]).
-fn agent_options(cluster: &Cluster, open_files: u64, connections: usize) -> Result<mesh_tests::AgentOptions> {
+fn agent_options(
+    cluster: &Cluster,
+    open_files: u64,
+    connections: usize,
+) -> Result<mesh_tests::AgentOptions> {
     let options = cluster.wrapped_agent(
         "agent-with-many-files",
         &format!("prlimit --nofile={open_files}:{open_files}"),
@@ -228,7 +243,10 @@ async fn run(settings: Settings, open_files: u64) -> Result<bool> {
         .context("one echo through the mesh before the soak")?;
     let (probe, _) = server.report().await?;
     // Counted from here: the probe's record closed, the soak's not yet opened.
-    let before = [settled_status(&cluster, 0).await?, settled_status(&cluster, 1).await?];
+    let before = [
+        settled_status(&cluster, 0).await?,
+        settled_status(&cluster, 1).await?,
+    ];
     let idle = agent_samples(&agents);
 
     let tally = Arc::new(Tally::default());
@@ -253,9 +271,18 @@ async fn run(settings: Settings, open_files: u64) -> Result<bool> {
     let table = watch(&mut agents, &tally, start, end).await?;
     wind_down(&mut holders).await;
 
-    let after = [settled_status(&cluster, 0).await?, settled_status(&cluster, 1).await?];
+    // Best effort from here: an agent that died still gets its report, as a failed check.
+    let after = [
+        final_status(&cluster, 0).await,
+        final_status(&cluster, 1).await,
+    ];
     let (carried, server_errors) = server.report().await?;
-    let routes = recent_routes(&cluster, web2.addr(ECHO_PORT)).await?;
+    let routes = recent_routes(&cluster, web2.addr(ECHO_PORT))
+        .await
+        .unwrap_or_else(|e| {
+            println!("cannot read node 0's connections: {e:#}");
+            Default::default()
+        });
     let end_of_run = Report {
         settings,
         tally: &tally,
@@ -274,7 +301,12 @@ async fn run(settings: Settings, open_files: u64) -> Result<bool> {
 
 /// Before any traffic: the pid is the agent itself (prlimit execs it), and its status shows
 /// the raised open-files limit and budgets room for every connection of the soak.
-fn check_agent(cluster: &Cluster, agent: &Agent, open_files: u64, connections: usize) -> Result<()> {
+fn check_agent(
+    cluster: &Cluster,
+    agent: &Agent,
+    open_files: u64,
+    connections: usize,
+) -> Result<()> {
     let node = agent.node_index();
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", agent.pid())).unwrap_or_default();
     ensure!(
@@ -290,7 +322,11 @@ fn check_agent(cluster: &Cluster, agent: &Agent, open_files: u64, connections: u
         "node {node}: status shows open files {files}, expected {open_files} soft and hard"
     );
     let budget = &status["limits"]["proxy"]["settings"];
-    for bound in ["connections", "connections_per_source", "connections_per_destination"] {
+    for bound in [
+        "connections",
+        "connections_per_source",
+        "connections_per_destination",
+    ] {
         let allowed = budget[bound].as_u64().unwrap_or(0);
         ensure!(
             allowed >= connections as u64,
@@ -329,6 +365,14 @@ async fn settled_status(cluster: &Cluster, node: usize) -> Result<serde_json::Va
     }
 }
 
+/// [`settled_status`] at the end of the run; `null` (printed) when the agent cannot answer.
+async fn final_status(cluster: &Cluster, node: usize) -> serde_json::Value {
+    settled_status(cluster, node).await.unwrap_or_else(|e| {
+        println!("no status from node {node}'s agent: {e:#}");
+        serde_json::Value::Null
+    })
+}
+
 /// How node 0's agent routed the connections to `server` among its most recent closed ones
 /// (the admin view keeps the last 512): each route and how many took it.
 async fn recent_routes(
@@ -361,7 +405,9 @@ async fn wait_accepted(server: &mut EchoProcess, expected: usize) -> Result<()> 
             return Ok(());
         }
         if Instant::now() >= deadline {
-            println!("the server accepted {accepted} of {expected} connections (the probe's included) within 30 s");
+            println!(
+                "the server accepted {accepted} of {expected} connections (the probe's included) within 30 s"
+            );
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -374,7 +420,12 @@ fn agent_samples(agents: &[Agent; 2]) -> [AgentSample; 2] {
 
 /// Samples and prints every [`samples::EVERY`] from `start` to `end`; stops early if an agent
 /// exits or every connection has ended.
-async fn watch(agents: &mut [Agent; 2], tally: &Tally, start: Instant, end: Instant) -> Result<Vec<Sample>> {
+async fn watch(
+    agents: &mut [Agent; 2],
+    tally: &Tally,
+    start: Instant,
+    end: Instant,
+) -> Result<Vec<Sample>> {
     let mut table: Vec<Sample> = Vec::new();
     let mut ticks = tokio::time::interval_at(start, samples::EVERY);
     samples::print_header();
@@ -389,8 +440,15 @@ async fn watch(agents: &mut [Agent; 2], tally: &Tally, start: Instant, end: Inst
         };
         samples::print_row(&sample, table.last());
         table.push(sample);
-        if let Some(agent) = agents.iter_mut().find_map(|a| (!a.is_running()).then_some(a)) {
-            println!("the agent on node {} exited; log tail:\n{}", agent.node_index(), agent.log_tail(30));
+        if let Some(agent) = agents
+            .iter_mut()
+            .find_map(|a| (!a.is_running()).then_some(a))
+        {
+            println!(
+                "the agent on node {} exited; log tail:\n{}",
+                agent.node_index(),
+                agent.log_tail(10)
+            );
             break;
         }
         if at >= end || (at > start && tally.open.load(Ordering::SeqCst) == 0) {
@@ -410,173 +468,14 @@ async fn watch(agents: &mut [Agent; 2], tally: &Tally, start: Instant, end: Inst
 async fn wind_down(holders: &mut JoinSet<()>) {
     let all = async { while holders.join_next().await.is_some() {} };
     if tokio::time::timeout(WIND_DOWN, all).await.is_err() {
-        println!("{} connections still running {WIND_DOWN:?} after the end: aborted", holders.len());
+        println!(
+            "{} connections still running {WIND_DOWN:?} after the end: aborted",
+            holders.len()
+        );
         holders.abort_all();
     }
 }
 
 fn mib(kib: Option<u64>) -> String {
     kib.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
-}
-
-/// Everything the verdict looks at.
-struct Report<'a> {
-    settings: Settings,
-    tally: &'a Tally,
-    /// What the server carried during the soak (the probe's share taken out).
-    server: server::Report,
-    /// The server's first error messages.
-    server_errors: Vec<String>,
-    /// How node 0's agent routed its most recent closed connections to the server.
-    routes: std::collections::BTreeMap<String, usize>,
-    agents_running: Vec<bool>,
-    before: &'a [serde_json::Value; 2],
-    after: &'a [serde_json::Value; 2],
-    table: &'a [Sample],
-}
-
-impl Report<'_> {
-    /// Prints the checks and the summary line; whether all passed.
-    fn print(&self) -> bool {
-        let t = self.tally;
-        let n = self.settings.connections;
-        let load = |c: &std::sync::atomic::AtomicUsize| c.load(Ordering::SeqCst);
-        let (sent, echoed) = (t.sent.load(Ordering::SeqCst), t.echoed.load(Ordering::SeqCst));
-        let lost = sent.saturating_sub(echoed);
-        let (received, written) = (self.server.received, self.server.written);
-        let verdicts = self.memory();
-        let mut checks: Vec<(bool, String)> = vec![
-            (
-                load(&t.opened) == n && load(&t.connect_failed) == 0,
-                format!("{} of {n} connections opened, {} failed to connect", load(&t.opened), load(&t.connect_failed)),
-            ),
-            (
-                self.server.accepted == load(&t.opened),
-                format!("the server accepted {} connections", self.server.accepted),
-            ),
-            (
-                t.failures() == 0,
-                format!(
-                    "connection failures: {} reset/broken, {} stalled, {} mismatched, {} truncated",
-                    load(&t.broken),
-                    load(&t.stalled),
-                    load(&t.mismatched),
-                    load(&t.truncated)
-                ),
-            ),
-            (
-                load(&t.closed_clean) == n && self.server.closed_clean == n,
-                format!(
-                    "closed cleanly: {} by the clients (half-close, all echoed, then EOF), {} by the server",
-                    load(&t.closed_clean),
-                    self.server.closed_clean
-                ),
-            ),
-            (
-                lost == 0 && sent == received && sent == written,
-                format!(
-                    "bytes: {sent} sent in {} chunks, {echoed} echoed intact, {lost} lost; the server read {received} and wrote {written}",
-                    t.chunks.load(Ordering::SeqCst)
-                ),
-            ),
-            (
-                self.server.errors == 0,
-                format!("server errors: {}", self.server.errors),
-            ),
-            (
-                self.agents_running.iter().all(|r| *r),
-                format!("agents still running at the end: {:?}", self.agents_running),
-            ),
-        ];
-        for node in 0..2 {
-            checks.push(self.agent_check(node));
-        }
-        checks.push((
-            self.routes.keys().all(|r| r == "tunnel") && !self.routes.is_empty(),
-            format!("routes of node 0's last closed connections to the server: {:?}", self.routes),
-        ));
-        for (node, verdict) in verdicts.iter().enumerate() {
-            checks.push(match verdict {
-                Some(v) => (v.flat, format!("node {node} memory: {}", v.describe())),
-                None => (false, format!("node {node} memory: run too short to judge")),
-            });
-        }
-        println!();
-        println!("memory rule: {}", samples::rule());
-        println!(
-            "slowest echo of a chunk: {:.1} ms",
-            t.slowest_echo_us.load(Ordering::SeqCst) as f64 / 1000.0
-        );
-        for (ok, line) in &checks {
-            println!("  [{}] {line}", if *ok { " ok " } else { "FAIL" });
-        }
-        for error in t.errors().iter().chain(&self.server_errors) {
-            println!("  error: {error}");
-        }
-        let pass = checks.iter().all(|(ok, _)| *ok);
-        println!("{}", self.summary(lost, &verdicts, pass));
-        pass
-    }
-
-    /// The agent held every connection and let go of all of them: no failure or denial counted
-    /// during the soak, nothing refused by a limit, no connection open once all closed.
-    fn agent_check(&self, node: usize) -> (bool, String) {
-        let (before, after) = (&self.before[node], &self.after[node]);
-        let total = |v: &serde_json::Value, key: &str| v["connections"]["totals"][key].as_u64().unwrap_or(0);
-        let moved = |key: &str| total(after, key).saturating_sub(total(before, key));
-        let refused = &after["limits"]["proxy"]["refused"];
-        let nothing_refused = refused.as_object().is_none_or(|r| r.is_empty());
-        let open = &after["connections"]["open"];
-        let n = self.settings.connections as u64;
-        let opened = if node == 0 { moved("outbound_opened") } else { moved("inbound_opened") };
-        let ok = opened == n
-            && moved("closed") == n
-            && moved("failed") == 0
-            && moved("denied") == 0
-            && nothing_refused
-            && *open == 0;
-        (
-            ok,
-            format!(
-                "node {node} agent: {} outbound and {} inbound connections opened, {} closed, {} failed, {} denied during the soak; refused by limits {refused}; {open} open after the close, {} tunnels",
-                moved("outbound_opened"),
-                moved("inbound_opened"),
-                moved("closed"),
-                moved("failed"),
-                moved("denied"),
-                after["connections"]["tunnels"],
-            ),
-        )
-    }
-
-    fn memory(&self) -> [Option<samples::Verdict>; 2] {
-        let total = self.table.last().map_or(Duration::ZERO, |s| s.elapsed);
-        let of = |node: usize| {
-            let rss: Vec<(Duration, u64)> = self
-                .table
-                .iter()
-                .filter_map(|s| s.agents[node].rss_kib.map(|k| (s.elapsed, k)))
-                .collect();
-            samples::judge(&rss, total)
-        };
-        [of(0), of(1)]
-    }
-
-    fn summary(&self, lost: u64, verdicts: &[Option<samples::Verdict>; 2], pass: bool) -> String {
-        let rss = |v: &Option<samples::Verdict>| {
-            v.as_ref().map_or("?".into(), |v| {
-                format!("{:.1} -> {:.1} MiB", v.baseline_kib / 1024.0, v.last_kib / 1024.0)
-            })
-        };
-        format!(
-            "soak: {} connections for {} s: {:.1} MiB echoed, {lost} bytes lost, {} failures; agent RSS node 0 {}, node 1 {}: {}",
-            self.settings.connections,
-            self.table.last().map_or(0, |s| s.elapsed.as_secs()),
-            self.tally.echoed.load(Ordering::SeqCst) as f64 / (1024.0 * 1024.0),
-            self.tally.failures(),
-            rss(&verdicts[0]),
-            rss(&verdicts[1]),
-            if pass { "PASS" } else { "FAIL" }
-        )
-    }
 }

@@ -30,7 +30,9 @@ impl AgentSample {
         let pid = agent.pid();
         Self {
             rss_kib: agent.rss_kib(),
-            fds: fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count()),
+            fds: fs::read_dir(format!("/proc/{pid}/fd"))
+                .ok()
+                .map(|d| d.count()),
             cpu_ticks: cpu_ticks(pid),
         }
     }
@@ -61,17 +63,34 @@ pub struct Sample {
 pub fn print_header() {
     println!(
         "{:>7} {:>11} {:>11} {:>8} {:>8} {:>6} {:>6} {:>7} {:>12} {:>8}",
-        "elapsed", "RSS n0 MiB", "RSS n1 MiB", "fds n0", "fds n1", "CPU0%", "CPU1%", "open", "echoed MiB", "failures"
+        "elapsed",
+        "RSS n0 MiB",
+        "RSS n1 MiB",
+        "fds n0",
+        "fds n1",
+        "CPU0%",
+        "CPU1%",
+        "open",
+        "echoed MiB",
+        "failures"
     );
 }
 
 /// Prints `sample`, with each agent's CPU share since `previous`.
 pub fn print_row(sample: &Sample, previous: Option<&Sample>) {
-    let mib = |a: &AgentSample| a.rss_kib.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+    let mib = |a: &AgentSample| {
+        a.rss_kib
+            .map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+    };
     let fds = |a: &AgentSample| a.fds.map_or("?".into(), |n| n.to_string());
     let cpu = |node: usize| -> String {
-        let Some(previous) = previous else { return "-".into() };
-        let (Some(now), Some(before)) = (sample.agents[node].cpu_ticks, previous.agents[node].cpu_ticks) else {
+        let Some(previous) = previous else {
+            return "-".into();
+        };
+        let (Some(now), Some(before)) = (
+            sample.agents[node].cpu_ticks,
+            previous.agents[node].cpu_ticks,
+        ) else {
             return "?".into();
         };
         let wall = (sample.elapsed - previous.elapsed).as_secs_f64();
@@ -185,7 +204,9 @@ mod tests {
     use super::*;
 
     fn run(kib_at: impl Fn(u64) -> u64) -> Vec<(Duration, u64)> {
-        (0..=60).map(|i| (Duration::from_secs(i * 10), kib_at(i * 10))).collect()
+        (0..=60)
+            .map(|i| (Duration::from_secs(i * 10), kib_at(i * 10)))
+            .collect()
     }
 
     #[test]
@@ -203,15 +224,23 @@ mod tests {
     #[test]
     fn warm_up_growth_is_not_held_against_the_agent() {
         let total = Duration::from_secs(600);
-        let verdict = judge(&run(|t| if t < 60 { 20_000 + t * 1000 } else { 90_000 }), total).unwrap();
+        let verdict = judge(
+            &run(|t| if t < 60 { 20_000 + t * 1000 } else { 90_000 }),
+            total,
+        )
+        .unwrap();
         assert!(verdict.flat, "{verdict:?}");
     }
 
     #[test]
     fn a_short_trial_scales_its_windows_and_a_tiny_one_has_no_verdict() {
-        let short: Vec<_> = (0..=6).map(|i| (Duration::from_secs(i * 10), 50_000)).collect();
+        let short: Vec<_> = (0..=6)
+            .map(|i| (Duration::from_secs(i * 10), 50_000))
+            .collect();
         assert!(judge(&short, Duration::from_secs(60)).unwrap().flat);
-        let tiny: Vec<_> = (0..=2).map(|i| (Duration::from_secs(i * 10), 50_000)).collect();
+        let tiny: Vec<_> = (0..=2)
+            .map(|i| (Duration::from_secs(i * 10), 50_000))
+            .collect();
         assert!(judge(&tiny, Duration::from_secs(20)).is_none());
     }
 }

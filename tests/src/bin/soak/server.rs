@@ -61,7 +61,11 @@ impl Report {
     fn from_json(line: &str) -> Result<(Self, Vec<String>)> {
         let v: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("echo server report {line:?}"))?;
-        let number = |key: &str| v[key].as_u64().with_context(|| format!("no {key} in {line:?}"));
+        let number = |key: &str| {
+            v[key]
+                .as_u64()
+                .with_context(|| format!("no {key} in {line:?}"))
+        };
         let report = Self {
             accepted: number("accepted")? as usize,
             received: number("received")?,
@@ -71,7 +75,11 @@ impl Report {
         };
         let errors = v["first_errors"]
             .as_array()
-            .map(|e| e.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+            .map(|e| {
+                e.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         Ok((report, errors))
     }
@@ -116,14 +124,20 @@ impl EchoProcess {
         };
         let first = server.line().await?;
         if first != "ready" {
-            bail!("the echo server in {} said {first:?} instead of ready", pod.id());
+            bail!(
+                "the echo server in {} said {first:?} instead of ready",
+                pod.id()
+            );
         }
         Ok(server)
     }
 
     /// The server's counts now, and its first error messages.
     pub async fn report(&mut self) -> Result<(Report, Vec<String>)> {
-        self.stdin.write_all(b"report\n").await.context("asking the echo server")?;
+        self.stdin
+            .write_all(b"report\n")
+            .await
+            .context("asking the echo server")?;
         Report::from_json(&self.line().await?)
     }
 
@@ -180,7 +194,8 @@ async fn serve_until_eof(port: &str) -> Result<()> {
             errors: errors.len(),
         };
         let first: Vec<String> = errors.into_iter().take(10).collect();
-        out.write_all(format!("{}\n", report.to_json(&first)).as_bytes()).await?;
+        out.write_all(format!("{}\n", report.to_json(&first)).as_bytes())
+            .await?;
         out.flush().await?;
     }
     Ok(())
@@ -208,7 +223,10 @@ async fn echo(mut stream: TcpStream, counters: Arc<Counters>) -> Result<()> {
         stream.write_all(&buf[..n]).await.context("echoing")?;
         counters.written.fetch_add(n as u64, Ordering::SeqCst);
     }
-    stream.shutdown().await.context("closing after the client's EOF")?;
+    stream
+        .shutdown()
+        .await
+        .context("closing after the client's EOF")?;
     counters.closed_clean.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }
