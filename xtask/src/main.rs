@@ -34,6 +34,8 @@ commands:
                      (e.g. `cargo xtask test -p mesh-tests --test topology -- --nocapture`)
   demo               setup, build, then run the two-node demo
   bench              setup, build, then run the mesh vs. no-mesh benchmark
+  soak               setup, build, then hold 10,000 tunnelled connections for 10 minutes
+                     (MESH_SOAK_SECS, MESH_SOAK_CONNECTIONS for a shorter trial)
 ";
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         "test" => test(rest),
         "demo" => no_args(command, rest).and_then(|()| run_binary("demo")),
         "bench" => no_args(command, rest).and_then(|()| run_binary("bench")),
+        "soak" => no_args(command, rest).and_then(|()| run_binary("soak")),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -153,7 +156,7 @@ fn test(extra: &[String]) -> Result<(), Failure> {
 /// Kubernetes API server (`MESH_TESTS_SOURCE=kubernetes`).
 const API_SOURCE_TESTS: [&str; 4] = ["capture", "tunnel", "policy", "services"];
 
-/// Runs one of the harness binaries (`demo`, `bench`) built by [`build`].
+/// Runs one of the harness binaries (`demo`, `bench`, `soak`) built by [`build`].
 fn run_binary(name: &str) -> Result<(), Failure> {
     build()?;
     let binary = target_dir().join("release").join(name);
