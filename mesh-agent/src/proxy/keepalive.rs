@@ -71,10 +71,15 @@ impl KeepaliveSettings {
     }
 }
 
-/// Resolves when the tunnel's peer has left a PING unanswered for `timeout`; PINGs go out
-/// `interval` after the previous answer. Never resolves without pings (`None`: the connection's
-/// pings were taken) or with a zero interval (keepalive off).
-pub async fn unanswered(ping_pong: Option<PingPong>, interval: Duration, timeout: Duration) {
+/// Resolves when the tunnel's peer has left a PING unanswered for the HTTP/2 timeout; PINGs
+/// go out one interval after the previous answer. Never resolves without pings (`None`: the
+/// connection's pings were taken) or with a zero interval (keepalive off).
+pub async fn unanswered(ping_pong: Option<PingPong>, settings: KeepaliveSettings) {
+    let KeepaliveSettings {
+        http2_interval: interval,
+        http2_timeout: timeout,
+        ..
+    } = settings;
     let Some(mut ping_pong) = ping_pong.filter(|_| !interval.is_zero()) else {
         return std::future::pending().await;
     };

@@ -64,6 +64,13 @@ impl LimitSettings {
         let tunnels = (budget / 8).clamp(1, MAX_TUNNELS);
         let connections =
             (budget.saturating_sub(handshakes + tunnels) / 2).clamp(1, MAX_CONNECTIONS);
+        Self::with_totals(connections, handshakes, tunnels)
+    }
+
+    /// The totals given, each with its default shares: a quarter of the connections per
+    /// source and half per destination, a sixteenth of the handshakes per source, a quarter of
+    /// the tunnels per identity.
+    fn with_totals(connections: usize, handshakes: usize, tunnels: usize) -> Self {
         Self {
             connections,
             connections_per_source: (connections / 4).max(1),
@@ -111,24 +118,26 @@ impl LimitOverrides {
     /// to default follows its total when the total is given.
     pub fn resolve(&self, open_files: u64) -> LimitSettings {
         let base = LimitSettings::for_open_files(open_files);
-        let connections = self.connections.unwrap_or(base.connections);
-        let handshakes = self.handshakes.unwrap_or(base.handshakes);
-        let tunnels = self.tunnels.unwrap_or(base.tunnels);
+        let shares = LimitSettings::with_totals(
+            self.connections.unwrap_or(base.connections),
+            self.handshakes.unwrap_or(base.handshakes),
+            self.tunnels.unwrap_or(base.tunnels),
+        );
         LimitSettings {
-            connections,
             connections_per_source: self
                 .connections_per_source
-                .unwrap_or((connections / 4).max(1)),
+                .unwrap_or(shares.connections_per_source),
             connections_per_destination: self
                 .connections_per_destination
-                .unwrap_or((connections / 2).max(1)),
-            handshakes,
+                .unwrap_or(shares.connections_per_destination),
             handshakes_per_source: self
                 .handshakes_per_source
-                .unwrap_or((handshakes / 16).max(1)),
-            tunnels,
-            tunnels_per_identity: self.tunnels_per_identity.unwrap_or((tunnels / 4).max(1)),
-            streams_per_tunnel: self.streams_per_tunnel.unwrap_or(base.streams_per_tunnel),
+                .unwrap_or(shares.handshakes_per_source),
+            tunnels_per_identity: self
+                .tunnels_per_identity
+                .unwrap_or(shares.tunnels_per_identity),
+            streams_per_tunnel: self.streams_per_tunnel.unwrap_or(shares.streams_per_tunnel),
+            ..shares
         }
     }
 }
@@ -237,11 +246,11 @@ impl Limits {
     /// is dropped. Name its destination with [`ConnectionPermit::to`].
     pub fn connection(self: &Arc<Self>, source: IpAddr) -> Result<ConnectionPermit, Limit> {
         let s = &self.settings;
-        self.take_total(&self.connections, s.connections, Limit::Connections)?;
-        if !self.by_source.take(source, s.connections_per_source) {
-            self.connections.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(Limit::ConnectionsPerSource));
-        }
+        self.take(
+            (&self.connections, s.connections, Limit::Connections),
+            (&self.by_source, source, s.connections_per_source),
+            Limit::ConnectionsPerSource,
+        )?;
         Ok(ConnectionPermit {
             limits: self.clone(),
             source,
@@ -263,14 +272,11 @@ impl Limits {
     /// An unauthenticated TLS handshake from `source`, until the permit is dropped.
     pub fn handshake(self: &Arc<Self>, source: IpAddr) -> Result<HandshakePermit, Limit> {
         let s = &self.settings;
-        self.take_total(&self.handshakes, s.handshakes, Limit::Handshakes)?;
-        if !self
-            .handshakes_by_source
-            .take(source, s.handshakes_per_source)
-        {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(Limit::HandshakesPerSource));
-        }
+        self.take(
+            (&self.handshakes, s.handshakes, Limit::Handshakes),
+            (&self.handshakes_by_source, source, s.handshakes_per_source),
+            Limit::HandshakesPerSource,
+        )?;
         Ok(HandshakePermit {
             limits: self.clone(),
             source,
@@ -280,14 +286,15 @@ impl Limits {
     /// A tunnel accepted from `peer`, until the permit is dropped.
     pub fn tunnel(self: &Arc<Self>, peer: &Identity) -> Result<TunnelPermit, Limit> {
         let s = &self.settings;
-        self.take_total(&self.tunnels, s.tunnels, Limit::Tunnels)?;
-        if !self
-            .tunnels_by_identity
-            .take(peer.clone(), s.tunnels_per_identity)
-        {
-            self.tunnels.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(Limit::TunnelsPerIdentity));
-        }
+        self.take(
+            (&self.tunnels, s.tunnels, Limit::Tunnels),
+            (
+                &self.tunnels_by_identity,
+                peer.clone(),
+                s.tunnels_per_identity,
+            ),
+            Limit::TunnelsPerIdentity,
+        )?;
         Ok(TunnelPermit {
             limits: self.clone(),
             peer: peer.clone(),
@@ -311,10 +318,21 @@ impl Limits {
         }
     }
 
-    fn take_total(&self, count: &AtomicUsize, max: usize, limit: Limit) -> Result<(), Limit> {
+    /// Counts one more against a total and against one key's share, or neither: refused by
+    /// whichever is full.
+    fn take<K: Hash + Eq>(
+        &self,
+        (count, max, total_limit): (&AtomicUsize, usize, Limit),
+        (keyed, key, key_max): (&Keyed<K>, K, usize),
+        key_limit: Limit,
+    ) -> Result<(), Limit> {
         if count.fetch_add(1, Ordering::AcqRel) >= max {
             count.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse(limit));
+            return Err(self.refuse(total_limit));
+        }
+        if !keyed.take(key, key_max) {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.refuse(key_limit));
         }
         Ok(())
     }

@@ -350,11 +350,7 @@ impl Pool {
         let keepalive = self.inner.keepalive;
         tokio::spawn(async move {
             let mut connection = connection;
-            let peer_gone = keepalive::unanswered(
-                connection.ping_pong(),
-                keepalive.http2_interval,
-                keepalive.http2_timeout,
-            );
+            let peer_gone = keepalive::unanswered(connection.ping_pong(), keepalive);
             tokio::select! {
                 ended = &mut connection => if let Err(e) = ended {
                     debug!(tunnel = id, error = %e, "tunnel connection ended with an error");

@@ -101,11 +101,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     let mut draining = ctx.draining.clone();
     let mut going_away = false;
     let keepalive = ctx.keepalive;
-    let peer_gone = keepalive::unanswered(
-        connection.ping_pong(),
-        keepalive.http2_interval,
-        keepalive.http2_timeout,
-    );
+    let peer_gone = keepalive::unanswered(connection.ping_pong(), keepalive);
     tokio::pin!(peer_gone);
     loop {
         let next = tokio::select! {
