@@ -5,6 +5,7 @@
 //! with `RUSTUP_AUTO_INSTALL=0`, nothing pinned may be needed before it runs).
 #![forbid(unsafe_code)]
 
+mod fuzz;
 mod process;
 mod setup;
 mod validate;
@@ -29,13 +30,16 @@ commands:
   setup              install missing apt packages, bpf-linker and the pinned toolchains (root)
   build              setup, then build every binary in release mode
   test [ARGS]        setup, check deploy/ (validate.rs), build, check `mesh-agent crds`,
-                     then run every test;
+                     then run every test, twice for the tests both state sources
+                     serve, then every fuzz target for 20 s;
                      ARGS go to `cargo test`
                      (e.g. `cargo xtask test -p mesh-tests --test topology -- --nocapture`)
   demo               setup, build, then run the two-node demo
   bench              setup, build, then run the mesh vs. no-mesh benchmark
   soak               setup, build, then hold 10,000 tunnelled connections for 10 minutes
                      (MESH_SOAK_SECS, MESH_SOAK_CONNECTIONS for a shorter trial)
+  fuzz [SECONDS]     setup, then run every fuzz target in fuzz/ at once, SECONDS each
+                     (default 20; `cargo xtask test` ends with such a pass)
 ";
 
 fn main() -> ExitCode {
@@ -51,6 +55,10 @@ fn main() -> ExitCode {
         "demo" => no_args(command, rest).and_then(|()| run_binary("demo")),
         "bench" => no_args(command, rest).and_then(|()| run_binary("bench")),
         "soak" => no_args(command, rest).and_then(|()| run_binary("soak")),
+        "fuzz" => fuzz_seconds(rest).and_then(|seconds| {
+            setup::run()?;
+            fuzz::run(seconds)
+        }),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -73,6 +81,25 @@ fn no_args(command: &str, rest: &[String]) -> Result<(), Failure> {
         None => Ok(()),
         Some(arg) => Err(Failure::usage(format!(
             "`{command}` takes no arguments (got `{arg}`)"
+        ))),
+    }
+}
+
+/// `fuzz [SECONDS]`: how long each target runs.
+fn fuzz_seconds(rest: &[String]) -> Result<u64, Failure> {
+    match rest {
+        [] => Ok(fuzz::DEFAULT_SECONDS),
+        [seconds] => seconds
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| {
+                Failure::usage(format!(
+                    "`fuzz` takes a number of seconds (got `{seconds}`)"
+                ))
+            }),
+        [_, extra, ..] => Err(Failure::usage(format!(
+            "`fuzz` takes at most one argument (got `{extra}` too)"
         ))),
     }
 }
@@ -149,7 +176,13 @@ fn test(extra: &[String]) -> Result<(), Failure> {
     } else {
         Ok(())
     };
-    first.and(second)
+    // A short fuzz pass: a panic on some input the suite never thought of fails the run.
+    let fuzzed = if extra.is_empty() {
+        fuzz::run(fuzz::DEFAULT_SECONDS)
+    } else {
+        Ok(())
+    };
+    first.and(second).and(fuzzed)
 }
 
 /// The end-to-end test files that run a second time with their state served by the test

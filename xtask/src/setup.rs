@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds and runs the fuzz targets in fuzz/ (fuzz.rs).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Validates deploy/ against Kubernetes' own schemas (validate.rs); from PyPI, into its own venv
 /// so that neither Debian's Python (externally managed) nor the machine's is changed.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -36,6 +38,7 @@ pub fn run() -> Result<(), Failure> {
     let started = Instant::now();
     apt_packages()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     toolchain(USER_TOOLCHAIN, &[])?;
     toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     kubernetes_validate()?;
@@ -147,6 +150,27 @@ fn bpf_linker() -> Result<(), Failure> {
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
     )?;
     println!("setup: bpf-linker: done");
+    Ok(())
+}
+
+fn cargo_fuzz() -> Result<(), Failure> {
+    // "cargo-fuzz 0.13.2"
+    let found = output(command("cargo-fuzz").arg("--version"));
+    let have = found.as_deref().and_then(|v| v.split_whitespace().nth(1));
+    if have == Some(CARGO_FUZZ_VERSION) {
+        println!("setup: cargo-fuzz: skipped ({CARGO_FUZZ_VERSION} installed)");
+        return Ok(());
+    }
+    println!("setup: cargo-fuzz: installing {CARGO_FUZZ_VERSION} (about a minute)");
+    process::run(command("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+        "--force",
+    ]))?;
+    println!("setup: cargo-fuzz: done");
     Ok(())
 }
 
