@@ -9,6 +9,7 @@ mod cidr;
 mod endpoint_slice;
 mod enrollment;
 mod error;
+pub mod gateway_api;
 pub mod istio;
 mod namespace;
 mod object;
@@ -18,7 +19,9 @@ mod service;
 mod small_map;
 mod snapshot;
 mod string_match;
+mod use_waypoint;
 mod validate;
+mod waypoint;
 mod workload;
 
 pub use authorization::{
@@ -34,8 +37,16 @@ pub use namespace::{DEFAULT_NAMESPACE, Namespace};
 pub use object::{Object, Sourced, object_label};
 pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
 pub use record::{Record, Records};
-pub use service::{Protocol, Service, ServicePort, TargetPort};
+pub use service::{AppProtocol, Protocol, Service, ServicePort, TargetPort};
 pub use small_map::{Labels, SmallMap};
 pub use snapshot::Snapshot;
 pub use string_match::StringMatch;
+pub use use_waypoint::{
+    Consumer, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, UseWaypointError, WaypointRef,
+    WaypointUse,
+};
+pub use waypoint::{
+    AllowedNamespaces, GATEWAY_NAME_LABEL, MANAGED_BY_MESH, MANAGED_LABEL, WAYPOINT_CLASS,
+    Waypoint, WaypointError, WaypointFor,
+};
 pub use workload::Workload;

@@ -39,7 +39,8 @@ pub fn run() -> Result<(), Failure> {
     apt_packages()?;
     bpf_linker()?;
     cargo_fuzz()?;
-    toolchain(USER_TOOLCHAIN, &[])?;
+    // rustfmt and clippy: what a developer runs before a commit.
+    toolchain(USER_TOOLCHAIN, &["rustfmt", "clippy"])?;
     toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     kubernetes_validate()?;
     println!("setup: ready ({:.1} s)", started.elapsed().as_secs_f64());

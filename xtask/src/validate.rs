@@ -36,6 +36,7 @@ const WATCHED: &[(&str, &str)] = &[
     ("discovery.k8s.io", "endpointslices"),
     ("security.istio.io", "authorizationpolicies"),
     ("security.istio.io", "peerauthentications"),
+    ("gateway.networking.k8s.io", "gateways"),
 ];
 const READ_VERBS: &[&str] = &["get", "list", "watch"];
 

@@ -173,6 +173,7 @@ struct Stores {
     endpoint_slices: Arc<Store<state::EndpointSlice>>,
     authorization_policies: Arc<Store<AuthorizationPolicy>>,
     peer_authentications: Arc<Store<PeerAuthentication>>,
+    gateways: Arc<Store<state::Waypoint>>,
 }
 
 /// The running source: the snapshot, its status and each watch's.
@@ -182,13 +183,14 @@ pub struct KubeSource {
     pub watches: watch::Receiver<Vec<WatchStatus>>,
 }
 
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "Namespace",
     "Pod",
     "Service",
     "EndpointSlice",
     "AuthorizationPolicy",
     "PeerAuthentication",
+    "Gateway",
 ];
 
 /// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
@@ -222,6 +224,10 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
         istio("AuthorizationPolicy", "authorizationpolicies"),
         istio("PeerAuthentication", "peerauthentications"),
     );
+    let gateways = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(state::gateway_api::GROUP, "v1", "Gateway"),
+        "gateways",
+    );
     let probe = Api::<Namespace>::all(client.clone());
     let stores = Stores {
         namespaces: spawn_watch(Api::all(client.clone()), read_namespace, 0, &shared),
@@ -235,11 +241,12 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             &shared,
         ),
         peer_authentications: spawn_watch(
-            Api::all_with(client, &peers),
+            Api::all_with(client.clone(), &peers),
             read_peer_authentication,
             5,
             &shared,
         ),
+        gateways: spawn_watch(Api::all_with(client, &gateways), read_gateway, 6, &shared),
     };
 
     while !shared.ready() {
@@ -467,6 +474,7 @@ fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
         endpoint_slices: stores.endpoint_slices.records(),
         authorization_policies: stores.authorization_policies.records(),
         peer_authentications: stores.peer_authentications.records(),
+        gateways: stores.gateways.records(),
     };
     Snapshot::join(&records, Vec::new(), previous)
 }
@@ -521,7 +529,26 @@ fn read_peer_authentication(object: DynamicObject) -> Record<PeerAuthentication>
     }
 }
 
-/// An Istio object as the model's resource type.
+/// A Gateway that cannot be read is rejected alone; a Service or pod that names it then cannot
+/// use it, and fails closed.
+fn read_gateway(object: DynamicObject) -> Record<state::Waypoint> {
+    let origin = origin();
+    match typed::<state::gateway_api::GatewayResource>(&object) {
+        Ok(resource) => record::gateway(origin, &resource),
+        Err(reason) => {
+            let resource = state::gateway_api::GatewayResource {
+                metadata: object.metadata,
+                ..Default::default()
+            };
+            let mut record = record::gateway(origin, &resource);
+            record.model = None;
+            record.problems = vec![record.error(None, format!("cannot be read: {reason}"))];
+            record
+        }
+    }
+}
+
+/// An Istio or Gateway API object as the model's resource type.
 fn typed<T: DeserializeOwned>(object: &DynamicObject) -> Result<T, String> {
     let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
     serde_path_to_error::deserialize(value).map_err(|e| {

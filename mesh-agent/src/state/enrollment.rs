@@ -1,6 +1,7 @@
 //! Whether a pod is captured by the mesh, with Istio ambient semantics, and why.
 
 use super::small_map::Labels;
+use super::waypoint::{MANAGED_BY_MESH, MANAGED_LABEL};
 use serde::Serialize;
 
 /// The project's own enrollment label, on namespaces (`ambient`) and pods (`none`).
@@ -93,6 +94,10 @@ pub fn evaluate(pod: PodFacts<'_>, namespace_labels: &Labels) -> Enrollment {
     {
         return not_enrolled(label.opted_out);
     }
+    if pod.labels.value(MANAGED_LABEL) == Some(MANAGED_BY_MESH) {
+        // A waypoint terminates and originates HBONE itself (its manifests also say `none`).
+        return not_enrolled("waypoint pod (gateway.istio.io/managed=istio.io-mesh-controller)");
+    }
     match MODE_LABELS
         .iter()
         .find(|label| namespace_labels.value(label.name) == Some(AMBIENT))
@@ -124,6 +129,16 @@ mod tests {
         let enrollment = evaluate(pod, ns);
         assert_eq!(enrollment.is_enrolled(), enrolled, "{enrollment:?}");
         assert_eq!(enrollment.reason(), reason);
+    }
+
+    #[test]
+    fn waypoint_pods_are_never_captured() {
+        check(
+            pod(&labels(&[(MANAGED_LABEL, MANAGED_BY_MESH)])),
+            &labels(&[(ISTIO_MODE_LABEL, "ambient")]),
+            false,
+            "waypoint pod (gateway.istio.io/managed=istio.io-mesh-controller)",
+        );
     }
 
     #[test]

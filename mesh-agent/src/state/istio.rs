@@ -246,7 +246,7 @@ impl<'de> Deserialize<'de> for Scalar {
 }
 
 /// Reads `null` as the default, as Kubernetes treats an explicit null like an absent field.
-fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(super) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,

@@ -4,6 +4,7 @@
 use k8s_openapi::api::core::v1 as k8s;
 
 use super::error::Origin;
+use super::gateway_api::GatewayResource;
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 
 /// A Kubernetes object of a kind the agent reads.
@@ -15,6 +16,7 @@ pub enum Object {
     EndpointSlice(Box<k8s_openapi::api::discovery::v1::EndpointSlice>),
     AuthorizationPolicy(Box<AuthorizationPolicyResource>),
     PeerAuthentication(Box<PeerAuthenticationResource>),
+    Gateway(Box<GatewayResource>),
 }
 
 /// An object with the place it came from, so later checks can name the file.

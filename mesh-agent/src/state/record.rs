@@ -14,12 +14,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::authorization::AuthorizationPolicy;
 use super::endpoint_slice::EndpointSlice;
 use super::error::{Origin, StateError};
+use super::gateway_api::GatewayResource;
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::{Namespace, namespace_of};
 use super::object::{Object, Sourced, object_label};
 use super::peer_authentication::PeerAuthentication;
 use super::service::Service;
 use super::validate;
+use super::waypoint::{Waypoint, WaypointError};
 use super::workload::Workload;
 
 /// One object, read.
@@ -93,6 +95,8 @@ pub struct Records {
     pub endpoint_slices: Vec<Arc<Record<EndpointSlice>>>,
     pub authorization_policies: Vec<Arc<Record<AuthorizationPolicy>>>,
     pub peer_authentications: Vec<Arc<Record<PeerAuthentication>>>,
+    /// Gateways; only waypoints (class `istio-waypoint`) have a model.
+    pub gateways: Vec<Arc<Record<Waypoint>>>,
 }
 
 impl Records {
@@ -107,6 +111,7 @@ impl Records {
             slices: Vec<Sourced<discovery::EndpointSlice>>,
             authorizations: Vec<Sourced<AuthorizationPolicyResource>>,
             peers: Vec<Sourced<PeerAuthenticationResource>>,
+            gateways: Vec<Sourced<GatewayResource>>,
         }
         let mut by_kind = ByKind::default();
         for Sourced { origin, object } in objects {
@@ -132,6 +137,10 @@ impl Records {
                     object: *object,
                 }),
                 Object::PeerAuthentication(object) => by_kind.peers.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::Gateway(object) => by_kind.gateways.push(Sourced {
                     origin,
                     object: *object,
                 }),
@@ -164,6 +173,7 @@ impl Records {
                 &mut errors,
             ),
             peer_authentications: each(&by_kind.peers, true, peer_authentication, &mut errors),
+            gateways: each(&by_kind.gateways, true, gateway, &mut errors),
         };
         (records, errors)
     }
@@ -229,5 +239,12 @@ pub fn peer_authentication(
 ) -> Record<PeerAuthentication> {
     Record::read(origin, policy, true, |policy| {
         PeerAuthentication::from_resource(policy).map(Some)
+    })
+}
+
+/// A Gateway of another class than `istio-waypoint` yields no model and no problem.
+pub fn gateway(origin: Origin, gateway: &GatewayResource) -> Record<Waypoint> {
+    Record::read(origin, gateway, true, |gateway| {
+        Waypoint::from_gateway(gateway).map_err(at_fields(WaypointError::field))
     })
 }

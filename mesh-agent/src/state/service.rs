@@ -19,6 +19,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `spec.selector`. Empty means the service selects no pod (its endpoints are managed by hand).
     pub selector: Labels,
+    /// `metadata.labels`: `istio.io/use-waypoint` and its namespace live here.
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -28,6 +30,50 @@ pub struct ServicePort {
     /// `None` when unset: Kubernetes then uses `port`.
     pub target_port: Option<TargetPort>,
     pub protocol: Protocol,
+    /// What the port carries, from `appProtocol` or the name's prefix ([`AppProtocol::of`]).
+    pub app_protocol: AppProtocol,
+}
+
+/// What a Service port carries, as Istio selects it: `appProtocol` first, else the port name's
+/// prefix before the first `-` (`http-web`, `grpc`); anything else is plain TCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http,
+    Http2,
+    Grpc,
+    #[default]
+    Tcp,
+}
+
+impl AppProtocol {
+    pub fn of(name: Option<&str>, app_protocol: Option<&str>) -> AppProtocol {
+        let by_name = || {
+            let name = name?;
+            let prefix = name.split_once('-').map_or(name, |(prefix, _)| prefix);
+            Self::named(prefix)
+        };
+        app_protocol
+            .and_then(Self::named)
+            .or_else(by_name)
+            .unwrap_or_default()
+    }
+
+    fn named(value: &str) -> Option<AppProtocol> {
+        Some(match value.to_ascii_lowercase().as_str() {
+            "http" => AppProtocol::Http,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" | "grpc-web" => AppProtocol::Grpc,
+            // Named, and not HTTP to a waypoint: TLS passes through as bytes.
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => AppProtocol::Tcp,
+            _ => return None,
+        })
+    }
+
+    /// Whether a waypoint handles the port as HTTP (else it passes it as TCP).
+    pub fn is_http(self) -> bool {
+        self != AppProtocol::Tcp
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -122,6 +168,7 @@ impl Service {
                 .and_then(|spec| spec.selector.clone())
                 .unwrap_or_default()
                 .into(),
+            labels: service.metadata.labels.clone().unwrap_or_default().into(),
         })
     }
 }
@@ -183,6 +230,7 @@ fn port_from_k8s(index: usize, port: &k8s::ServicePort) -> Result<ServicePort, V
             port: number,
             target_port,
             protocol,
+            app_protocol: AppProtocol::of(port.name.as_deref(), port.app_protocol.as_deref()),
         }),
         _ => Err(errors),
     }
@@ -243,6 +291,31 @@ mod tests {
         );
         assert_eq!(model.ports[2].target_port, None);
         assert_eq!(model.ports[2].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn app_protocol_from_app_protocol_then_name() {
+        let cases = [
+            (Some("http-web"), None, AppProtocol::Http),
+            (Some("http"), None, AppProtocol::Http),
+            (Some("http2"), None, AppProtocol::Http2),
+            (Some("grpc-api"), None, AppProtocol::Grpc),
+            (Some("GRPC"), None, AppProtocol::Grpc),
+            (Some("web"), Some("http"), AppProtocol::Http),
+            (
+                Some("http-web"),
+                Some("kubernetes.io/h2c"),
+                AppProtocol::Http2,
+            ),
+            (Some("http-web"), Some("tcp"), AppProtocol::Tcp),
+            (Some("http-web"), Some("custom"), AppProtocol::Http),
+            (Some("httpx"), None, AppProtocol::Tcp),
+            (Some("tcp-db"), None, AppProtocol::Tcp),
+            (None, None, AppProtocol::Tcp),
+        ];
+        for (name, app, expected) in cases {
+            assert_eq!(AppProtocol::of(name, app), expected, "{name:?} {app:?}");
+        }
     }
 
     #[test]

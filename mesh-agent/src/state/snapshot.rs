@@ -17,7 +17,9 @@ use super::object::{Object, Sourced};
 use super::peer_authentication::PeerAuthentication;
 use super::record::{Record, Records};
 use super::service::Service;
+use super::use_waypoint::{self, Consumer, WaypointRef, WaypointUse};
 use super::validate::{self, ValidationError};
+use super::waypoint::{GATEWAY_NAME_LABEL, Waypoint};
 use super::workload::Workload;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -33,6 +35,10 @@ pub struct Snapshot {
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Istio `PeerAuthentication`s, sorted by (namespace, name).
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// Waypoints (Gateways of class `istio-waypoint`), sorted by (namespace, name).
+    pub waypoints: Vec<Arc<Waypoint>>,
+    /// The Services and pods that name a waypoint, sorted by (kind, namespace, name).
+    pub waypoint_uses: Vec<WaypointUse>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
     /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
@@ -49,6 +55,10 @@ struct Lookups {
     services: HashMap<Ipv4Addr, usize>,
     /// For each service (same order as the services), the workloads its selector picks.
     selected: Vec<Vec<usize>>,
+    /// For each service (same order), its entry in `waypoint_uses`.
+    service_waypoints: Vec<Option<usize>>,
+    /// Workloads (by position) that name a waypoint, with their entry in `waypoint_uses`.
+    workload_waypoints: HashMap<usize, usize>,
 }
 
 impl Lookups {
@@ -133,6 +143,9 @@ impl Snapshot {
         });
         let workloads: Vec<(Arc<Workload>, &Record<Workload>)> = workloads.collect();
         let workloads = validate::unique_ips(workloads, &mut errors);
+        let mut waypoints = admitted(&records.gateways, &namespaces, &mut errors);
+        waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let uses = waypoint_uses(records, &workloads, &namespaces, &waypoints, &mut errors);
         let services = admitted(&records.services, &namespaces, &mut errors);
         let endpoint_slices = admitted(&records.endpoint_slices, &namespaces, &mut errors);
         let authorization_policies =
@@ -149,7 +162,8 @@ impl Snapshot {
             files,
         )
         .with_policies(authorization_policies, peer_authentications)
-        .with_endpoint_slices(endpoint_slices);
+        .with_endpoint_slices(endpoint_slices)
+        .with_waypoints(waypoints, uses);
         (snapshot, errors)
     }
 
@@ -205,7 +219,92 @@ impl Snapshot {
             files,
             authorization_policies: Vec::new(),
             peer_authentications: Vec::new(),
+            waypoints: Vec::new(),
+            waypoint_uses: Vec::new(),
         }
+    }
+
+    /// Sets the waypoints (sorted) and who uses them, and indexes the uses by service and pod.
+    pub fn with_waypoints(
+        mut self,
+        waypoints: Vec<Arc<Waypoint>>,
+        mut uses: Vec<WaypointUse>,
+    ) -> Snapshot {
+        uses.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+        let position = |kind: Consumer, namespace: &str, name: &str| {
+            uses.binary_search_by(|u| {
+                (u.kind, u.namespace.as_str(), u.name.as_str()).cmp(&(kind, namespace, name))
+            })
+            .ok()
+        };
+        self.lookups.service_waypoints = self
+            .services
+            .iter()
+            .map(|s| position(Consumer::Service, &s.namespace, &s.name))
+            .collect();
+        self.lookups.workload_waypoints = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| Some((i, position(Consumer::Workload, &w.namespace, &w.name)?)))
+            .collect();
+        self.waypoints = waypoints;
+        self.waypoint_uses = uses;
+        self
+    }
+
+    /// The waypoint a service names, if it names one (usable or not).
+    pub fn service_waypoint(&self, service: &Service) -> Option<&WaypointUse> {
+        let i = self
+            .services
+            .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&service.namespace, &service.name)))
+            .ok()?;
+        let entry = (*self.lookups.service_waypoints.get(i)?)?;
+        self.waypoint_uses.get(entry)
+    }
+
+    /// The waypoint a pod names for traffic addressed to it, if it names one.
+    pub fn workload_waypoint(&self, workload: &Workload) -> Option<&WaypointUse> {
+        if self.lookups.workload_waypoints.is_empty() {
+            return None;
+        }
+        let i = self
+            .workloads
+            .binary_search_by(|w| {
+                (&w.namespace, &w.name).cmp(&(&workload.namespace, &workload.name))
+            })
+            .ok()?;
+        let entry = *self.lookups.workload_waypoints.get(&i)?;
+        self.waypoint_uses.get(entry)
+    }
+
+    pub fn waypoint(&self, waypoint: &WaypointRef) -> Option<&Waypoint> {
+        self.waypoints
+            .binary_search_by(|w| {
+                (&w.namespace, &w.name).cmp(&(&waypoint.namespace, &waypoint.name))
+            })
+            .ok()
+            .map(|i| &*self.waypoints[i])
+    }
+
+    /// A waypoint's running pods (those the Gateway controller labels with its name).
+    pub fn waypoint_pods<'a>(
+        &'a self,
+        waypoint: &'a WaypointRef,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        let namespace = waypoint.namespace.as_str();
+        let start = self
+            .workloads
+            .partition_point(|w| w.namespace.as_str() < namespace);
+        let end = self
+            .workloads
+            .partition_point(|w| w.namespace.as_str() <= namespace);
+        self.workloads[start..end]
+            .iter()
+            .filter(move |w| {
+                w.owns_ip() && w.labels.value(GATEWAY_NAME_LABEL) == Some(waypoint.name.as_str())
+            })
+            .map(|w| &**w)
     }
 
     /// Sets the Istio security policies, sorting them so equal states compare equal.
@@ -335,6 +434,68 @@ fn admit<'r, M>(
     }
     errors.extend(record.problems.iter().cloned());
     record.model.as_ref().filter(|_| homeless.is_none())
+}
+
+/// Who names which waypoint: each admitted Service, and each pod that owns its IP. A name that
+/// cannot be used is a problem of the object that names it, and stays in the table as unusable.
+fn waypoint_uses(
+    records: &Records,
+    workloads: &[(Arc<Workload>, &Record<Workload>)],
+    namespaces: &BTreeMap<String, Namespace>,
+    waypoints: &[Arc<Waypoint>],
+    errors: &mut Vec<StateError>,
+) -> Vec<WaypointUse> {
+    let no_labels = Labels::default();
+    let namespace_labels =
+        |namespace: &str| namespaces.get(namespace).map_or(&no_labels, |n| &n.labels);
+    let mut uses = Vec::new();
+    let mut resolve =
+        |kind,
+         namespace: &str,
+         name: &str,
+         labels: &Labels,
+         record: &dyn Fn(&use_waypoint::UseWaypointError) -> StateError| {
+            let resolved = use_waypoint::resolve(
+                kind,
+                namespace,
+                labels,
+                namespace_labels(namespace),
+                waypoints,
+            );
+            if let Err(error) = &resolved {
+                errors.push(record(error));
+            }
+            uses.extend(WaypointUse::of(kind, namespace, name, &resolved));
+        };
+    for record in &records.services {
+        let Some(service) = record
+            .model
+            .as_ref()
+            .filter(|s| namespaces.contains_key(&s.namespace))
+        else {
+            continue;
+        };
+        resolve(
+            Consumer::Service,
+            &service.namespace,
+            &service.name,
+            &service.labels,
+            &|e| record.error(Some(&e.field()), e),
+        );
+    }
+    for (workload, record) in workloads {
+        if !workload.owns_ip() {
+            continue;
+        }
+        resolve(
+            Consumer::Workload,
+            &workload.namespace,
+            &workload.name,
+            &workload.labels,
+            &|e| record.error(Some(&e.field()), e),
+        );
+    }
+    uses
 }
 
 /// The models of the admitted records.
@@ -821,5 +982,88 @@ status: {{podIP: \"{ip}\", phase: Running}}
                 "s.yaml: EndpointSlice demo/web-1: endpoints[0].addresses[0]: \"10.0.0.300\" is not an IPv4 address (the slice's addressType is IPv4)"
             ]
         );
+    }
+
+    const WAYPOINT: &str = "---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, gateway.istio.io/managed: istio.io-mesh-controller}
+spec: {nodeName: n1, serviceAccountName: waypoint}
+status: {podIP: 10.0.0.9, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.2, ports: [{name: tcp, port: 5432}]}
+";
+
+    #[test]
+    fn services_use_their_namespaces_waypoint_and_waypoint_pods_are_not_captured() {
+        let text = format!("{WAYPOINT}{}", pod("shop", "web-1", "n1", "10.0.0.1", ""));
+        let snapshot = build(&text).expect("valid");
+        assert_eq!(snapshot.waypoints.len(), 1);
+        let web = snapshot.service("shop", "web").expect("web");
+        let used = snapshot
+            .service_waypoint(web)
+            .expect("web uses the waypoint");
+        assert!(used.is_usable());
+        assert_eq!(used.waypoint.to_string(), "shop/waypoint");
+        let db = snapshot.service("shop", "db").expect("db");
+        assert_eq!(snapshot.service_waypoint(db), None, "opted out with none");
+        let pods: Vec<&str> = snapshot
+            .waypoint_pods(&used.waypoint)
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(pods, ["waypoint-0"]);
+        let waypoint_pod = snapshot.workload("shop", "waypoint-0").expect("pod");
+        assert!(!waypoint_pod.is_enrolled());
+        assert_eq!(snapshot.workload_waypoint(waypoint_pod), None);
+        assert!(
+            snapshot
+                .workload("shop", "web-1")
+                .expect("web-1")
+                .is_enrolled()
+        );
+        // The namespace's waypoint takes services only: its pods are not sent through it.
+        let web_1 = snapshot.workload("shop", "web-1").expect("web-1");
+        assert_eq!(snapshot.workload_waypoint(web_1), None);
+    }
+
+    #[test]
+    fn a_waypoint_that_cannot_be_used_is_a_problem_and_stays_unusable() {
+        let text = WAYPOINT.replace(
+            "gatewayClassName: istio-waypoint",
+            "gatewayClassName: istio",
+        );
+        assert_eq!(
+            messages(build(&text)),
+            [
+                "s.yaml: Service shop/web: metadata.labels[istio.io/use-waypoint]: its namespace's label names waypoint shop/waypoint, which is not a valid istio-waypoint Gateway"
+            ]
+        );
+        let records = records(&text);
+        let (snapshot, _) = Snapshot::join(&records, Vec::new(), &Snapshot::default());
+        let web = snapshot.service("shop", "web").expect("web is kept");
+        let used = snapshot.service_waypoint(web).expect("named");
+        assert!(!used.is_usable(), "{used:?}");
     }
 }

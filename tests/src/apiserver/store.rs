@@ -14,7 +14,7 @@ pub struct Kind {
     pub plural: &'static str,
     pub kind: &'static str,
     pub namespaced: bool,
-    /// An Istio custom resource: served only while "installed".
+    /// A custom resource (Istio's, the Gateway API's): served only while "installed".
     pub custom: bool,
     /// Field selectors beyond `metadata.name` / `metadata.namespace`.
     pub fields: &'static [&'static str],
@@ -54,7 +54,10 @@ const fn kind(
     namespaced: bool,
     fields: &'static [&'static str],
 ) -> Kind {
-    let custom = matches!(group.as_bytes(), b"security.istio.io");
+    let custom = matches!(
+        group.as_bytes(),
+        b"security.istio.io" | b"gateway.networking.k8s.io"
+    );
     Kind {
         group,
         version,
@@ -123,6 +126,22 @@ pub const KINDS: &[Kind] = &[
         "v1beta1",
         "peerauthentications",
         "PeerAuthentication",
+        true,
+        &[],
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "gateways",
+        "Gateway",
+        true,
+        &[],
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        "gateways",
+        "Gateway",
         true,
         &[],
     ),

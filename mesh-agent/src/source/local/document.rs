@@ -6,7 +6,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-use crate::state::{DEFAULT_NAMESPACE, Object, Origin, Sourced, StateError, istio, object_label};
+use crate::state::{
+    DEFAULT_NAMESPACE, Object, Origin, Sourced, StateError, gateway_api, istio, object_label,
+};
 
 /// Groups whose other kinds the agent will read later (waypoints, request authentication):
 /// skipped quietly, never errors.
@@ -208,6 +210,11 @@ impl Parsed {
                 .typed(value, origin, &kind, true, |policy| {
                     Object::PeerAuthentication(Box::new(policy))
                 }),
+            (version, "Gateway") if gateway_api::API_VERSIONS.contains(&version) => {
+                self.typed(value, origin, &kind, true, |gateway| {
+                    Object::Gateway(Box::new(gateway))
+                })
+            }
             (found, "AuthorizationPolicy" | "PeerAuthentication") if is_istio_security(found) => {
                 let label = label_of(map, &kind, true, &origin);
                 let error = DocumentError::WrongApiVersion {
