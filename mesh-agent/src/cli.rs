@@ -432,9 +432,11 @@ fn explain(v: &Value) -> String {
             None => ", not in the mesh".into(),
         },
         s(&v["destination"]),
-        match v["service"].as_str() {
-            Some(svc) => format!(" (service {svc})"),
-            None => String::new(),
+        match (v["service"].as_str(), v["waypoint"].as_str()) {
+            (Some(svc), Some(waypoint)) => format!(" (service {svc}, through waypoint {waypoint})"),
+            (Some(svc), None) => format!(" (service {svc})"),
+            (None, Some(waypoint)) => format!(" (through waypoint {waypoint})"),
+            (None, None) => String::new(),
         },
         s(&v["summary"]),
     );

@@ -25,6 +25,9 @@ pub struct Explanation {
     pub destination: SocketAddr,
     /// `namespace/name` when the destination is a Service address.
     pub service: Option<String>,
+    /// The waypoint the destination uses (`namespace/name`), whose pods are then the paths.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
     pub paths: Vec<PathExplanation>,
     /// One line for humans.
     pub summary: String,
@@ -98,18 +101,28 @@ pub fn explain(
     let paths: Vec<PathExplanation> = resolved
         .endpoints
         .iter()
-        .map(|endpoint| {
-            explain_path(
+        .map(|endpoint| match resolved.waypoint {
+            Some(used) => waypoint_path(&source_endpoint, &used.waypoint, endpoint),
+            None => explain_path(
                 snapshot,
                 mesh,
                 here,
                 &source_endpoint,
                 source_node,
                 endpoint,
-            )
+            ),
         })
         .collect();
+    let unusable = resolved
+        .waypoint
+        .and_then(|used| Some((&used.waypoint, used.problem.as_deref()?)));
     let summary = match (&resolved.service, paths.first()) {
+        _ if let Some((waypoint, problem)) = unusable => {
+            format!("waypoint {waypoint} cannot be used ({problem}): the connection is reset")
+        }
+        _ if resolved.waypoint.is_some() && paths.is_empty() => {
+            "the waypoint has no running pod: the connection is reset".into()
+        }
         (Some(service), None) => {
             format!("service {service} has no ready endpoint: the connection is reset")
         }
@@ -123,9 +136,44 @@ pub fn explain(
         source: source_endpoint,
         destination: to,
         service: resolved.service,
+        waypoint: resolved.waypoint.map(|used| used.waypoint.to_string()),
         paths,
         summary,
     })
+}
+
+/// A path through a waypoint pod: the node sends the connection there over HBONE; what happens
+/// next (L7 policy, routes) is the waypoint's to decide.
+fn waypoint_path(
+    source: &Endpoint,
+    waypoint: &crate::state::WaypointRef,
+    endpoint: &crate::proxy::upstream::Endpoint,
+) -> PathExplanation {
+    let (allowed, reason) = if source.enrolled {
+        (
+            true,
+            format!("through waypoint {waypoint} over HBONE; its policies and routes decide"),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "the source is not in the mesh: its connection is not captured and does not reach waypoint {waypoint}"
+            ),
+        )
+    };
+    PathExplanation {
+        endpoint: endpoint.address,
+        workload: endpoint
+            .workload
+            .map(|w| format!("{}/{}", w.namespace, w.name)),
+        route: "waypoint",
+        captured_at_destination: true,
+        mtls_mode: None,
+        allowed,
+        decision: None,
+        reason,
+    }
 }
 
 fn resolve_source(snapshot: &Snapshot, from: &str) -> Result<Option<Workload>, ExplainError> {
@@ -245,6 +293,79 @@ mod tests {
         assert_eq!(
             verdict_line(false, "plaintext refused by PeerAuthentication STRICT"),
             "DENY: plaintext refused by PeerAuthentication STRICT"
+        );
+    }
+
+    const STATE: &str = "---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: n2, serviceAccountName: waypoint}
+status: {podIP: 10.0.2.9, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.1.1, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80}]}
+";
+
+    fn explain_web(text: &str) -> Explanation {
+        let (snapshot, _) = crate::source::local::testing::assemble_text(text);
+        let mesh = MeshConfig {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+        };
+        let here = Here {
+            node: "n1",
+            addresses: &[],
+        };
+        let to = "10.96.0.10:80".parse().expect("address");
+        explain(
+            &snapshot,
+            &mesh,
+            &ServiceBalancer::default(),
+            &here,
+            "shop/web-1",
+            to,
+        )
+        .expect("explained")
+    }
+
+    #[test]
+    fn a_service_behind_a_waypoint_is_explained_as_going_through_it() {
+        let explanation = explain_web(STATE);
+        assert_eq!(explanation.waypoint.as_deref(), Some("shop/waypoint"));
+        let [path] = &explanation.paths[..] else {
+            panic!("{explanation:?}")
+        };
+        assert_eq!(path.route, "waypoint");
+        assert_eq!(path.endpoint, "10.0.2.9:15008".parse().expect("address"));
+        assert_eq!(
+            explanation.summary,
+            "ALLOW: through waypoint shop/waypoint over HBONE; its policies and routes decide"
+        );
+        let gone = STATE.replace(
+            "gatewayClassName: istio-waypoint",
+            "gatewayClassName: istio",
+        );
+        assert_eq!(
+            explain_web(&gone).summary,
+            "waypoint shop/waypoint cannot be used (its namespace's label names waypoint shop/waypoint, which is not a valid istio-waypoint Gateway): the connection is reset"
         );
     }
 }

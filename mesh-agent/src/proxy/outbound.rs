@@ -39,12 +39,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
         service,
         candidates,
         attempts,
+        unusable_waypoint,
     } = plan(&ctx, &ctx.snapshot(), peer, original_destination);
     debug!(src = %peer, dst = %original_destination, candidates, "outbound connection captured");
 
     let mut last_error = None;
     for Attempt {
         address,
+        authority,
         info,
         route,
     } in attempts
@@ -80,14 +82,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
                     let first = bridge::already_received(&client);
                     let opened = ctx
                         .pool
-                        .connect_early(&key, address, peer)
+                        .connect_early(&key, authority, peer)
                         .await
                         .map(|s| (s.send, Answer::Pending(s.response), s.guard));
                     (opened, first)
                 } else {
                     let opened = ctx
                         .pool
-                        .connect(&key, address, peer)
+                        .connect(&key, authority, peer)
                         .await
                         .map(|s| (s.send, Answer::Ready(s.recv), s.guard));
                     (opened, Bytes::new())
@@ -146,7 +148,10 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr)
             },
         }
     }
-    if candidates == 0 {
+    if let Some(problem) = &unusable_waypoint {
+        warn!(src = %peer, dst = %original_destination, service = service.as_deref().unwrap_or("-"), %problem, "waypoint cannot be used; connection refused");
+        ctx.metrics.refused("outbound", "waypoint unusable");
+    } else if candidates == 0 {
         warn!(src = %peer, dst = %original_destination, service = service.as_deref().unwrap_or("-"), "no ready endpoint");
         ctx.metrics.refused("outbound", "no endpoint");
     } else {
@@ -168,7 +173,11 @@ enum Route {
 
 /// One endpoint to try, with what the connection is recorded as if it goes there.
 struct Attempt {
+    /// The endpoint: a pod or outside address, or a waypoint's pod on 15008.
     address: SocketAddr,
+    /// What a tunnel's CONNECT asks for: the endpoint, or for a waypoint the original
+    /// destination (the Service VIP and port, as ztunnel sends it).
+    authority: SocketAddr,
     info: ConnectionInfo,
     route: Route,
 }
@@ -179,6 +188,8 @@ struct Plan {
     /// Endpoints the destination resolved to (a few may have no usable route).
     candidates: usize,
     attempts: Vec<Attempt>,
+    /// Why the destination's waypoint cannot be used (then there is no attempt).
+    unusable_waypoint: Option<String>,
 }
 
 /// The endpoints of `original_destination` in the order to try them, and how to reach each.
@@ -196,6 +207,7 @@ fn plan(
         .filter(|w| w.is_enrolled())
         .and_then(|w| ctx.identity_of(w));
     let resolved = ctx.services.resolve(snapshot, original_destination);
+    let via_waypoint = resolved.waypoint.is_some();
     let attempts = resolved
         .endpoints
         .iter()
@@ -216,6 +228,9 @@ fn plan(
                 route: upstream::DIRECT,
                 security: Security::None,
             };
+            if via_waypoint {
+                return waypoint_attempt(ctx, endpoint, source_identity.as_ref(), info, peer);
+            }
             let route = match (
                 destination_workload.zip(destination_identity),
                 &source_identity,
@@ -243,16 +258,48 @@ fn plan(
             };
             Some(Attempt {
                 address: endpoint.address,
+                authority: endpoint.address,
                 info,
                 route,
             })
         })
         .collect();
     Plan {
+        unusable_waypoint: resolved.waypoint.and_then(|used| used.problem.clone()),
         service: resolved.service,
         candidates: resolved.endpoints.len(),
         attempts,
     }
+}
+
+/// A waypoint pod to try: HBONE to it on 15008 as the source workload, asking for the original
+/// destination. A source without an identity cannot go through a waypoint (nor around it).
+fn waypoint_attempt(
+    ctx: &ProxyContext,
+    endpoint: &upstream::Endpoint<'_>,
+    source_identity: Option<&crate::identity::Identity>,
+    mut info: ConnectionInfo,
+    peer: SocketAddr,
+) -> Option<Attempt> {
+    let source = source_identity?;
+    let waypoint = ctx.identity_of(endpoint.workload?)?;
+    let (SocketAddr::V4(peer4), SocketAddr::V4(address)) = (peer, endpoint.address) else {
+        return None;
+    };
+    info.destination_identity = Some(waypoint.to_string());
+    info.route = upstream::WAYPOINT;
+    info.security = Security::MutualTls;
+    Some(Attempt {
+        address: endpoint.address,
+        authority: info.original_destination,
+        info,
+        route: Route::Tunnel(PoolKey {
+            source: source.clone(),
+            source_ip: *peer4.ip(),
+            destination: waypoint,
+            address,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -340,6 +387,32 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
     fn context() -> ProxyContext {
         let snapshot = crate::source::local::testing::load_text(STATE)
             .unwrap_or_else(|errors| panic!("test state must load: {errors}"));
+        context_over(snapshot)
+    }
+
+    /// [`STATE`] with a waypoint `shop/waypoint` (its pod `waypoint-0`, 10.0.2.9 on `n2`,
+    /// service account `waypoint`), and `extra` (labels that use it) appended.
+    fn waypoint_state(extra: &str) -> String {
+        format!(
+            "{STATE}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: all}}}}
+spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: shop
+  labels: {{gateway.networking.k8s.io/gateway-name: waypoint, gateway.istio.io/managed: istio.io-mesh-controller}}
+spec: {{nodeName: n2, serviceAccountName: waypoint}}
+status: {{podIP: 10.0.2.9, phase: Running}}
+{extra}"
+        )
+    }
+
+    fn context_over(snapshot: Snapshot) -> ProxyContext {
         let ca = Arc::new(CertificateAuthority::self_signed("cluster.local").unwrap());
         let certs = CertificateManager::new(ca, Duration::from_secs(3600));
         let metrics = Arc::new(Metrics::new());
@@ -437,6 +510,79 @@ spec: {clusterIP: 10.96.0.11, selector: {app: none}, ports: [{port: 80}]}
             Some("spiffe://cluster.local/ns/shop/sa/web")
         );
         assert_eq!(info.original_destination, addr("10.0.2.1:8080"));
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_the_waypoint_asking_for_the_vip() {
+        let text = waypoint_state(
+            "---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.12, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}
+",
+        );
+        let snapshot = crate::source::local::testing::load_text(&text)
+            .unwrap_or_else(|errors| panic!("test state must load: {errors}"));
+        let ctx = context_over(snapshot);
+        // cart-1 is on this node: without the waypoint it would be served here.
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.96.0.12:80");
+        assert_eq!(
+            routes(&plan),
+            [
+                "10.0.2.9:15008 tunnel spiffe://cluster.local/ns/shop/sa/web from 10.0.1.1 to spiffe://cluster.local/ns/shop/sa/waypoint at 10.0.2.9:15008 [waypoint MutualTls]"
+            ]
+        );
+        let attempt = &plan.attempts[0];
+        assert_eq!(
+            attempt.authority,
+            addr("10.96.0.12:80"),
+            "ztunnel keeps the VIP"
+        );
+        assert_eq!(plan.service.as_deref(), Some("shop/cart"));
+        assert_eq!(
+            attempt
+                .info
+                .destination_workload
+                .as_ref()
+                .map(|w| w.name.as_str()),
+            Some("waypoint-0")
+        );
+        // The Service without the label is not affected, nor is the pod addressed directly.
+        assert_eq!(
+            routes(&plan_for(&ctx, "10.0.1.1:40000", "10.0.1.3:8080")),
+            ["10.0.1.3:8080 local shop/cart-1 [local MutualTls]"]
+        );
+    }
+
+    #[test]
+    fn a_pod_with_a_waypoint_is_reached_through_it_and_an_unusable_one_refuses() {
+        let text = waypoint_state("").replace(
+            "metadata: {name: web-2, namespace: shop, labels: {app: web}}",
+            "metadata: {name: web-2, namespace: shop, labels: {app: web, istio.io/use-waypoint: waypoint}}",
+        );
+        let snapshot = crate::source::local::testing::load_text(&text)
+            .unwrap_or_else(|errors| panic!("test state must load: {errors}"));
+        let ctx = context_over(snapshot);
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.0.2.1:8080");
+        assert_eq!(plan.attempts.len(), 1, "{:?}", routes(&plan));
+        assert_eq!(plan.attempts[0].address, addr("10.0.2.9:15008"));
+        assert_eq!(plan.attempts[0].authority, addr("10.0.2.1:8080"));
+
+        // Its Gateway gone, the pod's traffic does not go around the waypoint: no attempt.
+        let gone = text.replace(
+            "gatewayClassName: istio-waypoint",
+            "gatewayClassName: istio",
+        );
+        let (snapshot, errors) = crate::source::local::testing::assemble_text(&gone);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let ctx = context_over(snapshot);
+        let plan = plan_for(&ctx, "10.0.1.1:40000", "10.0.2.1:8080");
+        assert!(plan.attempts.is_empty(), "{:?}", routes(&plan));
+        assert_eq!(
+            plan.unusable_waypoint.as_deref(),
+            Some("names waypoint shop/waypoint, which is not a valid istio-waypoint Gateway")
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::socket;
-use crate::state::{Snapshot, TargetPort, Workload};
+use crate::state::{Snapshot, TargetPort, WaypointUse, Workload};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -25,6 +25,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DIRECT: &str = "direct";
 pub const TUNNEL: &str = "tunnel";
 pub const LOCAL: &str = "local";
+pub const WAYPOINT: &str = "waypoint";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -112,6 +113,10 @@ pub struct Endpoint<'a> {
 pub struct Resolved<'a> {
     pub service: Option<String>,
     pub endpoints: Vec<Endpoint<'a>>,
+    /// The waypoint the destination uses: the endpoints are then its pods, on 15008, and the
+    /// tunnel's authority stays the original destination. With an unusable waypoint there is
+    /// no endpoint: its policies cannot be enforced, so nothing goes around it.
+    pub waypoint: Option<&'a WaypointUse>,
 }
 
 /// Round-robin position per service port.
@@ -153,11 +158,21 @@ impl ServiceBalancer {
                     address: destination,
                     workload: None,
                 }],
+                waypoint: None,
             };
         };
         if let Some(service) = snapshot.service_by_ip(ip)
             && let Some(port) = service.ports.iter().find(|p| p.port == destination.port())
         {
+            let name = format!("{}/{}", service.namespace, service.name);
+            if let Some(used) = snapshot.service_waypoint(service) {
+                let endpoints = self.waypoint_pods(snapshot, used, (name.clone(), 0), advance);
+                return Resolved {
+                    service: Some(name),
+                    endpoints,
+                    waypoint: Some(used),
+                };
+            }
             let mut slices = snapshot.slices_of(service).peekable();
             let mut endpoints: Vec<Endpoint> = if slices.peek().is_some() {
                 // The slices say where the traffic goes: their ready addresses, on the port
@@ -194,24 +209,60 @@ impl ServiceBalancer {
             endpoints.sort_by_key(|e| e.address);
             endpoints.dedup_by_key(|e| e.address);
             if !endpoints.is_empty() && advance {
-                let start =
-                    self.start((format!("{}/{}", service.namespace, service.name), port.port));
+                let start = self.start((name.clone(), port.port));
                 let len = endpoints.len();
                 endpoints.rotate_left(start % len);
             }
             return Resolved {
-                service: Some(format!("{}/{}", service.namespace, service.name)),
+                service: Some(name),
                 endpoints,
+                waypoint: None,
             };
         }
         let workload = snapshot.workload_by_ip(ip);
+        if let Some(used) = workload.and_then(|w| snapshot.workload_waypoint(w)) {
+            let key = (format!("pod {}", destination.ip()), 0);
+            return Resolved {
+                service: None,
+                endpoints: self.waypoint_pods(snapshot, used, key, advance),
+                waypoint: Some(used),
+            };
+        }
         Resolved {
             service: None,
             endpoints: vec![Endpoint {
                 address: destination,
                 workload,
             }],
+            waypoint: None,
         }
+    }
+
+    /// A usable waypoint's pods on 15008, rotated like a service's endpoints; none for one
+    /// that cannot be used.
+    fn waypoint_pods<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+        used: &'a WaypointUse,
+        key: (String, u16),
+        advance: bool,
+    ) -> Vec<Endpoint<'a>> {
+        if !used.is_usable() {
+            return Vec::new();
+        }
+        let mut endpoints: Vec<Endpoint> = snapshot
+            .waypoint_pods(&used.waypoint)
+            .map(|w| Endpoint {
+                address: SocketAddr::from((w.ip, mesh_common::TUNNEL_PORT)),
+                workload: Some(w),
+            })
+            .collect();
+        endpoints.sort_by_key(|e| e.address);
+        if !endpoints.is_empty() && advance {
+            let len = endpoints.len();
+            endpoints.rotate_left(self.start(key) % len);
+        }
+        endpoints
     }
 }
 
