@@ -5,6 +5,7 @@ pub mod bridge;
 pub mod headers;
 pub mod pool;
 pub mod server;
+pub mod stream_io;
 
 use tokio::{io::BufReader, net::TcpStream};
 
