@@ -10,6 +10,7 @@ mod endpoint_slice;
 mod enrollment;
 mod error;
 pub mod gateway_api;
+mod http_route;
 pub mod istio;
 mod namespace;
 mod object;
@@ -32,6 +33,11 @@ pub use cidr::{Cidr, CidrError};
 pub use endpoint_slice::EndpointSlice;
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
 pub use error::{Origin, StateError, StateErrors};
+pub use http_route::{
+    Backend, BackendService, Filter, HeaderModifier, HttpRoute, HttpRouteError, Mirror, PathMatch,
+    PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, RouteRule, ServiceParent,
+    ValueMatch,
+};
 pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource, WorkloadSelector};
 pub use namespace::{DEFAULT_NAMESPACE, Namespace};
 pub use object::{Object, Sourced, object_label};

@@ -224,7 +224,12 @@ async fn without_istio_kinds_the_agent_is_ready_and_enforces_no_policy() -> Resu
         .as_array()
         .cloned()
         .unwrap_or_default();
-    for kind in ["AuthorizationPolicy", "PeerAuthentication", "Gateway"] {
+    for kind in [
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "Gateway",
+        "HTTPRoute",
+    ] {
         ensure!(
             watches
                 .iter()

@@ -37,6 +37,7 @@ const WATCHED: &[(&str, &str)] = &[
     ("security.istio.io", "authorizationpolicies"),
     ("security.istio.io", "peerauthentications"),
     ("gateway.networking.k8s.io", "gateways"),
+    ("gateway.networking.k8s.io", "httproutes"),
 ];
 const READ_VERBS: &[&str] = &["get", "list", "watch"];
 

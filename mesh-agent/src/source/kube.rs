@@ -33,9 +33,8 @@ use tokio::sync::{Notify, watch};
 use self::store::Store;
 use super::StateStatus;
 use crate::state::{
-    self, AuthorizationPolicy, AuthorizationPolicyResource, Origin, PeerAuthentication,
-    PeerAuthenticationResource, Record, Records, Snapshot, StateError, Workload, WorkloadSelector,
-    record,
+    self, AuthorizationPolicy, AuthorizationPolicyResource, Origin, PeerAuthentication, Record,
+    Records, Snapshot, StateError, Workload, WorkloadSelector, record,
 };
 
 /// The pseudo file that state problems of API objects name.
@@ -174,6 +173,7 @@ struct Stores {
     authorization_policies: Arc<Store<AuthorizationPolicy>>,
     peer_authentications: Arc<Store<PeerAuthentication>>,
     gateways: Arc<Store<state::Waypoint>>,
+    http_routes: Arc<Store<state::HttpRoute>>,
 }
 
 /// The running source: the snapshot, its status and each watch's.
@@ -183,7 +183,7 @@ pub struct KubeSource {
     pub watches: watch::Receiver<Vec<WatchStatus>>,
 }
 
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "Namespace",
     "Pod",
     "Service",
@@ -191,6 +191,7 @@ const KINDS: [&str; 7] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
     "Gateway",
+    "HTTPRoute",
 ];
 
 /// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
@@ -224,9 +225,15 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
         istio("AuthorizationPolicy", "authorizationpolicies"),
         istio("PeerAuthentication", "peerauthentications"),
     );
-    let gateways = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(state::gateway_api::GROUP, "v1", "Gateway"),
-        "gateways",
+    let gateway_api = |kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(state::gateway_api::GROUP, "v1", kind),
+            plural,
+        )
+    };
+    let (gateways, http_routes) = (
+        gateway_api("Gateway", "gateways"),
+        gateway_api("HTTPRoute", "httproutes"),
     );
     let probe = Api::<Namespace>::all(client.clone());
     let stores = Stores {
@@ -246,7 +253,18 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             5,
             &shared,
         ),
-        gateways: spawn_watch(Api::all_with(client, &gateways), read_gateway, 6, &shared),
+        gateways: spawn_watch(
+            Api::all_with(client.clone(), &gateways),
+            read_gateway,
+            6,
+            &shared,
+        ),
+        http_routes: spawn_watch(
+            Api::all_with(client, &http_routes),
+            read_http_route,
+            7,
+            &shared,
+        ),
     };
 
     while !shared.ready() {
@@ -475,6 +493,7 @@ fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
         authorization_policies: stores.authorization_policies.records(),
         peer_authentications: stores.peer_authentications.records(),
         gateways: stores.gateways.records(),
+        http_routes: stores.http_routes.records(),
     };
     Snapshot::join(&records, Vec::new(), previous)
 }
@@ -513,34 +532,34 @@ fn read_authorization_policy(object: DynamicObject) -> Record<AuthorizationPolic
 /// A PeerAuthentication that cannot be read is rejected alone: it has no safe stand-in that
 /// would not also open (PERMISSIVE) or close (STRICT) what its author did not write.
 fn read_peer_authentication(object: DynamicObject) -> Record<PeerAuthentication> {
-    let origin = origin();
-    match typed::<PeerAuthenticationResource>(&object) {
-        Ok(resource) => record::peer_authentication(origin, &resource),
-        Err(reason) => {
-            let resource = PeerAuthenticationResource {
-                metadata: object.metadata,
-                ..PeerAuthenticationResource::default()
-            };
-            let mut record = record::peer_authentication(origin, &resource);
-            record.model = None;
-            record.problems = vec![record.error(None, format!("cannot be read: {reason}"))];
-            record
-        }
-    }
+    read_or_reject(object, record::peer_authentication)
 }
 
 /// A Gateway that cannot be read is rejected alone; a Service or pod that names it then cannot
 /// use it, and fails closed.
 fn read_gateway(object: DynamicObject) -> Record<state::Waypoint> {
-    let origin = origin();
-    match typed::<state::gateway_api::GatewayResource>(&object) {
-        Ok(resource) => record::gateway(origin, &resource),
+    read_or_reject(object, record::gateway)
+}
+
+/// An HTTPRoute that cannot be read is rejected alone: its Service is routed as if it had none.
+fn read_http_route(object: DynamicObject) -> Record<state::HttpRoute> {
+    read_or_reject(object, record::http_route)
+}
+
+/// Reads a custom object as `R`; one that does not fit `R` is a record with no model and one
+/// problem naming the field.
+fn read_or_reject<R, M>(object: DynamicObject, read: fn(Origin, &R) -> Record<M>) -> Record<M>
+where
+    R: DeserializeOwned
+        + Default
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+{
+    match typed::<R>(&object) {
+        Ok(resource) => read(origin(), &resource),
         Err(reason) => {
-            let resource = state::gateway_api::GatewayResource {
-                metadata: object.metadata,
-                ..Default::default()
-            };
-            let mut record = record::gateway(origin, &resource);
+            let mut resource = R::default();
+            *resource.metadata_mut() = object.metadata;
+            let mut record = read(origin(), &resource);
             record.model = None;
             record.problems = vec![record.error(None, format!("cannot be read: {reason}"))];
             record

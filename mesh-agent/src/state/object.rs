@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1 as k8s;
 
 use super::error::Origin;
-use super::gateway_api::GatewayResource;
+use super::gateway_api::{GatewayResource, HttpRouteResource};
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 
 /// A Kubernetes object of a kind the agent reads.
@@ -17,6 +17,7 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicyResource>),
     PeerAuthentication(Box<PeerAuthenticationResource>),
     Gateway(Box<GatewayResource>),
+    HttpRoute(Box<HttpRouteResource>),
 }
 
 /// An object with the place it came from, so later checks can name the file.

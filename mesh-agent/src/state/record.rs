@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::authorization::AuthorizationPolicy;
 use super::endpoint_slice::EndpointSlice;
 use super::error::{Origin, StateError};
-use super::gateway_api::GatewayResource;
+use super::gateway_api::{GatewayResource, HttpRouteResource};
+use super::http_route::HttpRoute;
 use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use super::namespace::{Namespace, namespace_of};
 use super::object::{Object, Sourced, object_label};
@@ -97,6 +98,8 @@ pub struct Records {
     pub peer_authentications: Vec<Arc<Record<PeerAuthentication>>>,
     /// Gateways; only waypoints (class `istio-waypoint`) have a model.
     pub gateways: Vec<Arc<Record<Waypoint>>>,
+    /// HTTPRoutes; only those attached to a Service have a model.
+    pub http_routes: Vec<Arc<Record<HttpRoute>>>,
 }
 
 impl Records {
@@ -112,6 +115,7 @@ impl Records {
             authorizations: Vec<Sourced<AuthorizationPolicyResource>>,
             peers: Vec<Sourced<PeerAuthenticationResource>>,
             gateways: Vec<Sourced<GatewayResource>>,
+            http_routes: Vec<Sourced<HttpRouteResource>>,
         }
         let mut by_kind = ByKind::default();
         for Sourced { origin, object } in objects {
@@ -141,6 +145,10 @@ impl Records {
                     object: *object,
                 }),
                 Object::Gateway(object) => by_kind.gateways.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
+                Object::HttpRoute(object) => by_kind.http_routes.push(Sourced {
                     origin,
                     object: *object,
                 }),
@@ -174,6 +182,7 @@ impl Records {
             ),
             peer_authentications: each(&by_kind.peers, true, peer_authentication, &mut errors),
             gateways: each(&by_kind.gateways, true, gateway, &mut errors),
+            http_routes: each(&by_kind.http_routes, true, http_route, &mut errors),
         };
         (records, errors)
     }
@@ -247,4 +256,9 @@ pub fn gateway(origin: Origin, gateway: &GatewayResource) -> Record<Waypoint> {
     Record::read(origin, gateway, true, |gateway| {
         Waypoint::from_gateway(gateway).map_err(at_fields(WaypointError::field))
     })
+}
+
+/// An HTTPRoute attached only to Gateways (ingress) yields no model and no problem.
+pub fn http_route(origin: Origin, route: &HttpRouteResource) -> Record<HttpRoute> {
+    Record::read(origin, route, true, HttpRoute::from_resource)
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::authorization::AuthorizationPolicy;
 use super::endpoint_slice::EndpointSlice;
 use super::error::{StateError, StateErrors};
+use super::http_route::HttpRoute;
 use super::namespace::Namespace;
 use super::object::{Object, Sourced};
 use super::peer_authentication::PeerAuthentication;
@@ -39,6 +40,8 @@ pub struct Snapshot {
     pub waypoints: Vec<Arc<Waypoint>>,
     /// The Services and pods that name a waypoint, sorted by (kind, namespace, name).
     pub waypoint_uses: Vec<WaypointUse>,
+    /// HTTPRoutes attached to Services, sorted by (namespace, name).
+    pub http_routes: Vec<Arc<HttpRoute>>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
     /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
@@ -147,6 +150,8 @@ impl Snapshot {
         waypoints.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let uses = waypoint_uses(records, &workloads, &namespaces, &waypoints, &mut errors);
         let services = admitted(&records.services, &namespaces, &mut errors);
+        let mut http_routes = admitted(&records.http_routes, &namespaces, &mut errors);
+        http_routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let endpoint_slices = admitted(&records.endpoint_slices, &namespaces, &mut errors);
         let authorization_policies =
             admitted(&records.authorization_policies, &namespaces, &mut errors);
@@ -164,6 +169,10 @@ impl Snapshot {
         .with_policies(authorization_policies, peer_authentications)
         .with_endpoint_slices(endpoint_slices)
         .with_waypoints(waypoints, uses);
+        let snapshot = Snapshot {
+            http_routes,
+            ..snapshot
+        };
         (snapshot, errors)
     }
 
@@ -221,6 +230,7 @@ impl Snapshot {
             peer_authentications: Vec::new(),
             waypoints: Vec::new(),
             waypoint_uses: Vec::new(),
+            http_routes: Vec::new(),
         }
     }
 
@@ -1065,5 +1075,36 @@ spec: {clusterIP: 10.96.0.2, ports: [{name: tcp, port: 5432}]}
         let web = snapshot.service("shop", "web").expect("web is kept");
         let used = snapshot.service_waypoint(web).expect("named");
         assert!(!used.is_usable(), "{used:?}");
+    }
+
+    #[test]
+    fn mesh_http_routes_are_kept_and_a_bad_one_is_named() {
+        let route = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ingress, namespace: shop}
+spec: {parentRefs: [{name: public}], rules: [{}]}
+";
+        let snapshot = build(&format!("{WAYPOINT}{route}")).expect("valid");
+        let names: Vec<&str> = snapshot
+            .http_routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["split"], "the ingress route is not the mesh's");
+        let bad = route.replace("[{backendRefs:", "[{filters: [{type: CORS}], backendRefs:");
+        assert_eq!(
+            messages(build(&format!("{WAYPOINT}{bad}"))),
+            [
+                "s.yaml: HTTPRoute shop/split: spec.rules[0].filters[0].type: filter type \"CORS\" is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)"
+            ]
+        );
     }
 }

@@ -145,6 +145,22 @@ pub const KINDS: &[Kind] = &[
         true,
         &[],
     ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "httproutes",
+        "HTTPRoute",
+        true,
+        &[],
+    ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        "httproutes",
+        "HTTPRoute",
+        true,
+        &[],
+    ),
 ];
 
 pub fn kind_by_path(group: &str, version: &str, plural: &str) -> Option<&'static Kind> {

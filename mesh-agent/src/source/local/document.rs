@@ -215,6 +215,11 @@ impl Parsed {
                     Object::Gateway(Box::new(gateway))
                 })
             }
+            (version, "HTTPRoute") if gateway_api::API_VERSIONS.contains(&version) => {
+                self.typed(value, origin, &kind, true, |route| {
+                    Object::HttpRoute(Box::new(route))
+                })
+            }
             (found, "AuthorizationPolicy" | "PeerAuthentication") if is_istio_security(found) => {
                 let label = label_of(map, &kind, true, &origin);
                 let error = DocumentError::WrongApiVersion {
@@ -426,7 +431,7 @@ mod tests {
 
     #[test]
     fn skips_other_and_later_kinds() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
         let parsed = yaml(text);
         assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
         assert!(parsed.objects.is_empty());
