@@ -21,3 +21,4 @@ pub mod proxy;
 pub mod shutdown;
 pub mod source;
 pub mod state;
+pub mod waypoint;
