@@ -33,8 +33,12 @@ pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn watches_synced(status: &serde_json::Value) -> bool {
     status["state"]["watches"]
         .as_array()
-        .is_some_and(|w| w.len() == 6 && w.iter().all(|w| w["state"] == "synced"))
+        .is_some_and(|w| w.len() == WATCHED_KINDS && w.iter().all(|w| w["state"] == "synced"))
 }
+
+/// The kinds the agent's Kubernetes source watches: Namespace, Pod, Service, EndpointSlice,
+/// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute.
+pub const WATCHED_KINDS: usize = 8;
 
 pub fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = env::var_os("MESH_AGENT_BIN") {
