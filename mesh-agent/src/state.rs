@@ -4,6 +4,33 @@
 //! them read one by one ([`Records`], [`Snapshot::join`]); where those came from is the sources'
 //! business ([`crate::source`]: local YAML or the Kubernetes API), never the model's.
 
+/// Implements the Kubernetes resource traits for a namespaced custom resource type of the
+/// model, so sources can name and list it.
+macro_rules! namespaced_resource {
+    ($type:ty, $group:literal, $version:literal, $kind:literal, $plural:literal) => {
+        impl k8s_openapi::Resource for $type {
+            const API_VERSION: &'static str = concat!($group, "/", $version);
+            const GROUP: &'static str = $group;
+            const VERSION: &'static str = $version;
+            const KIND: &'static str = $kind;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $type {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 mod authorization;
 mod cidr;
 mod endpoint_slice;

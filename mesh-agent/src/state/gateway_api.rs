@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use serde::Deserialize;
 
 use super::istio::nullable;
@@ -74,26 +73,13 @@ pub struct LabelSelectorSpec {
     pub match_expressions: Vec<serde_json::Value>,
 }
 
-impl Resource for GatewayResource {
-    const API_VERSION: &'static str = "gateway.networking.k8s.io/v1";
-    const GROUP: &'static str = GROUP;
-    const KIND: &'static str = "Gateway";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "gateways";
-    type Scope = NamespaceResourceScope;
-}
-
-impl Metadata for GatewayResource {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(
+    GatewayResource,
+    "gateway.networking.k8s.io",
+    "v1",
+    "Gateway",
+    "gateways"
+);
 
 /// `gateway.networking.k8s.io/v1` `HTTPRoute`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -314,23 +300,10 @@ pub struct RetrySpec {
     pub backoff: Option<String>,
 }
 
-impl Resource for HttpRouteResource {
-    const API_VERSION: &'static str = "gateway.networking.k8s.io/v1";
-    const GROUP: &'static str = GROUP;
-    const KIND: &'static str = "HTTPRoute";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "httproutes";
-    type Scope = NamespaceResourceScope;
-}
-
-impl Metadata for HttpRouteResource {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+namespaced_resource!(
+    HttpRouteResource,
+    "gateway.networking.k8s.io",
+    "v1",
+    "HTTPRoute",
+    "httproutes"
+);

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use schemars::JsonSchema;
 use serde::de::{self, IgnoredAny};
 use serde::{Deserialize, Deserializer};
@@ -254,38 +253,17 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
-macro_rules! istio_resource {
-    ($type:ty, $kind:literal, $plural:literal) => {
-        impl Resource for $type {
-            const API_VERSION: &'static str = "security.istio.io/v1";
-            const GROUP: &'static str = GROUP;
-            const KIND: &'static str = $kind;
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
-        }
-
-        impl Metadata for $type {
-            type Ty = ObjectMeta;
-
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-istio_resource!(
+namespaced_resource!(
     AuthorizationPolicyResource,
+    "security.istio.io",
+    "v1",
     "AuthorizationPolicy",
     "authorizationpolicies"
 );
-istio_resource!(
+namespaced_resource!(
     PeerAuthenticationResource,
+    "security.istio.io",
+    "v1",
     "PeerAuthentication",
     "peerauthentications"
 );

@@ -265,6 +265,10 @@ impl Snapshot {
 
     /// The waypoint a service names, if it names one (usable or not).
     pub fn service_waypoint(&self, service: &Service) -> Option<&WaypointUse> {
+        // Asked on every connection to a Service: a mesh without waypoints pays nothing more.
+        if self.waypoint_uses.is_empty() {
+            return None;
+        }
         let i = self
             .services
             .binary_search_by(|s| (&s.namespace, &s.name).cmp(&(&service.namespace, &service.name)))
