@@ -76,28 +76,12 @@ async fn serve(
     features: kernel::KernelFeatures,
     open_files: limits::OpenFiles,
 ) -> anyhow::Result<()> {
-    let (snapshot, state_status, source_watches, kube_client) = match &config.source {
-        StateSource::Files(path) => {
-            let watcher = local::Watcher::new(path.clone()).map_err(|errors| {
-                anyhow::anyhow!("the state at {} is invalid:\n{errors}", path.display())
-            })?;
-            let (snapshot, status) = (watcher.snapshot(), watcher.status());
-            tokio::spawn(watcher.run());
-            (snapshot, status, None, None)
-        }
-        StateSource::Kubernetes(connection) => {
-            let (client, api_server) = kube::client(connection).await?;
-            info!(?connection, %api_server, "listing the cluster from the Kubernetes API");
-            // Not ready (nothing listens yet) until every kind has been listed once.
-            let source = kube::start(client.clone(), &api_server, connection).await;
-            (
-                source.snapshot,
-                source.status,
-                Some(source.watches),
-                Some(client),
-            )
-        }
-    };
+    let Opened {
+        snapshot,
+        status: state_status,
+        watches: source_watches,
+        client: kube_client,
+    } = open_source(&config.source).await?;
 
     let ca = CertificateAuthority::load_or_create(
         &config.identity.ca_dir,
@@ -303,6 +287,46 @@ async fn serve(
     result.map(|_| ())
 }
 
+/// A state source, started: its snapshots and status, and for the API its watches and client.
+pub struct Opened {
+    pub snapshot: watch::Receiver<Arc<crate::state::Snapshot>>,
+    pub status: watch::Receiver<crate::source::StateStatus>,
+    pub watches: Option<watch::Receiver<Vec<kube::WatchStatus>>>,
+    pub client: Option<::kube::Client>,
+}
+
+/// Starts reading the cluster from `source`; returns once the first snapshot is built (for the
+/// API: once every kind has been listed). A directory whose files are bad at start is an error.
+pub async fn open_source(source: &StateSource) -> anyhow::Result<Opened> {
+    match source {
+        StateSource::Files(path) => {
+            let watcher = local::Watcher::new(path.clone()).map_err(|errors| {
+                anyhow::anyhow!("the state at {} is invalid:\n{errors}", path.display())
+            })?;
+            let (snapshot, status) = (watcher.snapshot(), watcher.status());
+            tokio::spawn(watcher.run());
+            Ok(Opened {
+                snapshot,
+                status,
+                watches: None,
+                client: None,
+            })
+        }
+        StateSource::Kubernetes(connection) => {
+            let (client, api_server) = kube::client(connection).await?;
+            info!(?connection, %api_server, "listing the cluster from the Kubernetes API");
+            // Not ready (nothing listens yet) until every kind has been listed once.
+            let source = kube::start(client.clone(), &api_server, connection).await;
+            Ok(Opened {
+                snapshot: source.snapshot,
+                status: source.status,
+                watches: Some(source.watches),
+                client: Some(client),
+            })
+        }
+    }
+}
+
 /// How long binding the hand-over socket waits for a predecessor to let go of it.
 const OFFER_BIND_WAIT: Duration = Duration::from_secs(5);
 
@@ -460,13 +484,13 @@ fn spawn_admin(
 }
 
 /// SIGTERM and SIGINT, installed once so that none is missed between waits.
-struct Signals {
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
@@ -474,7 +498,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => info!("SIGTERM received"),
             _ = self.int.recv() => info!("SIGINT received"),

@@ -16,6 +16,7 @@ use mesh_agent::{
         StateSource,
         kube::{Connection, daemonset::DaemonSetRef},
     },
+    waypoint::{self, app::WaypointConfig},
 };
 
 /// jemalloc, as ztunnel: a node agent holds the whole cluster's state between bursts of
@@ -51,51 +52,6 @@ enum Command {
         /// Kubernetes node name this agent serves.
         #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Directory or file of Kubernetes YAML (Namespace, Pod, Service, …): run without a
-        /// cluster. Without it the agent reads the Kubernetes API: with `--kubeconfig`, or with
-        /// the pod's service account when it runs in a pod (`KUBERNETES_SERVICE_HOST`).
-        #[arg(long, conflicts_with = "kubeconfig")]
-        state: Option<PathBuf>,
-        /// Read the cluster from the Kubernetes API with this kubeconfig (its current context).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin_addr: SocketAddr,
-        #[arg(long, default_value = "0.0.0.0:15021")]
-        readiness_addr: SocketAddr,
-        /// Prometheus metrics (`/metrics`).
-        #[arg(long, default_value = "0.0.0.0:15020")]
-        metrics_addr: SocketAddr,
-        /// SPIFFE trust domain of the mesh.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// CA directory: Istio plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem,
-        /// cert-chain.pem), or where a generated root is kept for every agent to share.
-        #[arg(long, default_value = "/var/lib/mesh-agent/ca")]
-        ca_dir: PathBuf,
-        /// Lifetime of workload certificates, in seconds; they are renewed at about half of it.
-        #[arg(long, default_value_t = 86400.0)]
-        cert_ttl: f64,
-        /// Namespace whose policies apply mesh-wide (Istio's root namespace).
-        #[arg(long, default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
-        root_namespace: String,
-        /// Streams one pooled tunnel connection carries before another is opened.
-        #[arg(long, default_value_t = 100)]
-        pool_max_streams: usize,
-        /// Seconds an unused tunnel connection stays open.
-        #[arg(long, default_value_t = 60.0)]
-        pool_idle_timeout: f64,
-        /// Seconds open connections get to finish on SIGTERM.
-        #[arg(long, default_value_t = 5.0)]
-        drain_timeout: f64,
-        /// Data-plane worker threads. One (a single-threaded runtime) is fastest when the node's
-        /// cores are busy with the workloads themselves (measured: 1 KiB echo p50 39 µs with 1
-        /// thread, 243 µs with 2, on 2 cores shared with the applications).
-        #[arg(long, default_value_t = 1)]
-        worker_threads: usize,
-        /// Log as JSON lines instead of text.
-        #[arg(long)]
-        log_json: bool,
         /// `NAMESPACE/NAME` of the agent's own DaemonSet. On SIGTERM the agent asks the API server
         /// about it: when it is gone or being deleted, the agent uninstalls the data plane after
         /// its drain; otherwise (a rollout, a restart) it leaves capture in place, failing closed.
@@ -103,24 +59,23 @@ enum Command {
         daemonset: Option<DaemonSetRef>,
         #[command(flatten)]
         limits: LimitOverrides,
-        /// Seconds a proxied socket is quiet before TCP keepalive probes start.
-        #[arg(long, default_value_t = 60.0)]
-        tcp_keepalive_time: f64,
-        /// Seconds between TCP keepalive probes.
-        #[arg(long, default_value_t = 10.0)]
-        tcp_keepalive_interval: f64,
-        /// Unanswered TCP keepalive probes before the connection is reset.
-        #[arg(long, default_value_t = 6)]
-        tcp_keepalive_probes: u32,
-        /// Seconds between HTTP/2 PINGs on a tunnel (0: none).
-        #[arg(long, default_value_t = 30.0)]
-        http2_keepalive_interval: f64,
-        /// Seconds a tunnel waits for a PONG before it is closed with its streams.
-        #[arg(long, default_value_t = 10.0)]
-        http2_keepalive_timeout: f64,
-        /// Seconds a connection may carry nothing either way before it is closed (0: never).
-        #[arg(long, default_value_t = 3600.0)]
-        idle_timeout: f64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run a waypoint: the L7 proxy of the Services (or pods) that use its Gateway, as one of
+    /// that Gateway's pods. Its Gateway, identity and address come from its own pod in the state.
+    Waypoint {
+        /// This pod's namespace.
+        #[arg(long, env = "POD_NAMESPACE")]
+        pod_namespace: String,
+        /// This pod's name.
+        #[arg(long, env = "POD_NAME")]
+        pod_name: String,
+        /// Where HBONE is accepted.
+        #[arg(long, default_value = "0.0.0.0:15008")]
+        tunnel_addr: SocketAddr,
+        #[command(flatten)]
+        common: Common,
     },
     /// Agent summary: readiness, state source, capture, connections.
     Status(Inspect),
@@ -159,6 +114,75 @@ enum Command {
     },
 }
 
+/// What the agent and the waypoint are both given: the state source, identities, the admin
+/// listeners, tunnels and keepalive.
+#[derive(clap::Args)]
+struct Common {
+    /// Directory or file of Kubernetes YAML (Namespace, Pod, Service, …): run without a
+    /// cluster. Without it the agent reads the Kubernetes API: with `--kubeconfig`, or with
+    /// the pod's service account when it runs in a pod (`KUBERNETES_SERVICE_HOST`).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    state: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API with this kubeconfig (its current context).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// CA directory: Istio plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem), or where a generated root is kept for every agent to share.
+    #[arg(long, default_value = "/var/lib/mesh-agent/ca")]
+    ca_dir: PathBuf,
+    /// Lifetime of workload certificates, in seconds; they are renewed at about half of it.
+    #[arg(long, default_value_t = 86400.0)]
+    cert_ttl: f64,
+    /// Namespace whose policies apply mesh-wide (Istio's root namespace).
+    #[arg(long, default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Streams one pooled tunnel connection carries before another is opened.
+    #[arg(long, default_value_t = 100)]
+    pool_max_streams: usize,
+    /// Seconds an unused tunnel connection stays open.
+    #[arg(long, default_value_t = 60.0)]
+    pool_idle_timeout: f64,
+    /// Seconds open connections get to finish on SIGTERM.
+    #[arg(long, default_value_t = 5.0)]
+    drain_timeout: f64,
+    /// Data-plane worker threads. One (a single-threaded runtime) is fastest when the node's
+    /// cores are busy with the workloads themselves (measured: 1 KiB echo p50 39 µs with 1
+    /// thread, 243 µs with 2, on 2 cores shared with the applications).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    /// Seconds a proxied socket is quiet before TCP keepalive probes start.
+    #[arg(long, default_value_t = 60.0)]
+    tcp_keepalive_time: f64,
+    /// Seconds between TCP keepalive probes.
+    #[arg(long, default_value_t = 10.0)]
+    tcp_keepalive_interval: f64,
+    /// Unanswered TCP keepalive probes before the connection is reset.
+    #[arg(long, default_value_t = 6)]
+    tcp_keepalive_probes: u32,
+    /// Seconds between HTTP/2 PINGs on a tunnel (0: none).
+    #[arg(long, default_value_t = 30.0)]
+    http2_keepalive_interval: f64,
+    /// Seconds a tunnel waits for a PONG before it is closed with its streams.
+    #[arg(long, default_value_t = 10.0)]
+    http2_keepalive_timeout: f64,
+    /// Seconds a connection may carry nothing either way before it is closed (0: never).
+    #[arg(long, default_value_t = 3600.0)]
+    idle_timeout: f64,
+}
+
 #[derive(clap::Args)]
 struct Inspect {
     #[arg(short, long, value_enum, default_value = "table")]
@@ -173,75 +197,55 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Run {
             node,
-            state,
-            kubeconfig,
-            admin_addr,
-            readiness_addr,
-            metrics_addr,
-            trust_domain,
-            ca_dir,
-            cert_ttl,
-            root_namespace,
-            pool_max_streams,
-            pool_idle_timeout,
-            drain_timeout,
-            worker_threads,
-            log_json,
             daemonset,
             limits,
-            tcp_keepalive_time,
-            tcp_keepalive_interval,
-            tcp_keepalive_probes,
-            http2_keepalive_interval,
-            http2_keepalive_timeout,
-            idle_timeout,
+            common,
         } => {
-            mesh_agent::logging::init(log_json);
-            let secs = |s: f64, default: u64| {
-                Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(default))
-            };
-            let source = match (state, kubeconfig, Connection::in_cluster()) {
-                (Some(path), _, _) => StateSource::Files(path),
-                (None, Some(path), _) => StateSource::Kubernetes(Connection::Kubeconfig(path)),
-                (None, None, Some(in_cluster)) => StateSource::Kubernetes(in_cluster),
-                (None, None, None) => {
-                    eprintln!(
-                        "mesh-agent: no state source: give --state PATH (YAML) or --kubeconfig PATH, or run in a pod"
-                    );
-                    return ExitCode::from(2);
-                }
+            mesh_agent::logging::init(common.log_json);
+            let source = match common.source() {
+                Some(source) => source,
+                None => return no_source(),
             };
             app::run(Config {
                 node,
                 source,
-                admin_addr,
-                readiness_addr,
-                metrics_addr,
-                drain_timeout: secs(drain_timeout, 5),
-                worker_threads: worker_threads.max(1),
-                identity: IdentityConfig {
-                    trust_domain: trust_domain.clone(),
-                    ca_dir,
-                    cert_ttl: secs(cert_ttl, 86400),
-                },
-                mesh: MeshConfig {
-                    trust_domain,
-                    root_namespace,
-                },
-                pool: PoolSettings {
-                    max_streams: pool_max_streams.max(1),
-                    idle_timeout: secs(pool_idle_timeout, 60),
-                },
+                admin_addr: common.admin_addr,
+                readiness_addr: common.readiness_addr,
+                metrics_addr: common.metrics_addr,
+                drain_timeout: secs(common.drain_timeout, 5),
+                worker_threads: common.worker_threads.max(1),
+                identity: common.identity(),
+                mesh: common.mesh(),
+                pool: common.pool(),
                 daemonset,
                 limits,
-                keepalive: KeepaliveSettings {
-                    tcp_time: secs(tcp_keepalive_time, 60),
-                    tcp_interval: secs(tcp_keepalive_interval, 10),
-                    tcp_probes: tcp_keepalive_probes.max(1),
-                    http2_interval: secs(http2_keepalive_interval, 30),
-                    http2_timeout: secs(http2_keepalive_timeout, 10),
-                    idle_timeout: secs(idle_timeout, 3600),
-                },
+                keepalive: common.keepalive(),
+            })
+        }
+        Command::Waypoint {
+            pod_namespace,
+            pod_name,
+            tunnel_addr,
+            common,
+        } => {
+            mesh_agent::logging::init(common.log_json);
+            let source = match common.source() {
+                Some(source) => source,
+                None => return no_source(),
+            };
+            waypoint::app::run(WaypointConfig {
+                pod_namespace,
+                pod_name,
+                source,
+                tunnel_addr,
+                readiness_addr: common.readiness_addr,
+                metrics_addr: common.metrics_addr,
+                drain_timeout: secs(common.drain_timeout, 5),
+                worker_threads: common.worker_threads.max(1),
+                identity: common.identity(),
+                mesh: common.mesh(),
+                pool: common.pool(),
+                keepalive: common.keepalive(),
             })
         }
         Command::Status(i) => inspect(View::Status, i),
@@ -265,6 +269,65 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("mesh-agent: {}", error_chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Seconds given on the command line; the default for a value no `Duration` can hold.
+fn secs(s: f64, default: u64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(default))
+}
+
+fn no_source() -> ExitCode {
+    eprintln!(
+        "mesh-agent: no state source: give --state PATH (YAML) or --kubeconfig PATH, or run in a pod"
+    );
+    ExitCode::from(2)
+}
+
+impl Common {
+    /// `--state`, else `--kubeconfig`, else the pod's service account; `None` without any.
+    fn source(&self) -> Option<StateSource> {
+        match (&self.state, &self.kubeconfig, Connection::in_cluster()) {
+            (Some(path), _, _) => Some(StateSource::Files(path.clone())),
+            (None, Some(path), _) => Some(StateSource::Kubernetes(Connection::Kubeconfig(
+                path.clone(),
+            ))),
+            (None, None, Some(in_cluster)) => Some(StateSource::Kubernetes(in_cluster)),
+            (None, None, None) => None,
+        }
+    }
+
+    fn identity(&self) -> IdentityConfig {
+        IdentityConfig {
+            trust_domain: self.trust_domain.clone(),
+            ca_dir: self.ca_dir.clone(),
+            cert_ttl: secs(self.cert_ttl, 86400),
+        }
+    }
+
+    fn mesh(&self) -> MeshConfig {
+        MeshConfig {
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+
+    fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_streams: self.pool_max_streams.max(1),
+            idle_timeout: secs(self.pool_idle_timeout, 60),
+        }
+    }
+
+    fn keepalive(&self) -> KeepaliveSettings {
+        KeepaliveSettings {
+            tcp_time: secs(self.tcp_keepalive_time, 60),
+            tcp_interval: secs(self.tcp_keepalive_interval, 10),
+            tcp_probes: self.tcp_keepalive_probes.max(1),
+            http2_interval: secs(self.http2_keepalive_interval, 30),
+            http2_timeout: secs(self.http2_keepalive_timeout, 10),
+            idle_timeout: secs(self.idle_timeout, 3600),
         }
     }
 }

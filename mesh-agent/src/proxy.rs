@@ -220,13 +220,9 @@ impl Listener {
 
     /// Accepts until `shutdown` turns true, then waits for its connections to finish (the
     /// caller bounds that wait with the drain timeout).
-    pub async fn run<F, Fut>(
-        self,
-        ctx: Arc<ProxyContext>,
-        mut shutdown: watch::Receiver<bool>,
-        handle: F,
-    ) where
-        F: Fn(Arc<ProxyContext>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    pub async fn run<C, F, Fut>(self, ctx: Arc<C>, mut shutdown: watch::Receiver<bool>, handle: F)
+    where
+        F: Fn(Arc<C>, tokio::net::TcpStream, SocketAddr) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         if let Ok(addr) = self.address() {

@@ -1,6 +1,81 @@
 //! The L7 waypoint (`mesh-agent waypoint`): terminates HBONE for the Services that use it and
 //! applies Istio's L7 policy and Gateway API routes to their HTTP before it goes on to an
 //! endpoint over HBONE, with the waypoint's own identity.
+//!
+//! - [`app`]: the process (state source, certificate, listeners, drain);
+//! - [`tunnel`]: HBONE from node agents, one CONNECT per client connection;
+//! - [`http`]: the HTTP served inside a CONNECT, request by request;
+//! - [`routing`], [`filters`]: which rule a request takes and what its filters do;
+//! - [`backends`]: connections to endpoints, pooled.
 
+pub mod app;
+pub mod backends;
 pub mod filters;
+pub mod http;
 pub mod routing;
+pub mod tunnel;
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+use tokio::sync::watch;
+
+use crate::{
+    identity::{CertificateManager, Identity},
+    metrics::Metrics,
+    proxy::{
+        MeshConfig, hbone::pool::Pool, keepalive::KeepaliveSettings, upstream::ServiceBalancer,
+    },
+    state::{Service, Snapshot, WaypointRef, WaypointUse, Workload},
+};
+
+/// What every tunnel and request of the waypoint needs.
+pub struct WaypointContext {
+    /// The Gateway this process is a pod of.
+    pub gateway: WaypointRef,
+    /// This pod's identity: what it presents to clients and to endpoints.
+    pub identity: Identity,
+    /// This pod's address, the source of its connections to endpoints.
+    pub ip: Ipv4Addr,
+    pub mesh: MeshConfig,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub certs: CertificateManager,
+    /// HBONE to endpoints, as this waypoint.
+    pub pool: Pool,
+    pub balancer: ServiceBalancer,
+    pub backends: backends::Backends,
+    pub metrics: Arc<Metrics>,
+    pub keepalive: KeepaliveSettings,
+    /// Turns true when the process stops: tunnels and HTTP connections are told to go away.
+    pub draining: watch::Receiver<bool>,
+}
+
+impl WaypointContext {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.borrow().clone()
+    }
+
+    /// Whether this use names this waypoint (and it can be used at all).
+    fn is_ours(&self, used: Option<&WaypointUse>) -> bool {
+        used.is_some_and(|u| u.is_usable() && u.waypoint == self.gateway)
+    }
+
+    /// Whether traffic to `service` is this waypoint's to handle.
+    pub fn serves_service(&self, snapshot: &Snapshot, service: &Service) -> bool {
+        self.is_ours(snapshot.service_waypoint(service))
+    }
+
+    /// Whether traffic addressed to the pod `workload` itself is this waypoint's to handle.
+    pub fn serves_workload(&self, snapshot: &Snapshot, workload: &Workload) -> bool {
+        self.is_ours(snapshot.workload_waypoint(workload))
+    }
+
+    /// The SPIFFE identity of a pod (see [`crate::proxy::ProxyContext::identity_of`]).
+    pub fn identity_of(&self, workload: &Workload) -> Option<Identity> {
+        Identity::new(
+            &self.mesh.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .ok()
+    }
+}

@@ -17,7 +17,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::socket;
-use crate::state::{Snapshot, TargetPort, WaypointUse, Workload};
+use crate::state::{Service, ServicePort, Snapshot, TargetPort, WaypointUse, Workload};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -173,49 +173,9 @@ impl ServiceBalancer {
                     waypoint: Some(used),
                 };
             }
-            let mut slices = snapshot.slices_of(service).peekable();
-            let mut endpoints: Vec<Endpoint> = if slices.peek().is_some() {
-                // The slices say where the traffic goes: their ready addresses, on the port
-                // each slice gives for this service port's name.
-                slices
-                    .flat_map(|slice| {
-                        let target = slice.port_for(port.name.as_deref());
-                        slice.ready.iter().filter_map(move |&ip| {
-                            Some(Endpoint {
-                                address: SocketAddr::from((ip, target?)),
-                                workload: snapshot.workload_by_ip(ip),
-                            })
-                        })
-                    })
-                    .collect()
-            } else {
-                snapshot
-                    .endpoints(service)
-                    .filter_map(|w| {
-                        let target = match &port.target_port {
-                            Some(TargetPort::Number(n)) => *n,
-                            // Each pod's container port of that name; a pod that declares none is
-                            // no endpoint of this port (as in Kubernetes' EndpointSlices).
-                            Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
-                            None => port.port,
-                        };
-                        Some(Endpoint {
-                            address: SocketAddr::from((w.ip, target)),
-                            workload: Some(w),
-                        })
-                    })
-                    .collect()
-            };
-            endpoints.sort_by_key(|e| e.address);
-            endpoints.dedup_by_key(|e| e.address);
-            if !endpoints.is_empty() && advance {
-                let start = self.start((name.clone(), port.port));
-                let len = endpoints.len();
-                endpoints.rotate_left(start % len);
-            }
             return Resolved {
+                endpoints: self.service_endpoints(snapshot, service, port, advance),
                 service: Some(name),
-                endpoints,
                 waypoint: None,
             };
         }
@@ -236,6 +196,59 @@ impl ServiceBalancer {
             }],
             waypoint: None,
         }
+    }
+
+    /// The ready endpoints of one port of `service`, rotated (when `advance`) so each call
+    /// starts at the next one; the rest follow as fallbacks. Waypoints play no part: this is
+    /// where a waypoint itself sends the Service's traffic.
+    pub fn service_endpoints<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+        service: &'a Service,
+        port: &ServicePort,
+        advance: bool,
+    ) -> Vec<Endpoint<'a>> {
+        let mut slices = snapshot.slices_of(service).peekable();
+        let mut endpoints: Vec<Endpoint> = if slices.peek().is_some() {
+            // The slices say where the traffic goes: their ready addresses, on the port
+            // each slice gives for this service port's name.
+            slices
+                .flat_map(|slice| {
+                    let target = slice.port_for(port.name.as_deref());
+                    slice.ready.iter().filter_map(move |&ip| {
+                        Some(Endpoint {
+                            address: SocketAddr::from((ip, target?)),
+                            workload: snapshot.workload_by_ip(ip),
+                        })
+                    })
+                })
+                .collect()
+        } else {
+            snapshot
+                .endpoints(service)
+                .filter_map(|w| {
+                    let target = match &port.target_port {
+                        Some(TargetPort::Number(n)) => *n,
+                        // Each pod's container port of that name; a pod that declares none is
+                        // no endpoint of this port (as in Kubernetes' EndpointSlices).
+                        Some(TargetPort::Name(name)) => *w.named_ports.get(name)?,
+                        None => port.port,
+                    };
+                    Some(Endpoint {
+                        address: SocketAddr::from((w.ip, target)),
+                        workload: Some(w),
+                    })
+                })
+                .collect()
+        };
+        endpoints.sort_by_key(|e| e.address);
+        endpoints.dedup_by_key(|e| e.address);
+        if !endpoints.is_empty() && advance {
+            let start = self.start((format!("{}/{}", service.namespace, service.name), port.port));
+            let len = endpoints.len();
+            endpoints.rotate_left(start % len);
+        }
+        endpoints
     }
 
     /// A usable waypoint's pods on 15008, rotated like a service's endpoints; none for one

@@ -2,7 +2,7 @@
 //! peer's SPIFFE identity, and serves each HTTP/2 CONNECT stream by authorizing it and
 //! connecting to the destination pod from the real client address.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
@@ -11,20 +11,18 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, warn};
 
 use super::{
+    accept,
     bridge::{self, Answer, Sender, Side},
     headers,
-    pool::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
 };
 use crate::{
     identity::{Identity, tls},
     proxy::{
         ProxyContext,
         connections::{ConnectionInfo, Direction, Security},
-        keepalive, socket, upstream, workload_ref, workload_ref_at,
+        socket, upstream, workload_ref, workload_ref_at,
     },
 };
-
-const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     // Unauthenticated until the handshake is done: bounded in all and per source address,
@@ -59,85 +57,50 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(super::transport(tcp));
-    let tls = match tokio::time::timeout(TLS_TIMEOUT, accept).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            warn!(src = %peer, dst = %local, error = %e, "TLS handshake refused");
-            ctx.metrics.refused("tunnel", "tls handshake");
-            return;
-        }
-        Err(_) => {
-            warn!(src = %peer, dst = %local, "TLS handshake timed out");
-            ctx.metrics.refused("tunnel", "tls timeout");
+    let (tls, peer_cert) = match accept::tls(tcp, config).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            warn!(src = %peer, dst = %local, error = %e, "tunnel refused");
+            ctx.metrics.refused("tunnel", e.reason());
             return;
         }
     };
     drop(handshake);
-    let Some((peer_identity, peer_serial)) = tls::peer_certificate(tls.get_ref().1) else {
-        warn!(src = %peer, "peer certificate has no SPIFFE identity; refused");
-        ctx.metrics.refused("tunnel", "no peer identity");
-        return;
-    };
-    let Ok(_tunnel) = ctx.limits.tunnel(&peer_identity) else {
+    let Ok(_tunnel) = ctx.limits.tunnel(&peer_cert.identity) else {
         socket::reset_on_close(tls.get_ref().0.get_ref());
         return;
     };
-    let mut connection = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(ctx.limits.settings().streams_per_tunnel)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
+    let connection = match accept::http2(tls, ctx.limits.settings().streams_per_tunnel).await {
         Ok(c) => c,
         Err(e) => {
-            warn!(src = %peer, error = %e, "HTTP/2 handshake failed");
+            warn!(src = %peer, error = %e, "tunnel refused");
             return;
         }
     };
+    let peer_identity = peer_cert.identity.clone();
     debug!(src = %peer, %peer_identity, dst = %local, "tunnel accepted");
-    let mut draining = ctx.draining.clone();
-    let mut going_away = false;
     let keepalive = ctx.keepalive;
-    let peer_gone = keepalive::unanswered(connection.ping_pong(), keepalive);
-    tokio::pin!(peer_gone);
-    loop {
-        let next = tokio::select! {
-            next = connection.accept() => next,
-            // Dropping the connection ends every stream on it: their upstreams are reset.
-            () = &mut peer_gone => {
-                warn!(src = %peer, %peer_identity, timeout = ?keepalive.http2_timeout, "tunnel peer left a PING unanswered; closed");
-                ctx.metrics.refused("tunnel", "keepalive timeout");
-                break;
-            }
-            // Draining: GOAWAY, so the peer opens its next streams on a new connection (to
-            // whichever process accepts now) while the streams in flight here finish. h2 sends
-            // it in two steps (the highest id first, the real last one a round trip later), so
-            // a stream already on its way is still served, not refused.
-            _ = crate::shutdown::requested(&mut draining), if !going_away => {
-                debug!(src = %peer, "draining: GOAWAY to the tunnel's peer");
-                connection.graceful_shutdown();
-                going_away = true;
-                continue;
-            }
-        };
-        let Some(next) = next else { break };
-        match next {
-            Ok((request, respond)) => {
-                let ctx = ctx.clone();
-                let peer = Peer {
-                    address: peer,
-                    identity: peer_identity.clone(),
-                    serial: peer_serial.clone(),
-                };
-                tokio::spawn(async move { stream(ctx, request, respond, peer).await });
-            }
-            Err(e) => {
-                debug!(src = %peer, error = %e, "tunnel ended");
-                break;
-            }
+    let ended = accept::serve(
+        connection,
+        keepalive,
+        ctx.draining.clone(),
+        |request, respond| {
+            let ctx = ctx.clone();
+            let peer = Peer {
+                address: peer,
+                identity: peer_cert.identity.clone(),
+                serial: peer_cert.serial.clone(),
+            };
+            tokio::spawn(async move { stream(ctx, request, respond, peer).await });
+        },
+    )
+    .await;
+    match ended {
+        accept::Ended::Closed => {}
+        accept::Ended::Error(e) => debug!(src = %peer, error = %e, "tunnel ended"),
+        accept::Ended::KeepaliveTimeout => {
+            warn!(src = %peer, %peer_identity, timeout = ?keepalive.http2_timeout, "tunnel peer left a PING unanswered; closed");
+            ctx.metrics.refused("tunnel", "keepalive timeout");
         }
     }
 }

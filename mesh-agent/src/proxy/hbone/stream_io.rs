@@ -15,6 +15,8 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::pool::{Stream, StreamGuard};
+
 /// The most one write asks the peer's window for.
 const MAX_WRITE: usize = 64 * 1024;
 
@@ -25,6 +27,8 @@ pub struct StreamIo {
     pending: Bytes,
     /// END_STREAM received.
     read_done: bool,
+    /// A pooled stream's hold on its connection, let go with the stream.
+    _guard: Option<StreamGuard>,
 }
 
 impl StreamIo {
@@ -34,6 +38,15 @@ impl StreamIo {
             recv,
             pending: Bytes::new(),
             read_done: false,
+            _guard: None,
+        }
+    }
+
+    /// A stream of a pooled tunnel: the connection counts it until the stream is dropped.
+    pub fn pooled(stream: Stream) -> Self {
+        Self {
+            _guard: Some(stream.guard),
+            ..Self::new(stream.send, stream.recv)
         }
     }
 }

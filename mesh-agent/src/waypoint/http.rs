@@ -1,0 +1,485 @@
+//! HTTP inside a CONNECT to a Service port the waypoint serves (HTTP/1.1 or HTTP/2, told apart
+//! by the HTTP/2 preface): each request is routed by the Service's HTTPRoutes, changed by the
+//! chosen rule's filters and sent to an endpoint of the backend it picks; the answer comes back
+//! with the response filters applied. No route attached: the Service itself is the backend.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version as HttpVersion,
+    header::{self, HeaderName},
+    request::Parts,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tracing::{debug, warn};
+
+use super::{
+    WaypointContext,
+    backends::{Body, Io, Target, Version},
+    filters::{self, Origin},
+    routing::{self, RequestView, Selection},
+};
+use crate::{
+    identity::Identity,
+    state::{AppProtocol, Filter, HeaderModifier, PathMatch, Redirect, Rewrite},
+};
+
+/// The client's side of one CONNECT: the Service port it dialed and who it is.
+#[derive(Debug)]
+pub struct Downstream {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    pub protocol: AppProtocol,
+    /// The VIP:port the client dialed.
+    pub address: SocketAddr,
+    pub client: SocketAddr,
+    pub client_identity: Identity,
+}
+
+/// Serves HTTP on `io` until the client closes it; on drain, HTTP/1.1 connections close after
+/// the request in flight and HTTP/2 ones get GOAWAY.
+pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, downstream: Downstream) {
+    let mut draining = ctx.draining.clone();
+    let downstream = Arc::new(downstream);
+    let service = {
+        let downstream = downstream.clone();
+        service_fn(move |request| {
+            let (ctx, downstream) = (ctx.clone(), downstream.clone());
+            async move { Ok::<_, Infallible>(handle(&ctx, &downstream, request).await) }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        _ = crate::shutdown::requested(&mut draining) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = served {
+        debug!(src = %downstream.client, dst = %downstream.address, error = %e, "HTTP connection ended");
+    }
+}
+
+/// One request, start to end.
+async fn handle(
+    ctx: &WaypointContext,
+    downstream: &Downstream,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let plan = match plan(ctx, downstream, &mut parts) {
+        Ok(plan) => plan,
+        Err(own) => return own.response(),
+    };
+    let request = upstream_request(parts, body.boxed(), plan.version);
+    match ctx
+        .backends
+        .send(ctx, &plan.targets, plan.version, downstream.client, request)
+        .await
+    {
+        Ok((target, response)) => {
+            debug!(src = %downstream.client, dst = %downstream.address, endpoint = %target.address, status = response.status().as_u16(), "request served");
+            downstream_response(response, &plan.response_headers)
+        }
+        Err(e) => {
+            warn!(src = %downstream.client, dst = %downstream.address, error = %e, "request failed");
+            if e.is_connect_failure() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+            } else {
+                text(StatusCode::BAD_GATEWAY, "upstream request failed")
+            }
+        }
+    }
+}
+
+/// Where a request goes, decided from the state in one go (the state is not held while the
+/// request is in flight).
+struct Plan {
+    targets: Vec<Target>,
+    version: Version,
+    /// Header changes for the response (the rule's, then the backend's).
+    response_headers: Vec<HeaderModifier>,
+}
+
+/// An answer of the waypoint's own, instead of an endpoint's.
+enum Own {
+    Status(StatusCode, &'static str),
+    Redirect(StatusCode, String),
+}
+
+impl Own {
+    fn response(self) -> Response<Body> {
+        match self {
+            Own::Status(status, body) => text(status, body),
+            Own::Redirect(status, location) => {
+                let mut response = Response::new(empty());
+                *response.status_mut() = status;
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                response
+            }
+        }
+    }
+}
+
+/// Routes the request and applies its request filters to `parts`; an answer of the waypoint's
+/// own (no route, a redirect, no backend) is the error.
+fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Result<Plan, Own> {
+    let snapshot = ctx.snapshot();
+    let service = snapshot
+        .service(&downstream.namespace, &downstream.name)
+        .ok_or(Own::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+        ))?;
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let selection = routing::select(
+        routing::attached(&snapshot, service, downstream.port),
+        &RequestView {
+            method: parts.method.as_str(),
+            path: &path,
+            query: query.as_deref(),
+            headers: &parts.headers,
+        },
+    );
+    let mut response_headers = Vec::new();
+    let (backend, port) = match selection {
+        Selection::Unrouted => (service, downstream.port),
+        Selection::NoMatch => return Err(Own::Status(StatusCode::NOT_FOUND, "route not found")),
+        Selection::Matched(matched) => {
+            let path_match = &matched.matched.path;
+            apply_filters(
+                &matched.rule.filters,
+                parts,
+                path_match,
+                downstream,
+                &mut response_headers,
+            )?;
+            let chosen = filters::choose_backend(&matched.rule.backends, rand::random())
+                .ok_or(Own::Status(StatusCode::INTERNAL_SERVER_ERROR, "no backend"))?;
+            apply_filters(
+                &chosen.filters,
+                parts,
+                path_match,
+                downstream,
+                &mut response_headers,
+            )?;
+            let backend = snapshot
+                .service(&chosen.service.namespace, &chosen.service.name)
+                .ok_or(Own::Status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "backend service not found",
+                ))?;
+            (backend, chosen.service.port.unwrap_or(downstream.port))
+        }
+    };
+    let port = backend
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .ok_or(Own::Status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backend port not found",
+        ))?;
+    let version = match port.app_protocol {
+        AppProtocol::Http2 | AppProtocol::Grpc => Version::Http2,
+        AppProtocol::Http | AppProtocol::Tcp => Version::Http1,
+    };
+    let targets: Vec<Target> = ctx
+        .balancer
+        .service_endpoints(&snapshot, backend, port, true)
+        .iter()
+        .map(|endpoint| Target::of(ctx, endpoint))
+        .collect();
+    if targets.is_empty() {
+        return Err(Own::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+        ));
+    }
+    Ok(Plan {
+        targets,
+        version,
+        response_headers,
+    })
+}
+
+/// A rule's (or backend's) filters, in order: request changes go into `parts`, response
+/// changes into `response_headers`; a redirect answers at once.
+fn apply_filters(
+    list: &[Filter],
+    parts: &mut Parts,
+    matched: &PathMatch,
+    downstream: &Downstream,
+    response_headers: &mut Vec<HeaderModifier>,
+) -> Result<(), Own> {
+    for filter in list {
+        match filter {
+            Filter::RequestHeaders(modifier) => {
+                filters::modify_headers(&mut parts.headers, modifier)
+            }
+            Filter::ResponseHeaders(modifier) => response_headers.push(modifier.clone()),
+            Filter::Redirect(redirect) => {
+                return Err(redirect_to(redirect, matched, parts, downstream));
+            }
+            Filter::Rewrite(rewrite) => rewrite_request(rewrite, matched, parts),
+            // Mirroring is not done yet: the request goes to its backend only.
+            Filter::Mirror(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The host the client asked for: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+fn request_host(parts: &Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+}
+
+fn without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: the port, if any, follows the bracket.
+        return match rest.find(']') {
+            Some(end) => &host[..end + 2],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+fn redirect_to(
+    redirect: &Redirect,
+    matched: &PathMatch,
+    parts: &Parts,
+    downstream: &Downstream,
+) -> Own {
+    let host = request_host(parts).map(without_port).unwrap_or_default();
+    let location = filters::redirect_location(
+        redirect,
+        matched,
+        &Origin {
+            scheme: "http",
+            host,
+            port: downstream.port,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+        },
+    );
+    Own::Redirect(
+        StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND),
+        location,
+    )
+}
+
+fn rewrite_request(rewrite: &Rewrite, matched: &PathMatch, parts: &mut Parts) {
+    if let Some(hostname) = &rewrite.hostname {
+        set_host(parts, hostname);
+    }
+    if let Some(modifier) = &rewrite.path {
+        let path = filters::rewrite_path(modifier, matched, parts.uri.path());
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = path_and_query.parse().ok();
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    }
+}
+
+/// Replaces the request's host, wherever its version keeps it.
+fn set_host(parts: &mut Parts, host: &str) {
+    if parts.uri.authority().is_some() {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.authority = host.parse().ok();
+        parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    }
+    if let Ok(value) = HeaderValue::from_str(host) {
+        parts.headers.insert(header::HOST, value);
+    }
+}
+
+/// Headers that belong to one connection (RFC 9110 section 7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the `Connection` header names are the connection's too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(HeaderName::from_static("proxy-connection"));
+    // `te: trailers` is how gRPC says it reads trailers; any other TE is the connection's.
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// The request as the endpoint gets it, in the version it speaks: HTTP/1.1 in origin form with
+/// `Host`, HTTP/2 with the host as `:authority`.
+fn upstream_request(mut parts: Parts, body: Body, version: Version) -> Request<Body> {
+    strip_hop_by_hop(&mut parts.headers);
+    let host = request_host(&parts).map(str::to_owned);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(path_and_query);
+    match version {
+        Version::Http1 => {
+            parts.version = HttpVersion::HTTP_11;
+            if let Some(value) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        Version::Http2 => {
+            parts.version = HttpVersion::HTTP_2;
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = host.and_then(|h| h.parse().ok());
+            parts.headers.remove(header::HOST);
+        }
+    }
+    parts.uri = Uri::from_parts(uri).unwrap_or_default();
+    Request::from_parts(parts, body)
+}
+
+fn downstream_response(response: Response<Body>, modifiers: &[HeaderModifier]) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    for modifier in modifiers {
+        filters::modify_headers(&mut parts.headers, modifier);
+    }
+    Response::from_parts(parts, body)
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An answer of the waypoint's own.
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(request: Request<()>) -> Parts {
+        request.into_parts().0
+    }
+
+    #[test]
+    fn hosts_lose_their_port_for_redirects() {
+        assert_eq!(without_port("example.com:8080"), "example.com");
+        assert_eq!(without_port("example.com"), "example.com");
+        assert_eq!(without_port("[::1]:80"), "[::1]");
+        assert_eq!(without_port("[::1]"), "[::1]");
+    }
+
+    /// HTTP/2 in, HTTP/1.1 out: the authority becomes `Host`, the target origin form, and
+    /// connection headers stay behind.
+    #[test]
+    fn an_http2_request_goes_out_as_http1_with_its_host() {
+        let request = Request::builder()
+            .version(HttpVersion::HTTP_2)
+            .uri("http://echo.shop:80/a/b?x=1")
+            .header("connection", "close, x-private")
+            .header("x-private", "1")
+            .header("te", "gzip")
+            .header("x-kept", "yes")
+            .body(())
+            .expect("request");
+        let out = upstream_request(parts(request), empty(), Version::Http1);
+        assert_eq!(out.version(), HttpVersion::HTTP_11);
+        assert_eq!(out.uri().to_string(), "/a/b?x=1");
+        assert_eq!(out.headers()["host"], "echo.shop:80");
+        assert_eq!(out.headers()["x-kept"], "yes");
+        for gone in ["connection", "x-private", "te"] {
+            assert!(!out.headers().contains_key(gone), "{gone} was forwarded");
+        }
+    }
+
+    /// HTTP/1.1 in, HTTP/2 out (a gRPC port): `Host` becomes `:authority`, `te: trailers` stays.
+    #[test]
+    fn an_http1_request_goes_out_as_http2_with_its_authority() {
+        let request = Request::builder()
+            .uri("/pkg.Service/Method")
+            .header("host", "grpc.shop:7070")
+            .header("te", "trailers")
+            .body(())
+            .expect("request");
+        let out = upstream_request(parts(request), empty(), Version::Http2);
+        assert_eq!(out.version(), HttpVersion::HTTP_2);
+        assert_eq!(
+            out.uri().to_string(),
+            "http://grpc.shop:7070/pkg.Service/Method"
+        );
+        assert!(!out.headers().contains_key("host"));
+        assert_eq!(out.headers()["te"], "trailers");
+    }
+
+    #[test]
+    fn a_rewrite_changes_host_and_path_and_keeps_the_query() {
+        let mut parts = parts(
+            Request::builder()
+                .uri("/prefix/one?x=1")
+                .header("host", "echo")
+                .body(())
+                .expect("request"),
+        );
+        let rewrite = Rewrite {
+            hostname: Some("elsewhere".into()),
+            path: Some(crate::state::PathModifier::Prefix("/".into())),
+        };
+        rewrite_request(&rewrite, &PathMatch::Prefix("/prefix".into()), &mut parts);
+        assert_eq!(parts.uri.to_string(), "/one?x=1");
+        assert_eq!(parts.headers["host"], "elsewhere");
+    }
+}
