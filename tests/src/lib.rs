@@ -40,6 +40,7 @@ pub mod agent;
 pub mod apiserver;
 mod command;
 pub mod cputime;
+pub mod http_echo;
 pub mod netns;
 pub mod state_gen;
 pub mod state_yaml;
@@ -51,7 +52,7 @@ pub mod wakeup;
 pub use agent::{Agent, AgentOptions, LogMark, agent_binary, watches_synced};
 pub use netns::Netns;
 pub use tcx::{Attached, TcxPrograms};
-pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec};
+pub use topology::{Cluster, ClusterSpec, NamespaceSpec, Node, Pod, PodSpec, waypoint};
 pub use traffic::{FlowReport, HttpResponse, PeerReport, Server};
 
 /// The label that enrolls a namespace (or a pod) into the mesh.

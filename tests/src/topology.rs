@@ -31,6 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use serde::Deserialize as _;
 
+pub mod waypoint;
+
 use crate::{
     agent::{ADMIN_PORT, Agent, AgentOptions, READY_PATH, READY_PORT, Registry, agent_binary},
     apiserver::{ApiServer, ApiServerConfig},
@@ -224,6 +226,15 @@ impl Pod {
 
     pub async fn counter_server(&self, port: u16) -> Result<Server> {
         Ok(Server::counter(self.listen(port).await?))
+    }
+
+    /// The HTTP echo of the Gateway API conformance suite ([`crate::http_echo`]), as this pod.
+    pub async fn http_echo_server(&self, port: u16) -> Result<Server> {
+        Ok(crate::http_echo::server(
+            self.listen(port).await?,
+            &self.namespace,
+            &self.name,
+        ))
     }
 
     pub async fn peer_server(&self, port: u16) -> Result<Server> {
@@ -610,18 +621,37 @@ impl Cluster {
 
     pub async fn start_agent_with(&self, node: usize, options: AgentOptions) -> Result<Agent> {
         let node = self.node(node);
+        let run = ["run".to_string(), "--node".into(), node.name.clone()];
+        let mut agent = self.spawn(&node.netns, node.index, &node.name, &run, &options)?;
+        if options.wait_ready {
+            self.wait_agent_ready(&mut agent, options.ready_timeout)
+                .await?;
+        }
+        Ok(agent)
+    }
+
+    /// Starts `mesh-agent <subcommand...>` in `netns` with the cluster's state source, its CA
+    /// directory and `options`, logging to a file of the cluster's temp dir named after `name`.
+    fn spawn(
+        &self,
+        netns: &Netns,
+        node_index: usize,
+        name: &str,
+        subcommand: &[String],
+        options: &AgentOptions,
+    ) -> Result<Agent> {
         let binary = match &options.binary {
             Some(b) => b.clone(),
             None => self.agent_binary()?,
         };
         let seq = self.agent_seq.fetch_add(1, Ordering::SeqCst);
-        let log_path = self.dir_path.join(format!("agent-{}-{seq}.log", node.name));
+        let log_path = self.dir_path.join(format!("agent-{name}-{seq}.log"));
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = node.netns.command(&binary.to_string_lossy());
+        let mut cmd = netns.command(&binary.to_string_lossy());
         // If this process dies without unwinding (abort, SIGKILL), the agent goes too instead of
         // keeping its cgroup attachment alive. The signal follows the *thread* that spawned the
         // agent: start agents from async code on a runtime thread, not from a short-lived thread.
@@ -634,7 +664,7 @@ impl Cluster {
                 Ok(())
             });
         }
-        cmd.arg("run").arg("--node").arg(&node.name);
+        cmd.args(subcommand);
         let served = self
             .api
             .as_ref()
@@ -656,13 +686,14 @@ impl Cluster {
             .stderr(log);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {} in {}", binary.display(), node.name))?;
-        let mut agent = Agent::new(node.index, &node.name, child, log_path, self.agents.clone());
-        if options.wait_ready {
-            self.wait_agent_ready(&mut agent, options.ready_timeout)
-                .await?;
-        }
-        Ok(agent)
+            .with_context(|| format!("starting {} in {name}", binary.display()))?;
+        Ok(Agent::new(
+            node_index,
+            name,
+            child,
+            log_path,
+            self.agents.clone(),
+        ))
     }
 
     /// Polls the agent's readiness endpoint until it answers 200; fails at once if the agent exits.

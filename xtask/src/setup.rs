@@ -13,7 +13,8 @@ use crate::{
     process::{self, Failure, command, output, output_any_status},
 };
 
-/// Debian packages: LLVM 22 for bpf-linker, bpftool/iproute2 for the agent and tests, tcpdump to debug.
+/// Debian packages: LLVM 22 for bpf-linker, bpftool/iproute2 for the agent and tests, tcpdump to
+/// debug, curl and nghttp2's clients (nghttp, h2load) as the HTTP clients of the waypoint tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "tcpdump",
+    "curl",
+    "nghttp2-client",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
