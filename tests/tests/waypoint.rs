@@ -1,254 +1,11 @@
-//! End to end, as root: a namespace behind a waypoint, with the Gateway API's mesh conformance
-//! tests ported to the simulated cluster (`conformance/tests/mesh/*.go`).
-//!
-//! The setup is the suite's (`conformance/mesh/manifests.yaml`): namespace
-//! `gateway-conformance-mesh` with pods `echo-v1` (node 0) and `echo-v2` (node 1) running the
-//! conformance echo on 8080, Services `echo` (both), `echo-v1` and `echo-v2` with ports 80→8080
-//! and 8080 (HTTP) and 9090 (TCP), and — as Istio's ambient run of the suite does — the
-//! namespace labelled `istio.io/use-waypoint=namespace` with a waypoint Gateway `namespace`,
-//! whose pod `namespace-0` runs `mesh-agent waypoint` on node 1. Requests are made with curl
-//! from inside `echo-v1`, as the suite's client runs in the echo-v1 pod.
+//! End to end, as root: a namespace behind a waypoint. The Gateway API's mesh conformance tests
+//! (`conformance/tests/mesh/*.go`), one test each, ported to the simulated cluster with their
+//! routes and cases (see `common/conformance.rs` for the setup and how a case is checked).
 
 mod common;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
-
-use anyhow::{Context, Result, bail, ensure};
-use mesh_tests::{Agent, Cluster, ClusterSpec, PodSpec, Server, waypoint};
-use serde_json::Value;
-
-const NS: &str = "gateway-conformance-mesh";
-const WAYPOINT_POD: &str = "namespace-0";
-
-/// The conformance namespace behind its waypoint, running.
-struct Mesh {
-    cluster: Cluster,
-    _agents: Vec<Agent>,
-    waypoint: Agent,
-    /// The echo servers: echo-v1's HTTP (8080) and TCP (9090), then echo-v2's.
-    servers: Vec<Server>,
-}
-
-impl Mesh {
-    /// The VIP of Service `echo` (`.10`), `echo-v1` (`.11`) or `echo-v2` (`.12`).
-    fn vip(&self, service: &str) -> Ipv4Addr {
-        vip(&self.cluster, service)
-    }
-
-    /// `curl` from echo-v1 to `http://<service>:<port><path>`, the name resolving to the
-    /// Service's VIP (there is no DNS here), with `args` before the URL.
-    fn curl(&self, service: &str, port: u16, path: &str, args: &[&str]) -> Result<Reply> {
-        let resolve = format!("{service}:{port}:{}", self.vip(service));
-        let url = format!("http://{service}:{port}{path}");
-        let mut all = vec![
-            "curl",
-            "-sS",
-            "-i",
-            "--max-time",
-            "10",
-            "--resolve",
-            &resolve,
-        ];
-        all.extend_from_slice(args);
-        all.push(&url);
-        let out = self.cluster.pod_exec(NS, "echo-v1", &all)?;
-        Reply::parse(&out).with_context(|| format!("curl {url}"))
-    }
-
-    /// [`Mesh::curl`] of a GET that must be answered by the echo: its report.
-    fn echo(&self, service: &str, port: u16, path: &str, args: &[&str]) -> Result<Echo> {
-        let reply = self.curl(service, port, path, args)?;
-        ensure!(
-            reply.status == 200,
-            "GET {service}:{port}{path}: HTTP {} {}",
-            reply.status,
-            reply.body
-        );
-        reply.echo()
-    }
-
-    /// Applies a state file and waits until requests show it in force: `in_force` is asked of
-    /// fresh requests until it holds (the agents' acceptance alone says nothing of the
-    /// waypoint's).
-    async fn apply_until(
-        &self,
-        file: &str,
-        contents: &str,
-        mut in_force: impl FnMut(&Mesh) -> Result<bool>,
-    ) -> Result<()> {
-        common::apply(&self.cluster, file, contents).await?;
-        common::eventually(
-            common::SETTLE,
-            &format!("the waypoint to apply {file}"),
-            || in_force(self),
-        )
-        .await
-    }
-}
-
-/// What curl printed: status, headers (lower-case names) and body.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: BTreeMap<String, Vec<String>>,
-    body: String,
-}
-
-impl Reply {
-    fn parse(out: &str) -> Result<Reply> {
-        let (head, body) = out
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("no header end in {out:?}"))?;
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let status = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("status line {status_line:?}"))?;
-        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for line in lines {
-            if let Some((name, value)) = line.split_once(':') {
-                headers
-                    .entry(name.trim().to_ascii_lowercase())
-                    .or_default()
-                    .push(value.trim().to_owned());
-            }
-        }
-        Ok(Reply {
-            status,
-            headers,
-            body: body.to_owned(),
-        })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name)?.first().map(String::as_str)
-    }
-
-    fn echo(&self) -> Result<Echo> {
-        let report: Value = serde_json::from_str(&self.body)
-            .with_context(|| format!("the echo's report is not JSON: {}", self.body))?;
-        Ok(Echo(report))
-    }
-}
-
-/// The conformance echo's report of the request it received.
-#[derive(Debug)]
-struct Echo(Value);
-
-impl Echo {
-    fn pod(&self) -> &str {
-        self.0["pod"].as_str().unwrap_or_default()
-    }
-
-    fn path(&self) -> &str {
-        self.0["path"].as_str().unwrap_or_default()
-    }
-
-    fn host(&self) -> &str {
-        self.0["host"].as_str().unwrap_or_default()
-    }
-
-    /// Every value of a request header, by its canonical name (`X-Header-Set`).
-    fn header(&self, name: &str) -> Option<String> {
-        let values = self.0["headers"][name].as_array()?;
-        Some(
-            values
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(","),
-        )
-    }
-
-    /// Who opened the connection the request came on.
-    fn remote_ip(&self) -> Option<Ipv4Addr> {
-        let addr: std::net::SocketAddr = self.0["remoteAddr"].as_str()?.parse().ok()?;
-        match addr.ip() {
-            std::net::IpAddr::V4(ip) => Some(ip),
-            std::net::IpAddr::V6(_) => None,
-        }
-    }
-}
-
-fn vip(cluster: &Cluster, service: &str) -> Ipv4Addr {
-    let host = match service {
-        "echo" => 10,
-        "echo-v1" => 11,
-        "echo-v2" => 12,
-        other => panic!("no Service {other} in the conformance setup"),
-    };
-    Ipv4Addr::new(10, 96, cluster.octet(), host)
-}
-
-/// The Services and the waypoint Gateway of the conformance setup.
-fn manifests(cluster: &Cluster) -> String {
-    let service = |name: &str, selector: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  clusterIP: {}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  - name: http-alt\n    port: 8080\n  - name: tcp\n    port: 9090\n",
-            vip(cluster, name)
-        )
-    };
-    [
-        waypoint::gateway_yaml(NS, "namespace", None),
-        service("echo", "app: echo"),
-        service("echo-v1", "version: v1"),
-        service("echo-v2", "version: v2"),
-    ]
-    .join("")
-}
-
-/// Builds the setup; `None` (after a loud skip) when not root.
-async fn conformance_mesh() -> Result<Option<Mesh>> {
-    if !mesh_tests::require_root() {
-        return Ok(None);
-    }
-    let spec = ClusterSpec::new()
-        .namespace(
-            NS,
-            &[
-                (mesh_tests::MODE_LABEL, mesh_tests::MODE_AMBIENT),
-                ("istio.io/use-waypoint", "namespace"),
-            ],
-        )
-        .pod(
-            PodSpec::new(NS, "echo-v1", 0)
-                .label("app", "echo")
-                .label("version", "v1"),
-        )
-        .pod(
-            PodSpec::new(NS, "echo-v2", 1)
-                .label("app", "echo")
-                .label("version", "v2"),
-        )
-        .pod(PodSpec::waypoint(NS, WAYPOINT_POD, "namespace", 1));
-    let mut cluster = Cluster::new(spec)?;
-    cluster.write_state_file("conformance.yaml", &manifests(&cluster))?;
-    if common::from_the_api() {
-        cluster.serve_api().await?;
-    }
-    let agents = vec![cluster.start_agent(0).await?, cluster.start_agent(1).await?];
-    let mut servers = Vec::new();
-    for pod in ["echo-v1", "echo-v2"] {
-        let pod = cluster.pod(NS, pod);
-        servers.push(pod.http_echo_server(8080).await?);
-        servers.push(pod.echo_server(9090).await?);
-    }
-    let waypoint = cluster.start_waypoint(NS, WAYPOINT_POD).await?;
-    Ok(Some(Mesh {
-        cluster,
-        _agents: agents,
-        waypoint,
-        servers,
-    }))
-}
-
-fn route(name: &str, parent: &str, rules: &str) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: {parent}\n  rules:\n{rules}"
-    )
-}
+use anyhow::{Result, bail, ensure};
+use common::conformance::{Case, NS, WAYPOINT_POD, conformance_mesh, route};
 
 /// MeshBasic: with no route, a GET to `echo` is answered 200 by one of its pods — through the
 /// waypoint: the pod sees the waypoint's address as the client, the client's node recorded the
@@ -305,36 +62,166 @@ async fn mesh_basic() -> Result<()> {
     Ok(())
 }
 
-/// MeshTrafficSplit: `/v1` goes to echo-v1, `/v2` to echo-v2.
+/// MeshTrafficSplit: `/v1` goes to echo-v1, `/v2` to echo-v2; with routes in force, a path no
+/// rule matches is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_traffic_split() -> Result<()> {
     let Some(mesh) = conformance_mesh().await? else {
         return Ok(());
     };
     let rules = "  - matches:\n    - path: {type: PathPrefix, value: /v1}\n    backendRefs:\n    - {name: echo-v1, port: 80}\n  - matches:\n    - path: {type: PathPrefix, value: /v2}\n    backendRefs:\n    - {name: echo-v2, port: 80}\n";
-    mesh.apply_until("route.yaml", &route("mesh-split", "echo", rules), |m| {
-        Ok(m.echo("echo", 80, "/v2", &[])?.pod() == "echo-v2")
-    })
-    .await?;
-    for _ in 0..4 {
-        for (path, pod) in [("/v1", "echo-v1"), ("/v2", "echo-v2")] {
-            let echo = mesh.echo("echo", 80, path, &[])?;
-            ensure!(
-                echo.pod() == pod,
-                "{path} went to {}, not {pod}",
-                echo.pod()
-            );
-        }
-    }
-    // Routes are in force: a path no rule matches is 404.
-    let reply = mesh.curl("echo", 80, "/other", &[])?;
-    ensure!(
-        reply.status == 404,
-        "/other: HTTP {} {}",
-        reply.status,
-        reply.body
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-split", "echo", rules),
+        &[
+            Case {
+                path: "/v1",
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/v2",
+                backend: "echo-v2",
+                ..Case::default()
+            },
+            Case {
+                path: "/other",
+                status: 404,
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshFrontend: a route on echo-v2 sets a response header when echo-v2 is called by its
+/// Service; the same call to the pod's own address does not go through the waypoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_frontend() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let pod = mesh.cluster.pod(NS, "echo-v2").addr(8080).to_string();
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-frontend", "echo-v2", FRONTEND_RULES),
+        &[
+            Case {
+                host: "echo-v2",
+                backend: "echo-v2",
+                response_headers: &[("X-Header-Set", "set")],
+                ..Case::default()
+            },
+            Case {
+                host: &pod,
+                backend: "echo-v2",
+                absent_response_headers: &["X-Header-Set"],
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+const FRONTEND_RULES: &str = "  - filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        set:\n        - {name: X-Header-Set, value: set}\n    backendRefs:\n    - {name: echo-v2, port: 80}\n";
+
+/// MeshFrontendHostname (MeshClusterIPMatching): the route follows the Service address the
+/// client dialed, whatever the Host header says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_cluster_ip_matching() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-frontend", "echo-v2", FRONTEND_RULES),
+        &[
+            Case {
+                host: "echo-v2",
+                headers: &[("Host", "echo-v1")],
+                backend: "echo-v2",
+                response_headers: &[("X-Header-Set", "set")],
+                ..Case::default()
+            },
+            Case {
+                host: "echo-v1",
+                headers: &[("Host", "echo-v2")],
+                backend: "echo-v1",
+                absent_response_headers: &["X-Header-Set"],
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshPorts: a parentRef with `port: 80` leaves the Service's 8080 alone; one without a port
+/// takes every port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_ports() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let v1 = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: mesh-ports-v1\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: echo-v1, port: 80}}\n  rules:\n  - filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        set:\n        - {{name: X-Header-Set, value: v1}}\n    backendRefs:\n    - {{name: echo-v1, port: 80}}\n"
     );
-    Ok(())
+    let v2 = route(
+        "mesh-ports-v2",
+        "echo-v2",
+        "  - filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        set:\n        - {name: X-Header-Set, value: v2}\n    backendRefs:\n    - {name: echo-v2, port: 80}\n",
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &format!("{v1}---\n{v2}"),
+        &[
+            Case {
+                host: "echo-v1",
+                backend: "echo-v1",
+                response_headers: &[("X-Header-Set", "v1")],
+                ..Case::default()
+            },
+            Case {
+                host: "echo-v1:8080",
+                backend: "echo-v1",
+                absent_response_headers: &["X-Header-Set"],
+                ..Case::default()
+            },
+            Case {
+                host: "echo-v2",
+                backend: "echo-v2",
+                response_headers: &[("X-Header-Set", "v2")],
+                ..Case::default()
+            },
+            Case {
+                host: "echo-v2:8080",
+                backend: "echo-v2",
+                response_headers: &[("X-Header-Set", "v2")],
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteSimpleSameNamespace: a route in the Service's namespace sends it to echo-v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_simple_same_namespace() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route(
+            "gateway-conformance-mesh-test",
+            "echo",
+            "  - backendRefs:\n    - {name: echo-v1, port: 8080}\n",
+        ),
+        &[Case {
+            backend: "echo-v1",
+            ..Case::default()
+        }],
+    )
+    .await
 }
 
 /// MeshHTTPRouteMatching: path-prefix segments and a `version` header pick v1 or v2;
@@ -345,26 +232,623 @@ async fn mesh_http_route_matching() -> Result<()> {
         return Ok(());
     };
     let rules = "  - matches:\n    - path: {type: PathPrefix, value: /}\n    backendRefs:\n    - {name: echo-v1, port: 80}\n  - matches:\n    - path: {type: PathPrefix, value: /v2}\n    - headers:\n      - {name: version, value: two}\n    backendRefs:\n    - {name: echo-v2, port: 80}\n";
-    mesh.apply_until("route.yaml", &route("mesh-matching", "echo", rules), |m| {
-        Ok(m.echo("echo", 80, "/v2", &[])?.pod() == "echo-v2")
-    })
-    .await?;
-    let cases: [(&str, &[&str], &str); 6] = [
-        ("/", &[], "echo-v1"),
-        ("/example", &[], "echo-v1"),
-        ("/v2", &[], "echo-v2"),
-        ("/v2/example", &[], "echo-v2"),
-        ("/v2example", &[], "echo-v1"),
-        ("/", &["-H", "version: two"], "echo-v2"),
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-matching", "echo", rules),
+        &[
+            Case {
+                path: "/",
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/example",
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/v2",
+                backend: "echo-v2",
+                ..Case::default()
+            },
+            Case {
+                path: "/v2/example",
+                backend: "echo-v2",
+                ..Case::default()
+            },
+            Case {
+                path: "/v2example",
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/",
+                headers: &[("version", "two")],
+                backend: "echo-v2",
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteQueryParamMatching: the `animal` query parameter picks the backend, alone or
+/// with paths and headers; no match is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_query_param_matching() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let rules = "  - matches:\n    - queryParams: [{name: animal, value: whale}]\n    backendRefs: [{name: echo-v1, port: 8080}]\n  - matches:\n    - queryParams: [{name: animal, value: dolphin}]\n    backendRefs: [{name: echo-v2, port: 8080}]\n  - matches:\n    - path: {type: PathPrefix, value: /path1}\n      queryParams: [{name: animal, value: whale}]\n    backendRefs: [{name: echo-v1, port: 8080}]\n  - matches:\n    - headers: [{name: version, value: one}]\n      queryParams: [{name: animal, value: whale}]\n    backendRefs: [{name: echo-v2, port: 8080}]\n  - matches:\n    - path: {type: PathPrefix, value: /path3}\n      queryParams: [{name: animal, value: shark}]\n    - path: {type: PathPrefix, value: /path4}\n      headers: [{name: version, value: three}]\n      queryParams: [{name: animal, value: kraken}]\n    backendRefs: [{name: echo-v1, port: 8080}]\n  - matches:\n    - path: {type: PathPrefix, value: /path5}\n    backendRefs: [{name: echo-v1, port: 8080}]\n  - matches:\n    - queryParams: [{name: animal, value: hydra}]\n    backendRefs: [{name: echo-v2, port: 8080}]\n";
+    let to = |path, backend| Case {
+        path,
+        backend,
+        ..Case::default()
+    };
+    let missing = |path| Case {
+        path,
+        status: 404,
+        ..Case::default()
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-query-param-matching", "echo", rules),
+        &[
+            to("/?animal=whale", "echo-v1"),
+            to("/?animal=dolphin", "echo-v2"),
+            to("/?animal=whale&otherparam=irrelevant", "echo-v1"),
+            to("/?animal=dolphin&color=yellow", "echo-v2"),
+            missing("/?color=blue"),
+            missing("/?animal=dog"),
+            missing("/?animal=whaledolphin"),
+            missing("/"),
+            to("/path1?animal=whale", "echo-v1"),
+            Case {
+                path: "/?animal=whale",
+                headers: &[("version", "one")],
+                backend: "echo-v2",
+                ..Case::default()
+            },
+            to("/path3?animal=shark", "echo-v1"),
+            Case {
+                path: "/path4?animal=kraken",
+                headers: &[("version", "three")],
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            missing("/?animal=shark"),
+            missing("/path4?animal=kraken"),
+            to("/path5?animal=hydra", "echo-v1"),
+        ],
+    )
+    .await
+}
+
+/// The route of MeshHTTPRouteRequestHeaderModifier: a header change per path, given on the
+/// rule or on its backendRef.
+fn header_modifier_route(at_backend: bool) -> String {
+    let modifiers = [
+        (
+            "/set",
+            "set: [{name: X-Header-Set, value: set-overwrites-values}]",
+        ),
+        (
+            "/add",
+            "add: [{name: X-Header-Add, value: add-appends-values}]",
+        ),
+        ("/remove", "remove: [X-Header-Remove]"),
+        (
+            "/multiple",
+            "set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, {name: X-Header-Add-3, value: header-add-3}], remove: [X-Header-Remove-1, X-Header-Remove-2]",
+        ),
+        (
+            "/case-insensitivity",
+            "set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], remove: [X-Header-Remove]",
+        ),
     ];
-    for (path, args, pod) in cases {
-        let echo = mesh.echo("echo", 80, path, args)?;
-        ensure!(
-            echo.pod() == pod,
-            "{path} {args:?} went to {}, not {pod}",
-            echo.pod()
-        );
+    let rules: String = modifiers
+        .iter()
+        .map(|(path, modifier)| {
+            let filters = format!(
+                "filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{{modifier}}}}}]"
+            );
+            let matches = format!("  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n");
+            if at_backend {
+                format!("{matches}    backendRefs: [{{name: echo-v1, port: 8080, {filters}}}]\n")
+            } else {
+                format!(
+                    "{matches}    {filters}\n    backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+                )
+            }
+        })
+        .collect();
+    route("mesh-request-header-modifier", "echo", &rules)
+}
+
+/// The cases of MeshHTTPRouteRequestHeaderModifier (and its backendRef variant).
+fn header_modifier_cases() -> [Case<'static>; 7] {
+    let case = |path, headers, seen_headers, absent_seen_headers| Case {
+        path,
+        headers,
+        seen_headers,
+        absent_seen_headers,
+        backend: "echo-v1",
+        ..Case::default()
+    };
+    [
+        case(
+            "/set",
+            &[("Some-Other-Header", "val")],
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Set", "set-overwrites-values"),
+            ],
+            &[],
+        ),
+        case(
+            "/set",
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Set", "some-other-value"),
+            ],
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Set", "set-overwrites-values"),
+            ],
+            &[],
+        ),
+        case(
+            "/add",
+            &[("Some-Other-Header", "val")],
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Add", "add-appends-values"),
+            ],
+            &[],
+        ),
+        case(
+            "/add",
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Add", "some-other-value"),
+            ],
+            &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Add", "some-other-value,add-appends-values"),
+            ],
+            &[],
+        ),
+        case(
+            "/remove",
+            &[("X-Header-Remove", "val")],
+            &[],
+            &["X-Header-Remove"],
+        ),
+        case(
+            "/multiple",
+            &[
+                ("X-Header-Set-2", "set-val-2"),
+                ("X-Header-Add-2", "add-val-2"),
+                ("X-Header-Remove-2", "remove-val-2"),
+                ("Another-Header", "another-header-val"),
+            ],
+            &[
+                ("X-Header-Set-1", "header-set-1"),
+                ("X-Header-Set-2", "header-set-2"),
+                ("X-Header-Add-1", "header-add-1"),
+                ("X-Header-Add-2", "add-val-2,header-add-2"),
+                ("X-Header-Add-3", "header-add-3"),
+                ("Another-Header", "another-header-val"),
+            ],
+            &["X-Header-Remove-1", "X-Header-Remove-2"],
+        ),
+        case(
+            "/case-insensitivity",
+            &[
+                ("x-header-set", "original-val-set"),
+                ("x-header-add", "original-val-add"),
+                ("x-header-remove", "original-val-remove"),
+                ("Another-Header", "another-header-val"),
+            ],
+            &[
+                ("X-Header-Set", "header-set"),
+                ("X-Header-Add", "original-val-add,header-add"),
+                ("Another-Header", "another-header-val"),
+            ],
+            &["x-header-remove"],
+        ),
+    ]
+}
+
+/// MeshHTTPRouteRequestHeaderModifier: set, add (appending with a comma) and remove, names
+/// in any case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_request_header_modifier() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &header_modifier_route(false),
+        &header_modifier_cases(),
+    )
+    .await
+}
+
+/// MeshHTTPRouteBackendRequestHeaderModifier: the same changes given on the backendRef.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_backend_request_header_modifier() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &header_modifier_route(true),
+        &header_modifier_cases(),
+    )
+    .await
+}
+
+/// A redirect rule for each `(path prefix, requestRedirect fields)`.
+fn redirect_route(name: &str, redirects: &[(&str, &str)]) -> String {
+    let rules: String = redirects
+        .iter()
+        .map(|(path, redirect)| {
+            format!("  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    filters:\n    - type: RequestRedirect\n      requestRedirect: {{{redirect}}}\n")
+        })
+        .collect();
+    route(name, "echo", &rules)
+}
+
+fn redirect<'a>(path: &'a str, status: u16, location: &'a str) -> Case<'a> {
+    Case {
+        path,
+        status,
+        location: Some(location),
+        ..Case::default()
     }
+}
+
+/// MeshHTTPRouteRedirectHostAndStatus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_redirect_host_and_status() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let route = redirect_route(
+        "mesh-redirect-host-and-status",
+        &[
+            ("/hostname-redirect", "hostname: example.org"),
+            ("/host-and-status", "statusCode: 301, hostname: example.org"),
+        ],
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route,
+        &[
+            redirect(
+                "/hostname-redirect",
+                302,
+                "http://example.org/hostname-redirect",
+            ),
+            redirect(
+                "/host-and-status",
+                301,
+                "http://example.org/host-and-status",
+            ),
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteRedirectPath: ReplacePrefixMatch and ReplaceFullPath, alone and with a host or
+/// a status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_redirect_path() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let route = redirect_route(
+        "mesh-redirect-path",
+        &[
+            (
+                "/original-prefix",
+                "path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}",
+            ),
+            (
+                "/full",
+                "path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}",
+            ),
+            (
+                "/path-and-host",
+                "hostname: example.org, path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}",
+            ),
+            (
+                "/path-and-status",
+                "path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}, statusCode: 301",
+            ),
+            (
+                "/full-path-and-host",
+                "hostname: example.org, path: {type: ReplaceFullPath, replaceFullPath: /replacement-full}",
+            ),
+            (
+                "/full-path-and-status",
+                "path: {type: ReplaceFullPath, replaceFullPath: /replacement-full}, statusCode: 301",
+            ),
+        ],
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route,
+        &[
+            redirect(
+                "/original-prefix/lemon",
+                302,
+                "http://echo/replacement-prefix/lemon",
+            ),
+            redirect(
+                "/full/path/original",
+                302,
+                "http://echo/full-path-replacement",
+            ),
+            redirect(
+                "/path-and-host",
+                302,
+                "http://example.org/replacement-prefix",
+            ),
+            redirect("/path-and-status", 301, "http://echo/replacement-prefix"),
+            redirect(
+                "/full-path-and-host",
+                302,
+                "http://example.org/replacement-full",
+            ),
+            redirect("/full-path-and-status", 301, "http://echo/replacement-full"),
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteRedirectPort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_redirect_port() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let route = redirect_route(
+        "mesh-redirect-port",
+        &[
+            ("/port", "port: 8083"),
+            ("/port-and-host", "hostname: example.org, port: 8083"),
+            ("/port-and-status", "port: 8083, statusCode: 301"),
+            (
+                "/port-and-host-and-status",
+                "port: 8083, hostname: example.org, statusCode: 302",
+            ),
+        ],
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route,
+        &[
+            redirect("/port", 302, "http://echo:8083/port"),
+            redirect(
+                "/port-and-host",
+                302,
+                "http://example.org:8083/port-and-host",
+            ),
+            redirect("/port-and-status", 301, "http://echo:8083/port-and-status"),
+            redirect(
+                "/port-and-host-and-status",
+                302,
+                "http://example.org:8083/port-and-host-and-status",
+            ),
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteSchemeRedirect: to https, whose well-known port is then left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_scheme_redirect() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let route = redirect_route(
+        "mesh-redirect-scheme",
+        &[
+            ("/scheme", "scheme: https"),
+            ("/scheme-and-host", "hostname: example.org, scheme: https"),
+            ("/scheme-and-status", "scheme: https, statusCode: 301"),
+            (
+                "/scheme-and-host-and-status",
+                "scheme: https, statusCode: 302, hostname: example.org",
+            ),
+        ],
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route,
+        &[
+            redirect("/scheme", 302, "https://echo/scheme"),
+            redirect(
+                "/scheme-and-host",
+                302,
+                "https://example.org/scheme-and-host",
+            ),
+            redirect("/scheme-and-status", 301, "https://echo/scheme-and-status"),
+            redirect(
+                "/scheme-and-host-and-status",
+                302,
+                "https://example.org/scheme-and-host-and-status",
+            ),
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRoute303Redirect, MeshHTTPRoute307Redirect and MeshHTTPRoute308Redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_303_307_308_redirects() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let route = redirect_route(
+        "mesh-status-redirects",
+        &[
+            ("/redirect", "statusCode: 303"),
+            ("/temporary", "statusCode: 307"),
+            ("/permanent", "statusCode: 308"),
+        ],
+    );
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route,
+        &[
+            redirect("/redirect", 303, "http://echo/redirect"),
+            redirect("/temporary", 307, "http://echo/temporary"),
+            redirect("/permanent", 308, "http://echo/permanent"),
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteRewritePath: prefix and full-path rewrites, alone and with header changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_rewrite_path() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let headers = "    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set: [{name: X-Header-Set, value: set-overwrites-values}]\n        add: [{name: X-Header-Add, value: header-val-1}, {name: X-Header-Add-Append, value: header-val-2}]\n        remove: [X-Header-Remove]\n";
+    let rule = |prefix: &str, rewrite: &str, extra: &str| {
+        format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {{path: {{{rewrite}}}}}\n{extra}    backendRefs: [{{name: echo-v1, port: 80}}]\n"
+        )
+    };
+    let rules = [
+        rule(
+            "/prefix/one",
+            "type: ReplacePrefixMatch, replacePrefixMatch: /one",
+            "",
+        ),
+        rule(
+            "/strip-prefix",
+            "type: ReplacePrefixMatch, replacePrefixMatch: /",
+            "",
+        ),
+        rule(
+            "/full/one",
+            "type: ReplaceFullPath, replaceFullPath: /one",
+            "",
+        ),
+        rule(
+            "/full/rewrite-path-and-modify-headers",
+            "type: ReplaceFullPath, replaceFullPath: /test",
+            headers,
+        ),
+        rule(
+            "/prefix/rewrite-path-and-modify-headers",
+            "type: ReplacePrefixMatch, replacePrefixMatch: /prefix",
+            headers,
+        ),
+    ]
+    .concat();
+    let sent: &[(&str, &str)] = &[
+        ("X-Header-Remove", "remove-val"),
+        ("X-Header-Add-Append", "append-val-1"),
+        ("X-Header-Set", "set-val"),
+    ];
+    let seen: &[(&str, &str)] = &[
+        ("X-Header-Add", "header-val-1"),
+        ("X-Header-Add-Append", "append-val-1,header-val-2"),
+        ("X-Header-Set", "set-overwrites-values"),
+    ];
+    let rewritten = |path, seen_path| Case {
+        path,
+        seen_path: Some(seen_path),
+        backend: "echo-v1",
+        ..Case::default()
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-rewrite-path", "echo", &rules),
+        &[
+            rewritten("/prefix/one/two", "/one/two"),
+            rewritten("/strip-prefix/three", "/three"),
+            rewritten("/strip-prefix", "/"),
+            rewritten("/full/one/two", "/one"),
+            Case {
+                path: "/full/rewrite-path-and-modify-headers/test",
+                headers: sent,
+                seen_path: Some("/test"),
+                seen_headers: seen,
+                absent_seen_headers: &["X-Header-Remove"],
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/prefix/rewrite-path-and-modify-headers/one",
+                headers: sent,
+                seen_path: Some("/prefix/one"),
+                seen_headers: seen,
+                absent_seen_headers: &["X-Header-Remove"],
+                backend: "echo-v1",
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteNamedRule: named and unnamed rules route alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_named_rule() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let rules = "  - name: named-rule\n    matches: [{path: {type: PathPrefix, value: /named}}]\n    backendRefs: [{name: echo-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /unnamed}}]\n    backendRefs: [{name: echo-v2, port: 8080}]\n";
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-http-named-rules", "echo", rules),
+        &[
+            Case {
+                path: "/named",
+                seen_path: Some("/named"),
+                backend: "echo-v1",
+                ..Case::default()
+            },
+            Case {
+                path: "/unnamed",
+                seen_path: Some("/unnamed"),
+                backend: "echo-v2",
+                ..Case::default()
+            },
+        ],
+    )
+    .await
+}
+
+/// MeshHTTPRouteWeight: 70/30 between echo-v1 and echo-v2, within the suite's tolerance over
+/// 1,000 requests (curl sends them on one kept-alive connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_http_route_weight() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    mesh.apply_and_expect(
+        "route.yaml",
+        &route("mesh-weighted-backends", "echo", "  - backendRefs:\n    - {name: echo-v1, port: 8080, weight: 70}\n    - {name: echo-v2, port: 8080, weight: 30}\n"),
+        &[Case::default()],
+    )
+    .await?;
+    const REQUESTS: usize = 1000;
+    let counts = mesh.spread("echo", 80, REQUESTS)?;
+    let v1 = counts.get("echo-v1").copied().unwrap_or(0) as f64 / REQUESTS as f64;
+    let v2 = counts.get("echo-v2").copied().unwrap_or(0) as f64 / REQUESTS as f64;
+    // The suite's tolerance: within 5 percentage points of each weight.
+    ensure!(
+        (v1 - 0.7).abs() <= 0.05 && (v2 - 0.3).abs() <= 0.05,
+        "{REQUESTS} requests split {counts:?}: not 70/30 within 5 points"
+    );
     Ok(())
 }
 

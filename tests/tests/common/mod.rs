@@ -197,6 +197,7 @@ pub async fn eventually<F: FnMut() -> Result<bool>>(
 }
 
 pub mod certs;
+pub mod conformance;
 pub mod pcap;
 
 /// What became of a connection that sent a line to an echo server.
