@@ -187,7 +187,7 @@ fn test(extra: &[String]) -> Result<(), Failure> {
 
 /// The end-to-end test files that run a second time with their state served by the test
 /// Kubernetes API server (`MESH_TESTS_SOURCE=kubernetes`).
-const API_SOURCE_TESTS: [&str; 4] = ["capture", "tunnel", "policy", "services"];
+const API_SOURCE_TESTS: [&str; 5] = ["capture", "tunnel", "policy", "services", "waypoint"];
 
 /// Runs one of the harness binaries (`demo`, `bench`, `soak`) built by [`build`].
 fn run_binary(name: &str) -> Result<(), Failure> {

@@ -71,7 +71,7 @@ pub async fn mesh_of(spec: ClusterSpec, args: &[&str]) -> Result<Option<(Cluster
 }
 
 /// Whether this run serves the clusters' state from a test API server (`MESH_TESTS_SOURCE=kubernetes`,
-/// set by `cargo xtask test` for a second pass of the capture, tunnel, policy and Service tests)
+/// set by `cargo xtask test` for a second pass of the capture, tunnel, policy, Service and waypoint tests)
 /// instead of the state directory: the same scenarios must hold whichever source feeds them.
 pub fn from_the_api() -> bool {
     std::env::var("MESH_TESTS_SOURCE").is_ok_and(|v| v == "kubernetes")
