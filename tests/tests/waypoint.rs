@@ -37,6 +37,12 @@ async fn mesh_basic() -> Result<()> {
         seen.len() == 2,
         "6 requests went only to {seen:?}: the endpoints are not both used"
     );
+    let given = mesh.echo("echo", 80, "/", &["-H", "x-request-id: from-the-client"])?;
+    ensure!(
+        given.header("x-request-id").as_deref() == Some("from-the-client"),
+        "the client's x-request-id was not kept: {:?}",
+        given.0
+    );
     // Six client connections, yet each echo was connected to once: the waypoint keeps its
     // connections to endpoints alive and reuses them.
     let accepted = [mesh.servers[0].accepted(), mesh.servers[2].accepted()];

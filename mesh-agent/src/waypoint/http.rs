@@ -81,6 +81,7 @@ async fn handle(
         Ok(plan) => plan,
         Err(own) => return own.response(),
     };
+    ensure_request_id(&mut parts.headers);
     let request = upstream_request(parts, body.boxed(), plan.version);
     match ctx
         .backends
@@ -326,6 +327,31 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("keep-alive"),
 ];
 
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Gives a request without `x-request-id` a fresh one (a random UUID, version 4), as Istio's
+/// waypoint does, so the request can be followed through the endpoints' logs; one the client
+/// sent is kept.
+fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(REQUEST_ID) {
+        return;
+    }
+    let bits = rand::random::<u128>();
+    // Version 4 and the RFC 4122 variant in their places.
+    let uuid = (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let text = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        uuid >> 96,
+        (uuid >> 80) & 0xffff,
+        (uuid >> 64) & 0xffff,
+        (uuid >> 48) & 0xffff,
+        uuid & 0xffff_ffff_ffff
+    );
+    if let Ok(value) = HeaderValue::from_str(&text) {
+        headers.insert(REQUEST_ID, value);
+    }
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers the `Connection` header names are the connection's too.
     let named: Vec<HeaderName> = headers
@@ -413,6 +439,33 @@ mod tests {
 
     fn parts(request: Request<()>) -> Parts {
         request.into_parts().0
+    }
+
+    #[test]
+    fn a_missing_request_id_is_made_and_a_given_one_kept() {
+        let mut headers = HeaderMap::new();
+        ensure_request_id(&mut headers);
+        let id = headers["x-request-id"].to_str().expect("ascii").to_owned();
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{id}"
+        );
+        assert!(groups[2].starts_with('4'), "version 4: {id}");
+        assert!(
+            matches!(&groups[3][..1], "8" | "9" | "a" | "b"),
+            "RFC 4122 variant: {id}"
+        );
+        let mut again = HeaderMap::new();
+        ensure_request_id(&mut again);
+        assert_ne!(again["x-request-id"], headers["x-request-id"]);
+        ensure_request_id(&mut headers);
+        assert_eq!(
+            headers["x-request-id"].to_str().expect("ascii"),
+            id,
+            "a given id is kept"
+        );
     }
 
     #[test]
