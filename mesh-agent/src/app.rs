@@ -83,17 +83,7 @@ async fn serve(
         client: kube_client,
     } = open_source(&config.source).await?;
 
-    let ca = CertificateAuthority::load_or_create(
-        &config.identity.ca_dir,
-        &config.identity.trust_domain,
-    )
-    .with_context(|| {
-        format!(
-            "certificate authority in {}",
-            config.identity.ca_dir.display()
-        )
-    })?;
-    let certs = CertificateManager::new(Arc::new(ca), config.identity.cert_ttl);
+    let certs = certificates(&config.identity)?;
     let metrics = Arc::new(Metrics::new());
 
     // Listeners before capture: capture must never steer a SYN to a port nobody listens on. An
@@ -285,6 +275,15 @@ async fn serve(
         Err(_) => {}
     }
     result.map(|_| ())
+}
+
+/// The certificate manager over the CA in `identity.ca_dir` (loaded, or created once).
+pub fn certificates(
+    identity: &crate::identity::IdentityConfig,
+) -> anyhow::Result<CertificateManager> {
+    let ca = CertificateAuthority::load_or_create(&identity.ca_dir, &identity.trust_domain)
+        .with_context(|| format!("certificate authority in {}", identity.ca_dir.display()))?;
+    Ok(CertificateManager::new(Arc::new(ca), identity.cert_ttl))
 }
 
 /// A state source, started: its snapshots and status, and for the API its watches and client.

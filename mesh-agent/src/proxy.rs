@@ -52,6 +52,19 @@ pub struct MeshConfig {
     pub root_namespace: String,
 }
 
+impl MeshConfig {
+    /// The SPIFFE identity of a pod in this mesh. `None` only for names no SPIFFE id can carry,
+    /// which Kubernetes would not admit; such a pod is treated as outside the mesh.
+    pub fn identity_of(&self, workload: &Workload) -> Option<Identity> {
+        Identity::new(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .ok()
+    }
+}
+
 /// What every connection handler needs.
 pub struct ProxyContext {
     /// This node's name, as in the pods' `spec.nodeName`.
@@ -90,12 +103,7 @@ impl ProxyContext {
     /// The SPIFFE identity of a pod. `None` only for names no SPIFFE id can carry, which
     /// Kubernetes would not admit; such a pod is treated as outside the mesh.
     pub fn identity_of(&self, workload: &Workload) -> Option<Identity> {
-        Identity::new(
-            &self.mesh.trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        )
-        .ok()
+        self.mesh.identity_of(workload)
     }
 
     /// Applies the destination's authorization policies in `snapshot` to a connection about to

@@ -71,11 +71,6 @@ impl WaypointContext {
 
     /// The SPIFFE identity of a pod (see [`crate::proxy::ProxyContext::identity_of`]).
     pub fn identity_of(&self, workload: &Workload) -> Option<Identity> {
-        Identity::new(
-            &self.mesh.trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        )
-        .ok()
+        self.mesh.identity_of(workload)
     }
 }

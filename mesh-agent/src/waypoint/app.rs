@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::{WaypointContext, tunnel};
 use crate::{
     admin,
-    app::{Opened, Signals, open_source},
-    identity::{CertificateAuthority, CertificateManager, Identity, IdentityConfig},
+    app::{Opened, Signals, certificates, open_source},
+    identity::{Identity, IdentityConfig},
     metrics::Metrics,
     proxy::{
         Listener, MeshConfig,
@@ -93,17 +93,7 @@ fn me(snapshot: &Snapshot, config: &WaypointConfig) -> Result<Me, String> {
 
 async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
     let Opened { snapshot, .. } = open_source(&config.source).await?;
-    let ca = CertificateAuthority::load_or_create(
-        &config.identity.ca_dir,
-        &config.identity.trust_domain,
-    )
-    .with_context(|| {
-        format!(
-            "certificate authority in {}",
-            config.identity.ca_dir.display()
-        )
-    })?;
-    let certs = CertificateManager::new(Arc::new(ca), config.identity.cert_ttl);
+    let certs = certificates(&config.identity)?;
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);

@@ -118,11 +118,7 @@ async fn stream(
         reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     };
-    // The tunnel's source is the client pod itself; `Forwarded` says the port.
-    let client = match target.forwarded_for {
-        Some(f) if f.ip() == peer.ip() => f,
-        _ => peer,
-    };
+    let client = target.client(peer);
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {

@@ -73,6 +73,17 @@ pub struct ConnectTarget {
     pub traceparent: Option<String>,
 }
 
+impl ConnectTarget {
+    /// The client's address on a tunnel from `peer`: the tunnel's source is the client pod
+    /// itself, and `Forwarded` says its port (a `Forwarded` of another address is not trusted).
+    pub fn client(&self, peer: SocketAddr) -> SocketAddr {
+        match self.forwarded_for {
+            Some(f) if f.ip() == peer.ip() => f,
+            _ => peer,
+        }
+    }
+}
+
 pub fn parse_connect<B>(request: &Request<B>) -> Result<ConnectTarget, HeaderError> {
     if request.method() != Method::CONNECT {
         return Err(HeaderError::NotConnect(request.method().to_string()));

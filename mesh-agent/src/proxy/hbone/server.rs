@@ -143,11 +143,7 @@ async fn stream(
         reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     };
-    // The client's address: the tunnel's source is the client pod itself; Forwarded says the port.
-    let client = match target.forwarded_for {
-        Some(f) if f.ip() == peer.ip() => f,
-        _ => peer,
-    };
+    let client = target.client(peer);
     let Ok(_permit) = ctx
         .limits
         .connection_to(client.ip(), target.destination.ip())
