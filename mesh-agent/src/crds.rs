@@ -41,21 +41,6 @@ pub enum CrdError {
     Yaml(#[from] serde_yaml::Error),
 }
 
-/// Istio's `PolicyTargetReference`, for the schema only: the agent reads `targetRef` and
-/// `targetRefs` just to reject them (attaching to a Gateway or Service needs a waypoint).
-#[derive(JsonSchema)]
-#[allow(dead_code)] // never built: it only describes what the API server should accept
-pub struct PolicyTargetReference {
-    /// The group of the target resource.
-    group: Option<String>,
-    /// The kind of the target resource.
-    kind: String,
-    /// The name of the target resource.
-    name: String,
-    /// The namespace of the referent (Istio allows only the policy's own).
-    namespace: Option<String>,
-}
-
 /// One kind's CRD: names and columns as Istio's, the schema from `T`.
 struct Kind {
     kind: &'static str,

@@ -6,18 +6,22 @@
 //! call per connection and the admin API and CLI to explain. Policies are scanned linearly; a
 //! caller on a hot path with many policies can keep its own index per snapshot.
 
+mod attachment;
 mod authorize;
 mod connection;
 pub mod explain;
 mod matching;
 mod mtls;
+mod request;
 mod scope;
 
 pub use crate::state::MtlsMode;
+pub use attachment::{Targeted, WaypointTarget, waypoint_authorization_policies};
 pub use authorize::{Decision, authorize};
 pub use connection::{ConnectionAttributes, namespace_of_principal};
 pub use explain::{AppliedPolicy, policies_for};
 pub use mtls::mtls_mode;
+pub use request::{RequestAttributes, RequestAuth};
 pub use scope::Scope;
 
 /// Istio's default root namespace: policies there without a selector apply to the whole mesh.

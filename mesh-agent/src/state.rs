@@ -42,6 +42,7 @@ pub mod istio;
 mod namespace;
 mod object;
 mod peer_authentication;
+mod policy_target;
 pub mod record;
 mod service;
 mod small_map;
@@ -68,6 +69,7 @@ pub use http_route::{
 pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource, WorkloadSelector};
 pub use namespace::{DEFAULT_NAMESPACE, Namespace};
 pub use object::{Object, Sourced, object_label};
+pub use policy_target::{PolicyTarget, TargetRefError, TargetRefSpec, parse_targets};
 pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
 pub use record::{Record, Records};
 pub use service::{AppProtocol, Protocol, Service, ServicePort, TargetPort};

@@ -29,7 +29,8 @@ impl Scope {
 
 /// The `AuthorizationPolicy`s that apply to `workload`, with their scope, in snapshot order.
 /// As in ztunnel, a root-namespace policy with a selector applies to matching workloads of every
-/// namespace.
+/// namespace. Policies with `targetRefs` are waypoints' and never apply here (istiod never sends
+/// them to ztunnel).
 pub fn authorization_policies<'a>(
     snapshot: &'a Snapshot,
     root_namespace: &'a str,
@@ -38,6 +39,7 @@ pub fn authorization_policies<'a>(
     snapshot
         .authorization_policies
         .iter()
+        .filter(|policy| !policy.is_for_waypoints())
         .filter_map(move |policy| {
             let in_root = policy.namespace == root_namespace;
             let in_own = policy.namespace == workload.namespace;

@@ -13,6 +13,7 @@ use super::istio::{
     AuthorizationPolicyResource, ConditionSpec, OperationSpec, RuleSpec, Scalar, SourceSpec,
 };
 use super::namespace::namespace_of;
+use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
 use super::string_match::StringMatch;
 
 /// The annotation that makes a policy report what it would do instead of doing it.
@@ -26,6 +27,10 @@ pub struct AuthorizationPolicy {
     /// `spec.selector.matchLabels`; empty selects every workload of the namespace
     /// (of the mesh, in the root namespace).
     pub selector: Labels,
+    /// `spec.targetRefs` (and `targetRef`): set, the policy is for waypoints only, attached to
+    /// these; node agents never apply it, and waypoints apply nothing else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<PolicyTarget>>,
     pub action: Action,
     pub rules: Vec<Rule>,
     /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
@@ -210,11 +215,9 @@ impl Rule {
 /// A policy the agent cannot use; the field is carried beside it (see [`AuthorizationPolicy::from_resource`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorizationError {
-    #[error(
-        "is not supported: the agent applies policies to workloads by selector (targetRef needs a waypoint)"
-    )]
-    TargetRef,
-    #[error("CUSTOM is not supported: external authorization needs an L7 proxy")]
+    #[error(transparent)]
+    Target(#[from] TargetRefError),
+    #[error("CUSTOM is not supported: the mesh has no external authorization")]
     Custom,
     #[error("{0:?} is not an action (ALLOW, DENY, AUDIT, CUSTOM)")]
     UnknownAction(String),
@@ -254,12 +257,7 @@ impl AuthorizationPolicy {
         }
         let mut check = Check::default();
         let spec = &resource.spec;
-        if spec.target_ref.is_some() {
-            check.fail("spec.targetRef", AuthorizationError::TargetRef);
-        }
-        if !spec.target_refs.is_empty() {
-            check.fail("spec.targetRefs", AuthorizationError::TargetRef);
-        }
+        let targets = targets_of(resource, &mut check);
         let action = match spec.action.as_deref() {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,
@@ -299,6 +297,7 @@ impl AuthorizationPolicy {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
             selector: selector_of(resource),
+            targets,
             action,
             rules,
             dry_run,
@@ -323,11 +322,17 @@ impl AuthorizationPolicy {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
             selector: selector_of(resource),
+            targets: targets_of(resource, &mut Check::default()),
             action: Action::Deny,
             rules: vec![Rule::default()],
             dry_run: false,
             invalid: Some(reason),
         }
+    }
+
+    /// Whether the policy is for waypoints (it has `targetRefs`), not node agents.
+    pub fn is_for_waypoints(&self) -> bool {
+        self.targets.is_some()
     }
 
     /// `namespace/name`, as decisions and listings name policies.
@@ -344,6 +349,30 @@ fn selector_of(resource: &AuthorizationPolicyResource) -> Labels {
         .as_ref()
         .map(|selector| selector.match_labels.clone().into())
         .unwrap_or_default()
+}
+
+/// `targetRef` and `targetRefs`: `None` when neither is written. A selector beside them is an
+/// error (Istio's validation refuses both); a reference that cannot be read attaches nowhere.
+fn targets_of(
+    resource: &AuthorizationPolicyResource,
+    check: &mut Check,
+) -> Option<Vec<PolicyTarget>> {
+    let spec = &resource.spec;
+    if spec.target_ref.is_none() && spec.target_refs.is_empty() {
+        return None;
+    }
+    if spec.selector.is_some() {
+        check.fail("spec.selector", TargetRefError::SelectorAndTargets.into());
+    }
+    let (targets, errors) = parse_targets(
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        namespace_of(&resource.metadata),
+    );
+    for (field, error) in errors {
+        check.fail(&field, error.into());
+    }
+    Some(targets)
 }
 
 /// Reads the dry-run annotation with Go's `strconv.ParseBool` spellings, as Istio does; anything
@@ -678,7 +707,7 @@ spec:
             (
                 "CUSTOM",
                 Err(
-                    "spec.action: CUSTOM is not supported: external authorization needs an L7 proxy",
+                    "spec.action: CUSTOM is not supported: the mesh has no external authorization",
                 ),
             ),
             (
@@ -732,8 +761,9 @@ spec:
         let errors = policy(
             "metadata: {name: p}
 spec:
+  selector: {matchLabels: {app: web}}
   targetRef: {kind: Gateway, name: gw}
-  targetRefs: [{kind: Service, name: web}]
+  targetRefs: [{kind: Service, name: web}, {group: gateway.networking.k8s.io, kind: Gateway, name: gw, namespace: other}]
   rules:
   - from:
     - source: {ipBlocks: [10.0.0.0/8, 10.0.0.x], notRemoteIpBlocks: [1.2.3.4/40]}
@@ -754,8 +784,9 @@ spec:
         assert_eq!(
             errors,
             [
-                "spec.targetRef: is not supported: the agent applies policies to workloads by selector (targetRef needs a waypoint)",
-                "spec.targetRefs: is not supported: the agent applies policies to workloads by selector (targetRef needs a waypoint)",
+                "spec.selector: cannot be used together with targetRefs or targetRef",
+                "spec.targetRef.kind: \"\"/Gateway is not a kind a policy attaches to (Gateway, Service, GatewayClass)",
+                "spec.targetRefs[1].namespace: \"other\" must be the policy's own namespace",
                 "spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.x\" is not an IP address or CIDR block",
                 "spec.rules[0].from[0].source.notRemoteIpBlocks[0]: \"1.2.3.4/40\": prefix length must be at most 32",
                 "spec.rules[0].from[1].source: must not be empty",

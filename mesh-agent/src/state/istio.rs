@@ -9,8 +9,10 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use schemars::JsonSchema;
-use serde::de::{self, IgnoredAny};
+use serde::de;
 use serde::{Deserialize, Deserializer};
+
+pub use super::policy_target::TargetRefSpec;
 
 pub const GROUP: &str = "security.istio.io";
 /// The versions that serve these kinds.
@@ -36,13 +38,12 @@ pub struct AuthorizationPolicyResource {
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub selector: Option<WorkloadSelector>,
-    /// Present only to be rejected: attaching to Gateways and Services needs a waypoint.
+    /// Deprecated by Istio for `targetRefs`; read the same way.
     #[serde(default)]
-    #[schemars(with = "Option<crate::crds::PolicyTargetReference>")]
-    pub target_ref: Option<IgnoredAny>,
+    pub target_ref: Option<TargetRefSpec>,
+    /// What the policy attaches to at a waypoint (Gateway, Service, GatewayClass).
     #[serde(default, deserialize_with = "nullable")]
-    #[schemars(with = "Vec<crate::crds::PolicyTargetReference>")]
-    pub target_refs: Vec<IgnoredAny>,
+    pub target_refs: Vec<TargetRefSpec>,
     #[serde(default)]
     #[schemars(extend("enum" = ["ALLOW", "DENY", "AUDIT", "CUSTOM"]))]
     pub action: Option<String>,

@@ -900,7 +900,7 @@ status: {{podIP: \"{ip}\", phase: Running}}
                 "s.yaml: document 8: metadata.name: is required for a PeerAuthentication",
                 "s.yaml: AuthorizationPolicy istio-system/mesh: metadata.namespace: namespace \"istio-system\" has no Namespace object",
                 "s.yaml: AuthorizationPolicy demo/p: spec.rules[0].from[0].source.ipBlocks[1]: \"10.0.0.x\" is not an IP address or CIDR block",
-                "s.yaml: AuthorizationPolicy demo/ext: spec.action: CUSTOM is not supported: external authorization needs an L7 proxy",
+                "s.yaml: AuthorizationPolicy demo/ext: spec.action: CUSTOM is not supported: the mesh has no external authorization",
                 "s.yaml: PeerAuthentication demo/default: spec.mtls.mode: \"ON\" is not an mTLS mode (UNSET, DISABLE, PERMISSIVE, STRICT)",
             ]
         );
