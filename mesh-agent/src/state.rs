@@ -41,6 +41,7 @@ mod http_route;
 pub mod istio;
 mod namespace;
 mod object;
+mod path_pattern;
 mod peer_authentication;
 mod policy_target;
 pub mod record;
@@ -54,9 +55,10 @@ mod waypoint;
 mod workload;
 
 pub use authorization::{
-    Action, AuthorizationError, AuthorizationPolicy, Condition, ConditionTest, DRY_RUN_ANNOTATION,
-    Operation, Rule, Source, Values,
+    Action, AuthField, AuthorizationError, AuthorizationPolicy, Condition, ConditionTest,
+    DRY_RUN_ANNOTATION, Operation, Rule, Source, Values,
 };
+pub use path_pattern::{PathPattern, PathPatternError};
 pub use cidr::{Cidr, CidrError};
 pub use endpoint_slice::EndpointSlice;
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};

@@ -5,13 +5,17 @@
 //! - [`app`]: the process (state source, certificate, listeners, drain);
 //! - [`tunnel`]: HBONE from node agents, one CONNECT per client connection;
 //! - [`http`]: the HTTP served inside a CONNECT, request by request;
+//! - [`authorization`]: L7 AuthorizationPolicy, by `targetRefs`;
+//! - [`path`]: the request path as policy and routes see it;
 //! - [`routing`], [`filters`]: which rule a request takes and what its filters do;
 //! - [`backends`]: connections to endpoints, pooled.
 
 pub mod app;
+pub mod authorization;
 pub mod backends;
 pub mod filters;
 pub mod http;
+pub mod path;
 pub mod routing;
 pub mod tunnel;
 

@@ -8,8 +8,10 @@ use serde::Serialize;
 
 use crate::state::{Action, AuthorizationPolicy, Snapshot, Workload};
 
+use super::attachment::{WaypointTarget, waypoint_authorization_policies};
 use super::connection::ConnectionAttributes;
-use super::matching::{l7_rules_skipped, matching_rule};
+use super::matching::{Attributes, l7_rules_skipped, matching_rule_for};
+use super::request::RequestAttributes;
 use super::scope::authorization_policies;
 
 /// What was decided and why; served by the admin API and written to access logs.
@@ -34,11 +36,31 @@ pub fn authorize(
     destination: &Workload,
     conn: &ConnectionAttributes,
 ) -> Decision {
-    let (dry_run, enforced): (Vec<&AuthorizationPolicy>, Vec<&AuthorizationPolicy>) =
-        authorization_policies(snapshot, root_namespace, destination)
-            .map(|(policy, _)| policy)
-            .filter(|policy| policy.action != Action::Audit)
-            .partition(|policy| policy.dry_run);
+    let policies = authorization_policies(snapshot, root_namespace, destination)
+        .map(|(policy, _)| policy);
+    decide_all(policies, Attributes::Connection(conn))
+}
+
+/// Decides whether a waypoint lets `request` through at `target`: the same order over the
+/// policies attached to the waypoint, the Service or the `istio-waypoint` class.
+pub fn authorize_request(
+    snapshot: &Snapshot,
+    root_namespace: &str,
+    target: WaypointTarget<'_>,
+    request: &RequestAttributes<'_>,
+) -> Decision {
+    let policies = waypoint_authorization_policies(snapshot, root_namespace, target);
+    decide_all(policies, Attributes::Request(request))
+}
+
+/// Istio's order over `policies`, dry-run ones reported beside the decision.
+fn decide_all<'a>(
+    policies: impl Iterator<Item = &'a AuthorizationPolicy>,
+    conn: Attributes<'_>,
+) -> Decision {
+    let (dry_run, enforced): (Vec<&AuthorizationPolicy>, Vec<&AuthorizationPolicy>) = policies
+        .filter(|policy| policy.action != Action::Audit)
+        .partition(|policy| policy.dry_run);
     let mut decision = decide(&enforced, conn);
     if !dry_run.is_empty() {
         decision.dry_run = dry_run.iter().map(|policy| would(policy, conn)).collect();
@@ -53,10 +75,11 @@ pub fn authorize(
 }
 
 /// Istio's order over the enforced policies that apply.
-fn decide(policies: &[&AuthorizationPolicy], conn: &ConnectionAttributes) -> Decision {
+fn decide(policies: &[&AuthorizationPolicy], conn: Attributes<'_>) -> Decision {
+    let at_l4 = matches!(conn, Attributes::Connection(_));
     let by_action = |action: Action| policies.iter().filter(move |p| p.action == action);
     for policy in by_action(Action::Deny) {
-        if let Some(rule) = matching_rule(policy, conn) {
+        if let Some(rule) = matching_rule_for(policy, conn) {
             if let Some(invalid) = &policy.invalid {
                 let reason = format!(
                     "denied: policy {} cannot be understood ({invalid}), so it denies all traffic to the workloads it selects",
@@ -65,7 +88,7 @@ fn decide(policies: &[&AuthorizationPolicy], conn: &ConnectionAttributes) -> Dec
                 return decided(false, policy, rule, reason);
             }
             let mut reason = format!("denied by DENY policy {} rule {rule}", policy.key());
-            if policy.rules[rule].uses_l7() {
+            if at_l4 && policy.rules[rule].uses_l7() {
                 reason.push_str(" (its L7 conditions cannot be checked at L4 and are ignored)");
             }
             return decided(false, policy, rule, reason);
@@ -82,14 +105,14 @@ fn decide(policies: &[&AuthorizationPolicy], conn: &ConnectionAttributes) -> Dec
         };
     }
     for policy in &allows {
-        if let Some(rule) = matching_rule(policy, conn) {
+        if let Some(rule) = matching_rule_for(policy, conn) {
             let reason = format!("allowed by ALLOW policy {} rule {rule}", policy.key());
             return decided(true, policy, rule, reason);
         }
     }
     let mut reason = format!("denied: no ALLOW policy matched ({} applied", allows.len());
     let skipped: usize = allows.iter().map(|policy| l7_rules_skipped(policy)).sum();
-    if skipped > 0 {
+    if at_l4 && skipped > 0 {
         let rules = if skipped == 1 {
             "rule uses"
         } else {
@@ -120,9 +143,9 @@ fn decided(allowed: bool, policy: &AuthorizationPolicy, rule: usize, reason: Str
 }
 
 /// What one dry-run policy would do on its own.
-fn would(policy: &AuthorizationPolicy, conn: &ConnectionAttributes) -> String {
+fn would(policy: &AuthorizationPolicy, conn: Attributes<'_>) -> String {
     let name = format!("dry-run {} policy {}", policy.action, policy.key());
-    match (policy.action, matching_rule(policy, conn)) {
+    match (policy.action, matching_rule_for(policy, conn)) {
         (Action::Deny, Some(rule)) => format!("{name} would deny: rule {rule} matches"),
         (Action::Allow, Some(rule)) => format!("{name} would allow: rule {rule} matches"),
         // Filtered out before: AUDIT policies are not evaluated.
@@ -494,5 +517,297 @@ mod tests {
                 "reason": "allowed: no ALLOW policy applies", "dry_run": []
             })
         );
+    }
+
+    /// Requests at the waypoint `shop/wp` for the Service `shop/echo`.
+    mod at_a_waypoint {
+        use std::net::Ipv4Addr;
+
+        use http::HeaderMap;
+
+        use super::*;
+        use crate::policy::{RequestAttributes, RequestAuth, WaypointTarget};
+        use crate::state::WaypointRef;
+
+        const ISSUER: &str = "https://issuer.example";
+
+        /// A request from `shop/cart` as the waypoint sees it.
+        struct Ask {
+            method: &'static str,
+            path: &'static str,
+            host: &'static str,
+            headers: HeaderMap,
+            auth: Option<RequestAuth>,
+        }
+
+        fn get(path: &'static str) -> Ask {
+            Ask {
+                method: "GET",
+                path,
+                host: "echo.shop.svc.cluster.local:80",
+                headers: HeaderMap::new(),
+                auth: None,
+            }
+        }
+
+        impl Ask {
+            fn token(mut self, subject: &str, claims: serde_json::Value) -> Ask {
+                self.auth = Some(RequestAuth {
+                    principal: format!("{ISSUER}/{subject}"),
+                    audiences: vec!["shop".into()],
+                    presenter: None,
+                    claims: claims.as_object().cloned().unwrap_or_default(),
+                });
+                self
+            }
+
+            fn header(mut self, name: &'static str, value: &'static str) -> Ask {
+                self.headers
+                    .append(name, http::HeaderValue::from_static(value));
+                self
+            }
+        }
+
+        /// Decides `ask` under `policies` (documents).
+        fn decide(policies: &[String], ask: &Ask) -> Decision {
+            let (state, errors) = crate::policy::testing::assembled(&policies.concat());
+            assert!(
+                errors
+                    .iter()
+                    .all(|e| e.to_string().contains("shop/broken")),
+                "{errors:?}"
+            );
+            let conn = ConnectionAttributes::mtls(
+                Ipv4Addr::new(10, 0, 1, 1),
+                CART,
+                Ipv4Addr::new(10, 96, 0, 10),
+                80,
+            );
+            let request = RequestAttributes {
+                connection: &conn,
+                remote_ip: conn.source_ip.into(),
+                method: ask.method,
+                path: ask.path,
+                host: ask.host,
+                headers: &ask.headers,
+                auth: ask.auth.as_ref(),
+            };
+            let gateway = WaypointRef {
+                namespace: "shop".into(),
+                name: "wp".into(),
+            };
+            authorize_request(
+                &state,
+                "istio-system",
+                WaypointTarget {
+                    gateway: &gateway,
+                    service: Some(("shop", "echo")),
+                },
+                &request,
+            )
+        }
+
+        fn on_echo(name: &str, spec: &str) -> String {
+            authorization(
+                "shop",
+                name,
+                &format!("{{targetRefs: [{{kind: Service, name: echo}}], {spec}}}"),
+            )
+        }
+
+        /// Istio's TestL7JWT table: a token is required except on /healthz, and only one
+        /// subject is allowed.
+        #[test]
+        fn istio_jwt_table() {
+            let policies = [on_echo(
+                "require-jwt",
+                &format!(
+                    "rules: [{{from: [{{source: {{requestPrincipals: [\"{ISSUER}/allowed\"]}}}}]}}, {{to: [{{operation: {{paths: [/healthz]}}}}]}}]"
+                ),
+            )];
+            let cases = [
+                (get("/"), false, "denied: no ALLOW policy matched (1 applied)"),
+                (
+                    get("/").token("allowed", serde_json::json!({})),
+                    true,
+                    "allowed by ALLOW policy shop/require-jwt rule 0",
+                ),
+                (
+                    get("/").token("other", serde_json::json!({})),
+                    false,
+                    "denied: no ALLOW policy matched (1 applied)",
+                ),
+                (
+                    get("/healthz"),
+                    true,
+                    "allowed by ALLOW policy shop/require-jwt rule 1",
+                ),
+            ];
+            for (ask, allowed, reason) in cases {
+                let decision = decide(&policies, &ask);
+                assert_eq!(
+                    (decision.allowed, decision.reason.as_str()),
+                    (allowed, reason),
+                    "{} {:?}",
+                    ask.path,
+                    ask.auth.map(|a| a.principal)
+                );
+            }
+        }
+
+        #[test]
+        fn operations_match_methods_paths_hosts_and_ports() {
+            let deny = |operation: &str| {
+                [on_echo(
+                    "deny",
+                    &format!("action: DENY, rules: [{{to: [{{operation: {operation}}}]}}]"),
+                )]
+            };
+            let denied = |operation: &str, ask: &Ask| !decide(&deny(operation), ask).allowed;
+            assert!(denied("{methods: [DELETE]}", &Ask { method: "DELETE", ..get("/") }));
+            assert!(!denied("{methods: [DELETE]}", &get("/")));
+            assert!(denied("{notMethods: [GET]}", &Ask { method: "POST", ..get("/") }));
+            assert!(denied("{paths: [/admin*]}", &get("/admin/users")));
+            assert!(!denied("{paths: [/admin*]}", &get("/public")));
+            assert!(denied("{paths: [\"/users/{*}/orders\"]}", &get("/users/7/orders")));
+            assert!(!denied("{paths: [\"/users/{*}/orders\"]}", &get("/users/7/x/orders")));
+            assert!(denied("{paths: [\"/files/{**}\"]}", &get("/files/a/b")));
+            assert!(denied("{notPaths: [/public*]}", &get("/private")));
+            // Hosts ignore case and, when the pattern has none, the port.
+            assert!(denied("{hosts: [ECHO.shop.svc.cluster.local]}", &get("/")));
+            assert!(denied("{hosts: [\"*.svc.cluster.local\"]}", &get("/")));
+            assert!(denied("{hosts: [\"echo.shop.svc.cluster.local:80\"]}", &get("/")));
+            assert!(!denied("{hosts: [\"echo.shop.svc.cluster.local:8080\"]}", &get("/")));
+            assert!(!denied("{hosts: [other.example]}", &get("/")));
+            // Ports are the Service port the client dialed.
+            assert!(denied("{ports: [\"80\"]}", &get("/")));
+            assert!(!denied("{ports: [\"8080\"]}", &get("/")));
+        }
+
+        #[test]
+        fn sources_match_principals_request_principals_and_addresses() {
+            let allow = |source: &str| {
+                [on_echo(
+                    "allow",
+                    &format!("rules: [{{from: [{{source: {source}}}]}}]"),
+                )]
+            };
+            let allowed = |source: &str, ask: &Ask| decide(&allow(source), ask).allowed;
+            assert!(allowed("{principals: [cluster.local/ns/shop/sa/cart]}", &get("/")));
+            assert!(!allowed("{principals: [cluster.local/ns/shop/sa/web]}", &get("/")));
+            assert!(allowed("{namespaces: [shop]}", &get("/")));
+            assert!(allowed("{ipBlocks: [10.0.1.0/24]}", &get("/")));
+            assert!(!allowed("{ipBlocks: [10.0.2.0/24]}", &get("/")));
+            assert!(allowed("{remoteIpBlocks: [10.0.1.1]}", &get("/")));
+            assert!(!allowed("{notRemoteIpBlocks: [10.0.0.0/8]}", &get("/")));
+            assert!(!allowed("{requestPrincipals: [\"*\"]}", &get("/")));
+            assert!(allowed(
+                "{requestPrincipals: [\"*\"]}",
+                &get("/").token("x", serde_json::json!({}))
+            ));
+            assert!(allowed("{notRequestPrincipals: [\"*\"]}", &get("/")));
+            assert!(allowed(
+                "{requestPrincipals: [\"https://issuer.example/*\"]}",
+                &get("/").token("x", serde_json::json!({}))
+            ));
+        }
+
+        #[test]
+        fn conditions_on_headers_claims_and_what_cannot_be_evaluated() {
+            let allow = |key: &str, values: &str| {
+                [on_echo(
+                    "allow",
+                    &format!("rules: [{{when: [{{key: \"{key}\", {values}}}]}}]"),
+                )]
+            };
+            let allowed = |key: &str, values: &str, ask: &Ask| decide(&allow(key, values), ask).allowed;
+            let admin = || get("/").header("x-user", "admin");
+            assert!(allowed("request.headers[X-User]", "values: [admin]", &admin()));
+            assert!(allowed("request.headers[x-user]", "values: [\"adm*\"]", &admin()));
+            assert!(!allowed("request.headers[x-user]", "values: [admin]", &get("/")));
+            assert!(allowed("request.headers[x-user]", "notValues: [admin]", &get("/")));
+            // Repeated headers are matched joined with a comma, as Envoy does.
+            assert!(allowed(
+                "request.headers[x-user]",
+                "values: [\"a,b\"]",
+                &get("/").header("x-user", "a").header("x-user", "b")
+            ));
+            let token = || {
+                get("/").token(
+                    "alice",
+                    serde_json::json!({"groups": ["dev", "ops"], "org": {"team": "pay"}}),
+                )
+            };
+            assert!(allowed("request.auth.claims[groups]", "values: [ops]", &token()));
+            assert!(!allowed("request.auth.claims[groups]", "values: [admin]", &token()));
+            assert!(allowed("request.auth.claims[org][team]", "values: [pay]", &token()));
+            assert!(!allowed("request.auth.claims[groups]", "values: [ops]", &get("/")));
+            assert!(allowed("request.auth.principal", "values: [\"https://issuer.example/alice\"]", &token()));
+            assert!(allowed("request.auth.audiences", "values: [shop]", &token()));
+            assert!(allowed("source.namespace", "values: [shop]", &get("/")));
+            assert!(allowed("source.serviceAccount", "values: [shop/cart]", &get("/")));
+            assert!(allowed("destination.port", "values: [\"80\"]", &get("/")));
+            assert!(allowed("destination.ip", "values: [10.96.0.10]", &get("/")));
+            // What the mesh cannot evaluate never allows, and always denies.
+            assert!(!allowed("connection.sni", "values: [x]", &get("/")));
+            let deny = [on_echo(
+                "deny",
+                "action: DENY, rules: [{when: [{key: connection.sni, values: [x]}]}]",
+            )];
+            assert!(!decide(&deny, &get("/")).allowed);
+        }
+
+        #[test]
+        fn only_policies_that_target_this_waypoint_or_service_apply() {
+            let selector = authorization(
+                "shop",
+                "by-selector",
+                "{selector: {matchLabels: {gateway.networking.k8s.io/gateway-name: wp}}, action: DENY, rules: [{}]}",
+            );
+            let namespace_wide = authorization("shop", "namespace-wide", "{action: DENY, rules: [{}]}");
+            let other_service = authorization(
+                "shop",
+                "other",
+                "{targetRefs: [{kind: Service, name: cart}], action: DENY, rules: [{}]}",
+            );
+            let decision = decide(&[selector, namespace_wide, other_service], &get("/"));
+            assert_eq!(
+                (decision.allowed, decision.reason.as_str()),
+                (true, "allowed: no ALLOW policy applies")
+            );
+            let gateway = authorization(
+                "shop",
+                "gateway",
+                "{targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}], action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}",
+            );
+            let decision = decide(&[gateway], &get("/admin"));
+            assert_eq!(decision.reason, "denied by DENY policy shop/gateway rule 0");
+        }
+
+        #[test]
+        fn a_targeted_policy_that_cannot_be_understood_denies_at_its_targets() {
+            let broken = on_echo("broken", "rules: [{to: [{operation: {paths: [\"/a{*}\"]}}]}]");
+            let decision = decide(&[broken], &get("/"));
+            assert!(!decision.allowed);
+            assert!(
+                decision.reason.contains("shop/broken cannot be understood")
+                    && decision.reason.contains("spec.rules[0].to[0].operation.paths[0]"),
+                "{}",
+                decision.reason
+            );
+        }
+
+        /// A node agent never applies a targeted policy, even one that denies everything.
+        #[test]
+        fn node_agents_leave_targeted_policies_alone() {
+            let state = crate::policy::testing::snapshot(&on_echo("deny", "action: DENY, rules: [{}]"));
+            let decision = authorize(
+                &state,
+                "istio-system",
+                workload(&state, "shop", "cart"),
+                &from(Some(JOB), 80),
+            );
+            assert_eq!(decision.reason, "allowed: no ALLOW policy applies");
+        }
     }
 }

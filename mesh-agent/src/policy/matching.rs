@@ -1,36 +1,76 @@
-//! Whether an `AuthorizationPolicy`'s rules match a connection, with ztunnel's L4 semantics.
+//! Whether an `AuthorizationPolicy`'s rules match a connection (a node agent, ztunnel's L4
+//! semantics) or an HTTP request (a waypoint, Envoy RBAC's semantics as Istio configures it).
 //!
 //! Within a rule every part present must match: `from` (any source), `to` (any operation) and
 //! `when` (every condition); within a source or operation, every field present must match.
-//! An attribute the connection lacks (a plaintext peer has no principal, so no namespace)
-//! matches no positive field (`principals`, `namespaces`) and every negative one
-//! (`notPrincipals`, `notNamespaces`), as in Istio: `notPrincipals: ["*"]` catches plaintext.
+//! An attribute that is absent (a plaintext peer has no principal, so no namespace; a request
+//! without a JWT has no request principal; a missing header) matches no positive field
+//! (`principals`, `values`) and every negative one (`notPrincipals`, `notValues`), as in Istio:
+//! `notPrincipals: ["*"]` catches plaintext, `notRequestPrincipals: ["*"]` a request without a
+//! token.
 //!
-//! Attributes only an L7 proxy sees (request principals, remote IPs — `remoteIpBlocks` and the
-//! `remote.ip` condition —, hosts, methods, paths, `request.*` and unknown `when` keys) fail
-//! closed, as in ztunnel: an ALLOW rule using any of them never matches; in a DENY rule they are
-//! ignored, so it denies more, never less. (ztunnel goes one step further for a DENY source or
-//! operation made only of such fields: it drops the empty match, and the rule then denies
-//! nothing; we deny instead, since what cannot be enforced fails closed.)
+//! At a node agent, attributes only an L7 proxy sees (request principals, remote IPs —
+//! `remoteIpBlocks` and the `remote.ip` condition —, hosts, methods, paths, `request.*` and
+//! unknown `when` keys) fail closed, as in ztunnel: an ALLOW rule using any of them never
+//! matches; in a DENY rule they are ignored, so it denies more, never less. (ztunnel goes one
+//! step further for a DENY source or operation made only of such fields: it drops the empty
+//! match, and the rule then denies nothing; we deny instead, since what cannot be enforced fails
+//! closed.) At a waypoint every attribute is seen, but keys the mesh cannot evaluate
+//! (`connection.sni`, `experimental.*`) fail closed the same way.
 
 use std::net::IpAddr;
 
+use http::HeaderMap;
+
 use crate::state::{
-    Action, AuthorizationPolicy, Cidr, Condition, ConditionTest, Operation, Rule, Source,
-    StringMatch, Values,
+    Action, AuthField, AuthorizationPolicy, Cidr, Condition, ConditionTest, Operation,
+    PathPattern, Rule, Source, StringMatch, Values,
 };
 
 use super::connection::ConnectionAttributes;
+use super::request::RequestAttributes;
+
+/// What rules are matched against.
+#[derive(Debug, Clone, Copy)]
+pub enum Attributes<'a> {
+    /// A connection at a node agent: L4 only.
+    Connection(&'a ConnectionAttributes),
+    /// A request at a waypoint.
+    Request(&'a RequestAttributes<'a>),
+}
+
+impl<'a> Attributes<'a> {
+    fn connection(&self) -> &'a ConnectionAttributes {
+        match self {
+            Attributes::Connection(conn) => conn,
+            Attributes::Request(request) => request.connection,
+        }
+    }
+
+    fn request(&self) -> Option<&'a RequestAttributes<'a>> {
+        match self {
+            Attributes::Connection(_) => None,
+            Attributes::Request(request) => Some(request),
+        }
+    }
+}
 
 /// The index of the first rule of `policy` that matches `conn`, if any.
+#[cfg(test)]
 pub fn matching_rule(policy: &AuthorizationPolicy, conn: &ConnectionAttributes) -> Option<usize> {
+    matching_rule_for(policy, Attributes::Connection(conn))
+}
+
+/// The index of the first rule of `policy` that matches `seen`, if any.
+pub fn matching_rule_for(policy: &AuthorizationPolicy, seen: Attributes<'_>) -> Option<usize> {
     policy
         .rules
         .iter()
-        .position(|rule| rule_matches(policy.action, rule, conn))
+        .position(|rule| rule_matches(policy.action, rule, seen))
 }
 
-/// How many of the policy's rules can never match because ALLOW cannot check their L7 parts.
+/// How many of the policy's rules can never match at a node agent because ALLOW cannot check
+/// their L7 parts.
 pub fn l7_rules_skipped(policy: &AuthorizationPolicy) -> usize {
     match policy.action {
         Action::Allow => policy.rules.iter().filter(|rule| rule.uses_l7()).count(),
@@ -38,33 +78,31 @@ pub fn l7_rules_skipped(policy: &AuthorizationPolicy) -> usize {
     }
 }
 
-fn rule_matches(action: Action, rule: &Rule, conn: &ConnectionAttributes) -> bool {
-    if action == Action::Allow && rule.uses_l7() {
+fn rule_matches(action: Action, rule: &Rule, seen: Attributes<'_>) -> bool {
+    if action == Action::Allow && seen.request().is_none() && rule.uses_l7() {
         return false;
     }
-    (rule.from.is_empty() || rule.from.iter().any(|source| source_matches(source, conn)))
+    (rule.from.is_empty() || rule.from.iter().any(|source| source_matches(source, seen)))
         && (rule.to.is_empty()
             || rule
                 .to
                 .iter()
-                .any(|operation| operation_matches(operation, conn)))
+                .any(|operation| operation_matches(operation, seen)))
         && rule
             .when
             .iter()
-            .all(|condition| condition_matches(condition, conn))
+            .all(|condition| condition_matches(action, condition, seen))
 }
 
-/// L4 fields only: request principals and remote IPs are left to the caller (see the module docs).
-fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
+fn source_matches(source: &Source, seen: Attributes<'_>) -> bool {
+    let conn = seen.connection();
     let principal = conn.source_principal.as_deref();
     let namespace = conn.source_namespace.as_deref();
     let ip = Some(IpAddr::V4(conn.source_ip));
-    // The trust domain is the principal's first segment (`td/ns/<ns>/sa/<sa>`).
-    let trust_domain = principal.and_then(|p| p.split_once('/')).map(|(td, _)| td);
-    check(
+    let l4 = check(
         &source.trust_domains,
         &source.not_trust_domains,
-        trust_domain,
+        trust_domain(principal),
         pattern,
     ) && check(
         &source.principals,
@@ -80,21 +118,60 @@ fn source_matches(source: &Source, conn: &ConnectionAttributes) -> bool {
         &source.service_accounts,
         &source.not_service_accounts,
         conn.source_service_account(),
-        |expected, (namespace, account)| expected.split_once('/') == Some((namespace, account)),
-    ) && check(&source.ip_blocks, &source.not_ip_blocks, ip, Cidr::contains)
-}
-
-/// L4 fields only: hosts, methods and paths are left to the caller.
-fn operation_matches(operation: &Operation, conn: &ConnectionAttributes) -> bool {
-    check(
-        &operation.ports,
-        &operation.not_ports,
-        Some(conn.destination_port),
-        |port, actual| *port == actual,
+        service_account,
+    ) && check(&source.ip_blocks, &source.not_ip_blocks, ip, Cidr::contains);
+    // At a node agent request principals and remote IPs are left to the caller (module docs).
+    let Some(request) = seen.request() else {
+        return l4;
+    };
+    l4 && check(
+        &source.request_principals,
+        &source.not_request_principals,
+        request.auth.map(|auth| auth.principal.as_str()),
+        pattern,
+    ) && check(
+        &source.remote_ip_blocks,
+        &source.not_remote_ip_blocks,
+        Some(request.remote_ip),
+        Cidr::contains,
     )
 }
 
-fn condition_matches(condition: &Condition, conn: &ConnectionAttributes) -> bool {
+fn operation_matches(operation: &Operation, seen: Attributes<'_>) -> bool {
+    let ports = check(
+        &operation.ports,
+        &operation.not_ports,
+        Some(seen.connection().destination_port),
+        |port, actual| *port == actual,
+    );
+    // At a node agent hosts, methods and paths are left to the caller (module docs).
+    let Some(request) = seen.request() else {
+        return ports;
+    };
+    ports
+        && check(
+            &operation.methods,
+            &operation.not_methods,
+            Some(request.method),
+            |method, actual| method == actual,
+        )
+        && check(
+            &operation.paths,
+            &operation.not_paths,
+            Some(request.path),
+            PathPattern::matches,
+        )
+        && (operation.hosts.is_empty() && operation.not_hosts.is_empty()
+            || check(
+                &operation.hosts,
+                &operation.not_hosts,
+                Some(request.host.to_ascii_lowercase().as_str()),
+                host,
+            ))
+}
+
+fn condition_matches(action: Action, condition: &Condition, seen: Attributes<'_>) -> bool {
+    let conn = seen.connection();
     let source_ip = Some(IpAddr::V4(conn.source_ip));
     let destination_ip = Some(IpAddr::V4(conn.destination_ip));
     match &condition.test {
@@ -113,8 +190,96 @@ fn condition_matches(condition: &Condition, conn: &ConnectionAttributes) -> bool
                 *port == actual
             })
         }
-        // Only reached in DENY policies: ALLOW rules with L7 conditions never get here.
-        ConditionTest::L7(_) => true,
+        test => match seen.request() {
+            // At a node agent only DENY rules get here (ALLOW rules with L7 conditions never
+            // match): the condition is ignored.
+            None => true,
+            Some(request) => request_condition_matches(action, test, request),
+        },
+    }
+}
+
+fn request_condition_matches(
+    action: Action,
+    test: &ConditionTest,
+    request: &RequestAttributes<'_>,
+) -> bool {
+    let conn = request.connection;
+    let auth = request.auth;
+    match test {
+        ConditionTest::SourceServiceAccount(values) => {
+            values_match(values, conn.source_service_account(), service_account)
+        }
+        ConditionTest::SourceTrustDomain(values) => values_match(
+            values,
+            trust_domain(conn.source_principal.as_deref()),
+            pattern,
+        ),
+        ConditionTest::RemoteIp(values) => {
+            values_match(values, Some(request.remote_ip), Cidr::contains)
+        }
+        ConditionTest::RequestHeader { name, values } => {
+            let joined = header_value(request.headers, name);
+            values_match(values, joined.as_deref(), pattern)
+        }
+        ConditionTest::RequestAuth { field, values } => match field {
+            AuthField::Principal => {
+                values_match(values, auth.map(|a| a.principal.as_str()), pattern)
+            }
+            AuthField::Presenter => {
+                values_match(values, auth.and_then(|a| a.presenter.as_deref()), pattern)
+            }
+            AuthField::Audiences => {
+                check_list(values, auth.map(|a| a.audiences.as_slice()).unwrap_or(&[]))
+            }
+        },
+        ConditionTest::RequestClaim { path, values } => {
+            let claimed = auth.map(|a| a.claim(path)).unwrap_or_default();
+            check_list(values, &claimed)
+        }
+        // What cannot be evaluated fails closed: an ALLOW never matches, a DENY always does.
+        ConditionTest::Unsupported(_) => action != Action::Allow,
+        // Matched by `condition_matches` before.
+        ConditionTest::SourceIp(_)
+        | ConditionTest::DestinationIp(_)
+        | ConditionTest::SourceNamespace(_)
+        | ConditionTest::SourcePrincipal(_)
+        | ConditionTest::DestinationPort(_) => false,
+    }
+}
+
+/// A header's values joined with `,`, as Envoy matches a header that appears more than once.
+fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    for value in values {
+        joined.push(',');
+        joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+    }
+    Some(joined)
+}
+
+/// The trust domain is the principal's first segment (`td/ns/<ns>/sa/<sa>`).
+fn trust_domain(principal: Option<&str>) -> Option<&str> {
+    principal.and_then(|p| p.split_once('/')).map(|(td, _)| td)
+}
+
+fn service_account(expected: &String, (namespace, account): (&str, &str)) -> bool {
+    expected.split_once('/') == Some((namespace, account))
+}
+
+/// Hosts ignore case (the request's is lowercased by the caller, patterns when read) and, for a
+/// pattern without a port, the request's port.
+fn host(expected: &StringMatch, actual: &str) -> bool {
+    if expected.matches(actual) {
+        return true;
+    }
+    match actual.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            expected.matches(name)
+        }
+        _ => false,
     }
 }
 
@@ -124,6 +289,18 @@ fn values_match<T, A: Copy>(
     matches: impl Fn(&T, A) -> bool,
 ) -> bool {
     check(&values.values, &values.not_values, actual, matches)
+}
+
+/// Values against an attribute with several values (audiences, a list claim): a positive value
+/// must match one of them, no negative value may.
+fn check_list(values: &Values<StringMatch>, actual: &[String]) -> bool {
+    let any = |list: &[StringMatch]| {
+        actual
+            .iter()
+            .any(|item| list.iter().any(|value| value.matches(item)))
+    };
+    (values.values.is_empty() || any(&values.values))
+        && (values.not_values.is_empty() || !any(&values.not_values))
 }
 
 /// One positive/negative pair of fields: an empty list is absent; `actual` is `None` when the

@@ -14,6 +14,7 @@ use super::istio::{
 };
 use super::namespace::namespace_of;
 use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
+use super::path_pattern::{PathPattern, PathPatternError};
 use super::string_match::StringMatch;
 
 /// The annotation that makes a policy report what it would do instead of doing it.
@@ -91,10 +92,11 @@ pub struct Source {
     pub principals: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<StringMatch>,
+    /// `<iss>/<sub>` of the request's validated JWT.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub request_principals: Vec<String>,
+    pub request_principals: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub not_request_principals: Vec<String>,
+    pub not_request_principals: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -137,32 +139,29 @@ pub struct Operation {
     pub ports: Vec<u16>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<u16>,
+    /// Matched against `:authority`, ignoring case (and its port when the pattern has none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub hosts: Vec<String>,
+    pub hosts: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub not_hosts: Vec<String>,
+    pub not_hosts: Vec<StringMatch>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_methods: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<String>,
+    pub paths: Vec<PathPattern>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub not_paths: Vec<String>,
+    pub not_paths: Vec<PathPattern>,
 }
 
 impl Operation {
     pub fn uses_l7(&self) -> bool {
-        [
-            &self.hosts,
-            &self.not_hosts,
-            &self.methods,
-            &self.not_methods,
-            &self.paths,
-            &self.not_paths,
-        ]
-        .iter()
-        .any(|values| !values.is_empty())
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
     }
 }
 
@@ -183,13 +182,60 @@ pub enum ConditionTest {
     SourcePrincipal(Values<StringMatch>),
     DestinationIp(Values<Cidr>),
     DestinationPort(Values<u16>),
-    /// A request attribute (`request.headers[...]`, ...) or a key ztunnel does not support at L4.
-    L7(Values<String>),
+    /// `source.serviceAccount`: `<namespace>/<account>` of the peer.
+    SourceServiceAccount(Values<String>),
+    /// `source.trustDomain`.
+    SourceTrustDomain(Values<StringMatch>),
+    /// `remote.ip`: the original client (see [`crate::policy::RequestAttributes`]).
+    RemoteIp(Values<Cidr>),
+    /// `request.headers[<name>]`.
+    RequestHeader {
+        #[serde(skip)]
+        name: String,
+        #[serde(flatten)]
+        values: Values<StringMatch>,
+    },
+    /// `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter`.
+    RequestAuth {
+        #[serde(skip)]
+        field: AuthField,
+        #[serde(flatten)]
+        values: Values<StringMatch>,
+    },
+    /// `request.auth.claims[a][b]...`.
+    RequestClaim {
+        #[serde(skip)]
+        path: Vec<String>,
+        #[serde(flatten)]
+        values: Values<StringMatch>,
+    },
+    /// A key the mesh cannot evaluate (`connection.sni`, `experimental.*`, or unknown): an ALLOW
+    /// rule with it never matches, a DENY rule ignores it, so it fails closed.
+    Unsupported(Values<String>),
+}
+
+/// Which `request.auth` attribute a condition reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuthField {
+    #[default]
+    Principal,
+    Audiences,
+    Presenter,
 }
 
 impl ConditionTest {
+    /// Whether only an L7 proxy sees the attribute (a node agent cannot check it).
     pub fn is_l7(&self) -> bool {
-        matches!(self, ConditionTest::L7(_))
+        matches!(
+            self,
+            ConditionTest::RemoteIp(_)
+                | ConditionTest::RequestHeader { .. }
+                | ConditionTest::RequestAuth { .. }
+                | ConditionTest::RequestClaim { .. }
+                | ConditionTest::Unsupported(_)
+                | ConditionTest::SourceServiceAccount(_)
+                | ConditionTest::SourceTrustDomain(_)
+        )
     }
 }
 
@@ -225,6 +271,12 @@ pub enum AuthorizationError {
     DryRun(String),
     #[error(transparent)]
     Cidr(#[from] CidrError),
+    #[error(transparent)]
+    Path(#[from] PathPatternError),
+    #[error("{0:?} is not request.headers[<name>] with a valid header name")]
+    HeaderKey(String),
+    #[error("{0:?} is not request.auth.claims[<name>]...")]
+    ClaimKey(String),
     #[error("{0:?} is not a port number (1-65535)")]
     Port(String),
     #[error("{0:?} is not <namespace>/<serviceaccount>")]
@@ -460,8 +512,8 @@ impl Check {
         Some(Source {
             principals: patterns(&spec.principals),
             not_principals: patterns(&spec.not_principals),
-            request_principals: spec.request_principals.clone(),
-            not_request_principals: spec.not_request_principals.clone(),
+            request_principals: patterns(&spec.request_principals),
+            not_request_principals: patterns(&spec.not_request_principals),
             namespaces: patterns(&spec.namespaces),
             not_namespaces: patterns(&spec.not_namespaces),
             trust_domains: patterns(&spec.trust_domains),
@@ -492,12 +544,12 @@ impl Check {
         Some(Operation {
             ports: self.ports(&format!("{field}.ports"), &spec.ports),
             not_ports: self.ports(&format!("{field}.notPorts"), &spec.not_ports),
-            hosts: spec.hosts.clone(),
-            not_hosts: spec.not_hosts.clone(),
+            hosts: hosts(&spec.hosts),
+            not_hosts: hosts(&spec.not_hosts),
             methods: spec.methods.clone(),
             not_methods: spec.not_methods.clone(),
-            paths: spec.paths.clone(),
-            not_paths: spec.not_paths.clone(),
+            paths: self.paths(&format!("{field}.paths"), &spec.paths),
+            not_paths: self.paths(&format!("{field}.notPaths"), &spec.not_paths),
         })
     }
 
@@ -527,7 +579,52 @@ impl Check {
             }),
             "source.namespace" => ConditionTest::SourceNamespace(patterns(spec)),
             "source.principal" => ConditionTest::SourcePrincipal(patterns(spec)),
-            _ => ConditionTest::L7(Values {
+            "source.trustDomain" => ConditionTest::SourceTrustDomain(patterns(spec)),
+            "source.serviceAccount" => ConditionTest::SourceServiceAccount(Values {
+                values: self.service_accounts(&values, &texts(&spec.values)),
+                not_values: self.service_accounts(&not_values, &texts(&spec.not_values)),
+            }),
+            "remote.ip" => ConditionTest::RemoteIp(Values {
+                values: self.cidrs(&values, &spec.values),
+                not_values: self.cidrs(&not_values, &spec.not_values),
+            }),
+            "request.auth.principal" => ConditionTest::RequestAuth {
+                field: AuthField::Principal,
+                values: patterns(spec),
+            },
+            "request.auth.audiences" => ConditionTest::RequestAuth {
+                field: AuthField::Audiences,
+                values: patterns(spec),
+            },
+            "request.auth.presenter" => ConditionTest::RequestAuth {
+                field: AuthField::Presenter,
+                values: patterns(spec),
+            },
+            key if key.starts_with("request.headers") => {
+                let name = bracketed(key, "request.headers")
+                    .filter(|names| names.len() == 1)
+                    .map(|mut names| names.remove(0).to_ascii_lowercase())
+                    .filter(|name| http::HeaderName::from_bytes(name.as_bytes()).is_ok());
+                let Some(name) = name else {
+                    self.fail(&format!("{field}.key"), AuthorizationError::HeaderKey(key.into()));
+                    return None;
+                };
+                ConditionTest::RequestHeader {
+                    name,
+                    values: patterns(spec),
+                }
+            }
+            key if key.starts_with("request.auth.claims") => {
+                let Some(path) = bracketed(key, "request.auth.claims") else {
+                    self.fail(&format!("{field}.key"), AuthorizationError::ClaimKey(key.into()));
+                    return None;
+                };
+                ConditionTest::RequestClaim {
+                    path,
+                    values: patterns(spec),
+                }
+            }
+            _ => ConditionTest::Unsupported(Values {
                 values: texts(&spec.values),
                 not_values: texts(&spec.not_values),
             }),
@@ -546,6 +643,18 @@ impl Check {
                 value
                     .as_ref()
                     .parse::<Cidr>()
+                    .map_err(|error| self.fail(&format!("{field}[{index}]"), error.into()))
+                    .ok()
+            })
+            .collect()
+    }
+
+    fn paths(&mut self, field: &str, values: &[String]) -> Vec<PathPattern> {
+        values
+            .iter()
+            .enumerate()
+            .filter_map(|(index, value)| {
+                PathPattern::parse(value)
                     .map_err(|error| self.fail(&format!("{field}[{index}]"), error.into()))
                     .ok()
             })
@@ -591,6 +700,31 @@ fn patterns(spec: &ConditionSpec) -> Values<StringMatch> {
         values: parse(&spec.values),
         not_values: parse(&spec.not_values),
     }
+}
+
+/// Host patterns, lowercased: hosts match without regard to case.
+fn hosts(values: &[String]) -> Vec<StringMatch> {
+    values
+        .iter()
+        .map(|host| StringMatch::parse(&host.to_ascii_lowercase()))
+        .collect()
+}
+
+/// `prefix[a][b]` as `["a", "b"]`: at least one non-empty name, nothing else after `prefix`.
+fn bracketed(key: &str, prefix: &str) -> Option<Vec<String>> {
+    let mut rest = key.strip_prefix(prefix)?;
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        let name = &inner[..end];
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        names.push(name.to_string());
+        rest = &inner[end + 1..];
+    }
+    (!names.is_empty()).then_some(names)
 }
 
 fn texts(values: &[Scalar]) -> Vec<String> {

@@ -18,10 +18,8 @@ pub struct TargetRefSpec {
     #[serde(default, deserialize_with = "nullable")]
     pub group: String,
     /// The kind of the target resource.
-    #[serde(default, deserialize_with = "nullable")]
     pub kind: String,
     /// The name of the target resource.
-    #[serde(default, deserialize_with = "nullable")]
     pub name: String,
     /// The namespace of the referent; Istio allows only the policy's own.
     #[serde(default, deserialize_with = "nullable")]

@@ -21,12 +21,14 @@ use tracing::{debug, warn};
 
 use super::{
     WaypointContext,
+    authorization,
     backends::{Body, Io, Target, Version},
     filters::{self, Origin},
     routing::{self, RequestView, Selection},
 };
 use crate::{
     identity::Identity,
+    policy::ConnectionAttributes,
     state::{AppProtocol, Filter, HeaderModifier, PathMatch, Redirect, Rewrite},
 };
 
@@ -41,6 +43,34 @@ pub struct Downstream {
     pub address: SocketAddr,
     pub client: SocketAddr,
     pub client_identity: Identity,
+    /// The connection as policy sees it (the client's address and principal, the VIP:port).
+    pub connection: ConnectionAttributes,
+}
+
+impl Downstream {
+    pub fn new(
+        (namespace, name, port): (String, String, u16),
+        protocol: AppProtocol,
+        address: SocketAddr,
+        client: SocketAddr,
+        client_identity: Identity,
+    ) -> Downstream {
+        let connection = crate::proxy::connection_attributes(
+            client.ip(),
+            Some(&client_identity.to_string()),
+            address,
+        );
+        Downstream {
+            namespace,
+            name,
+            port,
+            protocol,
+            address,
+            client,
+            client_identity,
+            connection,
+        }
+    }
 }
 
 /// Serves HTTP on `io` until the client closes it; on drain, HTTP/1.1 connections close after
@@ -77,6 +107,14 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
+    normalize_path(&mut parts);
+    let decision = authorization::authorize(ctx, downstream, &parts, None);
+    if !decision.allowed {
+        return Own::Forbidden {
+            grpc: is_grpc(&parts),
+        }
+        .response();
+    }
     let plan = match plan(ctx, downstream, &mut parts) {
         Ok(plan) => plan,
         Err(own) => return own.response(),
@@ -116,12 +154,18 @@ struct Plan {
 enum Own {
     Status(StatusCode, &'static str),
     Redirect(StatusCode, String),
+    /// Denied by policy: 403, or gRPC's PERMISSION_DENIED for a gRPC request.
+    Forbidden { grpc: bool },
 }
 
 impl Own {
     fn response(self) -> Response<Body> {
         match self {
             Own::Status(status, body) => text(status, body),
+            Own::Forbidden { grpc: false } => {
+                text(StatusCode::FORBIDDEN, authorization::DENIED_BODY)
+            }
+            Own::Forbidden { grpc: true } => grpc_status(GRPC_PERMISSION_DENIED, authorization::DENIED_BODY),
             Own::Redirect(status, location) => {
                 let mut response = Response::new(empty());
                 *response.status_mut() = status;
@@ -244,7 +288,7 @@ fn apply_filters(
 }
 
 /// The host the client asked for: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
-fn request_host(parts: &Parts) -> Option<&str> {
+pub fn request_host(parts: &Parts) -> Option<&str> {
     parts
         .uri
         .authority()
@@ -411,6 +455,48 @@ fn downstream_response(response: Response<Body>, modifiers: &[HeaderModifier]) -
         filters::modify_headers(&mut parts.headers, modifier);
     }
     Response::from_parts(parts, body)
+}
+
+/// Whether the request is gRPC (its content type says so), to be answered in gRPC's terms.
+fn is_grpc(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+const GRPC_PERMISSION_DENIED: u16 = 7;
+
+/// A gRPC answer with no message ("trailers only"): HTTP 200, the status in the headers, as
+/// Envoy turns its own 403 and 401 into gRPC statuses.
+fn grpc_status(code: u16, message: &'static str) -> Response<Body> {
+    let mut response = Response::new(empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    response
+}
+
+/// Removes `.` and `..` segments from the request's path (RFC 3986 section 5.2.4), as Istio's
+/// default path normalization does before policy and routing see it, so `/public/../admin`
+/// is `/admin` to both and to the endpoint.
+fn normalize_path(parts: &mut Parts) {
+    let path = parts.uri.path();
+    if !path.split('/').any(|segment| segment == "." || segment == "..") {
+        return;
+    }
+    let normalized = super::path::remove_dot_segments(path);
+    let path_and_query = match parts.uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = path_and_query.parse().ok();
+    parts.uri = Uri::from_parts(uri).unwrap_or_default();
 }
 
 fn empty() -> Body {

@@ -134,15 +134,13 @@ async fn stream(
             port,
             protocol: protocol @ (AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc),
         } => {
-            let downstream = Downstream {
-                namespace,
-                name,
-                port,
+            let downstream = Downstream::new(
+                (namespace, name, port),
                 protocol,
-                address: target.destination,
+                target.destination,
                 client,
-                client_identity: peer_identity,
-            };
+                peer_identity,
+            );
             serve_http::serve(ctx, io, downstream).await;
         }
         Destination::Service { .. } | Destination::Workload => {
