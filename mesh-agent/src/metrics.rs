@@ -76,6 +76,8 @@ pub struct Metrics {
     sent_bytes: Family<TcpLabels, Counter>,
     received_bytes: Family<TcpLabels, Counter>,
     pub denied: Family<DenialLabels, Counter>,
+    /// Requests (and TCP connections) a waypoint refused: by policy, or for a bad token.
+    pub requests_denied: Family<DenialLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     limit_refusals: Family<LimitLabels, Counter>,
     /// Data-plane steps failing on the last reconcile pass (retried each second; the capture
@@ -97,6 +99,7 @@ impl Metrics {
         let sent_bytes = Family::default();
         let received_bytes = Family::default();
         let denied = Family::default();
+        let requests_denied = Family::default();
         let failures = Family::default();
         let limit_refusals = Family::default();
         let capture_problems = Gauge::default();
@@ -126,6 +129,11 @@ impl Metrics {
             denied.clone(),
         );
         registry.register(
+            "mesh_agent_requests_denied",
+            "Requests a waypoint refused: by policy, or for a bad token",
+            requests_denied.clone(),
+        );
+        registry.register(
             "mesh_agent_connection_failures",
             "Connections refused or failed before carrying data",
             failures.clone(),
@@ -148,6 +156,7 @@ impl Metrics {
             sent_bytes,
             received_bytes,
             denied,
+            requests_denied,
             failures,
             limit_refusals,
             capture_problems,

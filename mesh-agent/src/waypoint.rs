@@ -8,12 +8,14 @@
 //! - [`authorization`]: L7 AuthorizationPolicy, by `targetRefs`;
 //! - [`path`]: the request path as policy and routes see it;
 //! - [`routing`], [`filters`]: which rule a request takes and what its filters do;
+//! - [`forward`]: timeouts, retries and mirrors of a routed request;
 //! - [`backends`]: connections to endpoints, pooled.
 
 pub mod app;
 pub mod authorization;
 pub mod backends;
 pub mod filters;
+pub mod forward;
 pub mod http;
 pub mod path;
 pub mod routing;

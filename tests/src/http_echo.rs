@@ -2,8 +2,10 @@
 //! is answered 200 with a JSON report of what arrived — method, path, host, protocol, headers —
 //! and which pod answered, to whom (`remoteAddr`). HTTP/1.1 and HTTP/2 without TLS (h2c), told apart by the preface.
 //!
-//! Two request headers steer the answer, as the conformance echo's do: `x-echo-set-header:
-//! Name:value[,Name:value]` adds response headers, `x-echo-status: <code>` changes the status.
+//! Request headers steer the answer, as the conformance echo's do: `x-echo-set-header:
+//! Name:value[,Name:value]` adds response headers, `x-echo-status: <code>` changes the status,
+//! `x-echo-delay: <ms>` answers that much later. Every report is also kept in the server's
+//! request log ([`Server::requests`]), so tests see what reached each pod — retries, mirrors.
 
 use std::{collections::BTreeMap, convert::Infallible, sync::Arc};
 
@@ -18,17 +20,21 @@ use hyper_util::{
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::traffic::Server;
+use crate::traffic::{RequestLog, Server};
 
 /// Serves the echo on `listener` as pod `namespace/pod`.
 pub fn server(listener: TcpListener, namespace: &str, pod: &str) -> Server {
     let me = Arc::new((namespace.to_owned(), pod.to_owned()));
+    let requests = RequestLog::default();
+    let log = requests.clone();
     Server::custom(listener, move |stream, peer| {
-        let me = me.clone();
+        let (me, log) = (me.clone(), log.clone());
         async move {
             let service = service_fn(move |request| {
-                let me = me.clone();
-                async move { Ok::<_, Infallible>(answer(&me.0, &me.1, peer, request).await) }
+                let (me, log) = (me.clone(), log.clone());
+                async move {
+                    Ok::<_, Infallible>(answer(&me.0, &me.1, peer, request, &log).await)
+                }
             });
             auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -36,6 +42,7 @@ pub fn server(listener: TcpListener, namespace: &str, pod: &str) -> Server {
                 .map_err(|e| anyhow::anyhow!("echo connection: {e}"))
         }
     })
+    .with_requests(requests)
 }
 
 /// `x-header-set` → `X-Header-Set`, as Go's `http.Header` keys headers.
@@ -59,6 +66,7 @@ async fn answer(
     pod: &str,
     peer: std::net::SocketAddr,
     request: Request<Incoming>,
+    log: &RequestLog,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let received = body
@@ -96,6 +104,17 @@ async fn answer(
         // Who connected: through a waypoint, the waypoint's address.
         "remoteAddr": peer.to_string(),
     });
+    log.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(report.clone());
+    if let Some(delay) = parts
+        .headers
+        .get("x-echo-delay")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let mut response = Response::new(Full::new(Bytes::from(report.to_string())));
     response
         .headers_mut()

@@ -113,11 +113,15 @@ struct ServerLog {
     errors: Mutex<Vec<String>>,
 }
 
+/// What an HTTP server recorded of each request it answered (the echo's report), in order.
+pub type RequestLog = Arc<Mutex<Vec<serde_json::Value>>>;
+
 /// A running test server; dropping it stops the accept loop and every connection it serves.
 pub struct Server {
     local: SocketAddr,
     task: JoinHandle<()>,
     log: Arc<ServerLog>,
+    requests: RequestLog,
 }
 
 impl Server {
@@ -133,7 +137,26 @@ impl Server {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let log = Arc::new(ServerLog::default());
         let task = tokio::spawn(accept_loop(listener, handler, log.clone()));
-        Server { local, task, log }
+        Server {
+            local,
+            task,
+            log,
+            requests: RequestLog::default(),
+        }
+    }
+
+    /// Gives an HTTP server the log its handler records requests in.
+    pub fn with_requests(mut self, requests: RequestLog) -> Server {
+        self.requests = requests;
+        self
+    }
+
+    /// The requests an HTTP server answered so far (empty for other servers).
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Writes back everything it reads; closes its write side after the client's EOF.

@@ -53,6 +53,19 @@ pub fn authorize_request(
     decide_all(policies, Attributes::Request(request))
 }
 
+/// Decides whether a waypoint passes a TCP connection (a port that is not HTTP) at `target`:
+/// the policies attached there, with L4 semantics (an ALLOW rule naming HTTP attributes never
+/// matches, a DENY rule ignores them), as Istio's waypoint applies them to TCP.
+pub fn authorize_at_waypoint(
+    snapshot: &Snapshot,
+    root_namespace: &str,
+    target: WaypointTarget<'_>,
+    conn: &ConnectionAttributes,
+) -> Decision {
+    let policies = waypoint_authorization_policies(snapshot, root_namespace, target);
+    decide_all(policies, Attributes::Connection(conn))
+}
+
 /// Istio's order over `policies`, dry-run ones reported beside the decision.
 fn decide_all<'a>(
     policies: impl Iterator<Item = &'a AuthorizationPolicy>,

@@ -7,8 +7,9 @@ use tracing::warn;
 
 use super::{WaypointContext, http::Downstream};
 use crate::{
+    identity::Identity,
     metrics::DenialLabels,
-    policy::{self, Decision, RequestAttributes, RequestAuth, WaypointTarget},
+    policy::{self, ConnectionAttributes, Decision, RequestAttributes, RequestAuth, WaypointTarget},
 };
 
 /// The body of Istio's denial, the text its tests look for.
@@ -34,30 +35,73 @@ pub fn authorize(
         &request,
     );
     if !decision.allowed {
-        let policy = decision.policy.as_deref().unwrap_or("default");
+        let service = format!("{}/{}", downstream.namespace, downstream.name);
         warn!(
             src = %downstream.client,
             dst = %downstream.address,
-            service = %format!("{}/{}", downstream.namespace, downstream.name),
+            service,
             method = %parts.method,
             path = %parts.uri.path(),
-            policy,
+            policy = decision.policy.as_deref().unwrap_or("-"),
             reason = %decision.reason,
             "request denied"
         );
-        ctx.metrics
-            .denied
-            .get_or_create(&DenialLabels {
-                reporter: "waypoint",
-                destination_workload: downstream.name.clone(),
-                destination_workload_namespace: downstream.namespace.clone(),
-                source_principal: downstream.client_identity.to_string(),
-                policy: policy.to_string(),
-                reason: "authorization",
-            })
-            .inc();
+        count(ctx, &decision, Some((&downstream.namespace, &downstream.name)), &downstream.client_identity, "authorization");
     }
     decision
+}
+
+/// Decides a TCP connection through the waypoint to `service` (or a pod, `None`), with L4
+/// semantics; logged and counted as [`authorize`] does.
+pub fn authorize_connection(
+    ctx: &WaypointContext,
+    service: Option<(&str, &str)>,
+    conn: &ConnectionAttributes,
+    client_identity: &Identity,
+) -> Decision {
+    let snapshot = ctx.snapshot();
+    let decision = policy::authorize_at_waypoint(
+        &snapshot,
+        &ctx.mesh.root_namespace,
+        WaypointTarget {
+            gateway: &ctx.gateway,
+            service,
+        },
+        conn,
+    );
+    if !decision.allowed {
+        warn!(
+            src = %conn.source_ip,
+            dst = %std::net::SocketAddr::from((conn.destination_ip, conn.destination_port)),
+            policy = decision.policy.as_deref().unwrap_or("-"),
+            reason = %decision.reason,
+            "connection denied"
+        );
+        count(ctx, &decision, service, client_identity, "authorization");
+    }
+    decision
+}
+
+/// Counts a refusal in `mesh_agent_requests_denied_total`, by Service and deciding policy.
+pub fn count(
+    ctx: &WaypointContext,
+    decision: &Decision,
+    service: Option<(&str, &str)>,
+    client_identity: &Identity,
+    reason: &'static str,
+) {
+    let (namespace, name) = service.unwrap_or(("-", "-"));
+    ctx.metrics
+        .requests_denied
+        .get_or_create(&DenialLabels {
+            reporter: "waypoint",
+            destination_workload: name.to_string(),
+            destination_workload_namespace: namespace.to_string(),
+            source_principal: client_identity.to_string(),
+            policy: decision.policy.clone().unwrap_or_else(|| "default".into()),
+            reason,
+        })
+        .inc();
 }
 
 /// What policy sees of a request: the client's connection as the tunnel told it, and the

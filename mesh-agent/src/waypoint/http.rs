@@ -24,12 +24,16 @@ use super::{
     authorization,
     backends::{Body, Io, Target, Version},
     filters::{self, Origin},
+    forward::{self, ForwardError, Sending},
     routing::{self, RequestView, Selection},
 };
 use crate::{
     identity::Identity,
     policy::ConnectionAttributes,
-    state::{AppProtocol, Filter, HeaderModifier, PathMatch, Redirect, Rewrite},
+    state::{
+        AppProtocol, Filter, HeaderModifier, Mirror, PathMatch, Redirect, Rewrite, Service,
+        Snapshot,
+    },
 };
 
 /// The client's side of one CONNECT: the Service port it dialed and who it is.
@@ -102,7 +106,7 @@ pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, downstream: Downstrea
 
 /// One request, start to end.
 async fn handle(
-    ctx: &WaypointContext,
+    ctx: &Arc<WaypointContext>,
     downstream: &Downstream,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -121,16 +125,26 @@ async fn handle(
     };
     ensure_request_id(&mut parts.headers);
     let request = upstream_request(parts, body.boxed(), plan.version);
-    match ctx
-        .backends
-        .send(ctx, &plan.targets, plan.version, downstream.client, request)
-        .await
-    {
+    let sent = forward::forward(
+        ctx,
+        &plan.targets,
+        plan.version,
+        downstream.client,
+        request,
+        &plan.sending,
+        plan.mirrors,
+    )
+    .await;
+    match sent {
         Ok((target, response)) => {
             debug!(src = %downstream.client, dst = %downstream.address, endpoint = %target.address, status = response.status().as_u16(), "request served");
             downstream_response(response, &plan.response_headers)
         }
-        Err(e) => {
+        Err(ForwardError::Timeout) => {
+            warn!(src = %downstream.client, dst = %downstream.address, "request timed out");
+            text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+        }
+        Err(ForwardError::Backend(e)) => {
             warn!(src = %downstream.client, dst = %downstream.address, error = %e, "request failed");
             if e.is_connect_failure() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
@@ -148,6 +162,9 @@ struct Plan {
     version: Version,
     /// Header changes for the response (the rule's, then the backend's).
     response_headers: Vec<HeaderModifier>,
+    sending: Sending,
+    /// Where copies go (RequestMirror filters that drew this request).
+    mirrors: Vec<(Vec<Target>, Version)>,
 }
 
 /// An answer of the waypoint's own, instead of an endpoint's.
@@ -199,28 +216,19 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
             headers: &parts.headers,
         },
     );
-    let mut response_headers = Vec::new();
+    let mut changes = Changes::default();
+    let mut sending = Sending::default();
     let (backend, port) = match selection {
         Selection::Unrouted => (service, downstream.port),
         Selection::NoMatch => return Err(Own::Status(StatusCode::NOT_FOUND, "route not found")),
         Selection::Matched(matched) => {
+            let rule = matched.rule;
             let path_match = &matched.matched.path;
-            apply_filters(
-                &matched.rule.filters,
-                parts,
-                path_match,
-                downstream,
-                &mut response_headers,
-            )?;
-            let chosen = filters::choose_backend(&matched.rule.backends, rand::random())
+            apply_filters(&rule.filters, parts, path_match, downstream, &mut changes)?;
+            let chosen = filters::choose_backend(&rule.backends, rand::random())
                 .ok_or(Own::Status(StatusCode::INTERNAL_SERVER_ERROR, "no backend"))?;
-            apply_filters(
-                &chosen.filters,
-                parts,
-                path_match,
-                downstream,
-                &mut response_headers,
-            )?;
+            apply_filters(&chosen.filters, parts, path_match, downstream, &mut changes)?;
+            sending = sending_of(rule);
             let backend = snapshot
                 .service(&chosen.service.namespace, &chosen.service.name)
                 .ok_or(Own::Status(
@@ -230,6 +238,56 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
             (backend, chosen.service.port.unwrap_or(downstream.port))
         }
     };
+    let (targets, version) = targets(ctx, &snapshot, backend, port)?;
+    let mirrors = changes
+        .mirrors
+        .iter()
+        .filter(|mirror| rand::random_range(0..1_000_000) < mirror.per_million)
+        .filter_map(|mirror| {
+            let to = &mirror.backend;
+            let service = snapshot.service(&to.namespace, &to.name)?;
+            targets(ctx, &snapshot, service, to.port.unwrap_or(port)).ok()
+        })
+        .collect();
+    Ok(Plan {
+        targets,
+        version,
+        response_headers: changes.response_headers,
+        sending,
+        mirrors,
+    })
+}
+
+/// A rule's timeouts and retry, as Istio turns them into Envoy's: `backendRequest` is each
+/// try's limit when the rule retries, else a limit on the whole request like `request`. A
+/// zero duration is no limit (Gateway API's `0s`).
+fn sending_of(rule: &crate::state::RouteRule) -> Sending {
+    let set = |limit: Option<std::time::Duration>| limit.filter(|d| !d.is_zero());
+    let (request, backend) = (set(rule.request_timeout), set(rule.backend_timeout));
+    match &rule.retry {
+        Some(retry) => Sending {
+            request_timeout: request,
+            try_timeout: backend,
+            retry: Some(retry.clone()),
+        },
+        None => Sending {
+            request_timeout: match (request, backend) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            try_timeout: None,
+            retry: None,
+        },
+    }
+}
+
+/// The ready endpoints of a Service port, and the HTTP version its `appProtocol` asks for.
+fn targets(
+    ctx: &WaypointContext,
+    snapshot: &Snapshot,
+    backend: &Service,
+    port: u16,
+) -> Result<(Vec<Target>, Version), Own> {
     let port = backend
         .ports
         .iter()
@@ -244,7 +302,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
     };
     let targets: Vec<Target> = ctx
         .balancer
-        .service_endpoints(&snapshot, backend, port, true)
+        .service_endpoints(snapshot, backend, port, true)
         .iter()
         .map(|endpoint| Target::of(ctx, endpoint))
         .collect();
@@ -254,11 +312,15 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
             "no healthy upstream",
         ));
     }
-    Ok(Plan {
-        targets,
-        version,
-        response_headers,
-    })
+    Ok((targets, version))
+}
+
+/// What filters leave for after the request is routed.
+#[derive(Default)]
+struct Changes {
+    /// Header changes for the response (the rule's, then the backend's).
+    response_headers: Vec<HeaderModifier>,
+    mirrors: Vec<Mirror>,
 }
 
 /// A rule's (or backend's) filters, in order: request changes go into `parts`, response
@@ -268,20 +330,19 @@ fn apply_filters(
     parts: &mut Parts,
     matched: &PathMatch,
     downstream: &Downstream,
-    response_headers: &mut Vec<HeaderModifier>,
+    changes: &mut Changes,
 ) -> Result<(), Own> {
     for filter in list {
         match filter {
             Filter::RequestHeaders(modifier) => {
                 filters::modify_headers(&mut parts.headers, modifier)
             }
-            Filter::ResponseHeaders(modifier) => response_headers.push(modifier.clone()),
+            Filter::ResponseHeaders(modifier) => changes.response_headers.push(modifier.clone()),
             Filter::Redirect(redirect) => {
                 return Err(redirect_to(redirect, matched, parts, downstream));
             }
             Filter::Rewrite(rewrite) => rewrite_request(rewrite, matched, parts),
-            // Mirroring is not done yet: the request goes to its backend only.
-            Filter::Mirror(_) => {}
+            Filter::Mirror(mirror) => changes.mirrors.push(mirror.clone()),
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    WaypointContext,
+    WaypointContext, authorization,
     backends::{self, Target},
     http::{self as serve_http, Downstream},
 };
@@ -119,6 +119,20 @@ async fn stream(
         return;
     };
     let client = target.client(peer);
+    if let Some(service) = destination.tcp_service() {
+        // TCP is decided once, before the tunnel is answered; HTTP request by request.
+        let conn = crate::proxy::connection_attributes(
+            client.ip(),
+            Some(&peer_identity.to_string()),
+            target.destination,
+        );
+        let decision = authorization::authorize_connection(&ctx, service, &conn, &peer_identity);
+        if !decision.allowed {
+            // As ztunnel answers a CONNECT its policy denies.
+            reply(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
+    }
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {
@@ -145,6 +159,23 @@ async fn stream(
         }
         Destination::Service { .. } | Destination::Workload => {
             pass_tcp(&ctx, io, target.destination, client).await;
+        }
+    }
+}
+
+impl Destination {
+    /// For traffic passed as TCP, the Service it is for (`None` for a pod); `None` outside
+    /// for HTTP, which is authorized request by request.
+    fn tcp_service(&self) -> Option<Option<(&str, &str)>> {
+        match self {
+            Destination::Service {
+                protocol: AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc,
+                ..
+            } => None,
+            Destination::Service {
+                namespace, name, ..
+            } => Some(Some((namespace, name))),
+            Destination::Workload => Some(None),
         }
     }
 }

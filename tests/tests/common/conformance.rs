@@ -277,6 +277,8 @@ pub struct Case<'a> {
     pub absent_response_headers: &'a [&'a str],
     /// The redirect's whole `Location`.
     pub location: Option<&'a str>,
+    /// The whole body of an answer that is not the echo's (a denial's, say).
+    pub body: Option<&'a str>,
 }
 
 /// How many times in a row a case must hold, as the suite's `RequiredConsecutiveSuccesses`.
@@ -343,6 +345,9 @@ impl Mesh {
                 "response header {name} is there: {:?}",
                 reply.headers
             );
+        }
+        if let Some(body) = case.body {
+            ensure!(reply.body == body, "body {:?}, not {body:?}", reply.body);
         }
         if let Some(location) = case.location {
             ensure!(
