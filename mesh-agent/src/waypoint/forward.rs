@@ -12,6 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use tracing::debug;
 
 use super::{

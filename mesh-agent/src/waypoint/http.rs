@@ -238,7 +238,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
             (backend, chosen.service.port.unwrap_or(downstream.port))
         }
     };
-    let (targets, version) = targets(ctx, &snapshot, backend, port)?;
+    let (targets, version) = endpoints(ctx, &snapshot, backend, port)?;
     let mirrors = changes
         .mirrors
         .iter()
@@ -246,7 +246,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
         .filter_map(|mirror| {
             let to = &mirror.backend;
             let service = snapshot.service(&to.namespace, &to.name)?;
-            targets(ctx, &snapshot, service, to.port.unwrap_or(port)).ok()
+            endpoints(ctx, &snapshot, service, to.port.unwrap_or(port)).ok()
         })
         .collect();
     Ok(Plan {
@@ -282,7 +282,7 @@ fn sending_of(rule: &crate::state::RouteRule) -> Sending {
 }
 
 /// The ready endpoints of a Service port, and the HTTP version its `appProtocol` asks for.
-fn targets(
+fn endpoints(
     ctx: &WaypointContext,
     snapshot: &Snapshot,
     backend: &Service,
