@@ -12,6 +12,7 @@ pub mod app;
 pub mod backends;
 pub mod filters;
 pub mod http;
+pub mod jwt;
 pub mod routing;
 pub mod tunnel;
 
