@@ -667,6 +667,104 @@ spec:
     }
 
     #[test]
+    fn the_snapshot_keeps_them_sorted_and_a_waypoint_applies_those_that_target_it() {
+        let jwks = serde_json::to_string(&jwks_json()).expect("quoted");
+        let document = |namespace: &str, name: &str, spec: &str| {
+            format!(
+                "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+            )
+        };
+        let rules = format!("jwtRules: [{{issuer: i, jwks: {jwks}}}]");
+        let gateway = "{group: gateway.networking.k8s.io, kind: Gateway, name: wp}";
+        let class = "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}";
+        let mut text = String::new();
+        for namespace in ["istio-system", "shop"] {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"
+            ));
+        }
+        text.push_str(&document(
+            "shop",
+            "service",
+            &format!("{{targetRefs: [{{kind: Service, name: echo}}], {rules}}}"),
+        ));
+        text.push_str(&document(
+            "shop",
+            "gateway",
+            &format!("{{targetRefs: [{gateway}], {rules}}}"),
+        ));
+        text.push_str(&document(
+            "istio-system",
+            "class",
+            &format!("{{targetRefs: [{class}], {rules}}}"),
+        ));
+        text.push_str(&document(
+            "shop",
+            "selector",
+            &format!("{{selector: {{matchLabels: {{app: echo}}}}, {rules}}}"),
+        ));
+        text.push_str(&document(
+            "shop",
+            "broken",
+            &format!("{{targetRefs: [{gateway}], jwtRules: [{{issuer: i}}]}}"),
+        ));
+        let (snapshot, errors) = crate::source::local::testing::assemble_text(&text);
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "test.yaml: RequestAuthentication shop/broken: spec.jwtRules[0]: one of jwks or jwksUri must be set (OpenID discovery from the issuer is not supported)"
+            ]
+        );
+        let keys: Vec<String> = snapshot
+            .request_authentications
+            .iter()
+            .map(|p| p.key())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "istio-system/class",
+                "shop/broken",
+                "shop/gateway",
+                "shop/selector",
+                "shop/service"
+            ]
+        );
+        let wp = crate::state::WaypointRef {
+            namespace: "shop".into(),
+            name: "wp".into(),
+        };
+        let applied = |service| {
+            let target = WaypointTarget {
+                gateway: &wp,
+                service,
+            };
+            waypoint_request_authentications(&snapshot, "istio-system", target)
+                .map(|policy| (policy.key(), policy.invalid.is_some()))
+                .collect::<Vec<_>>()
+        };
+        let key = |k: &str, invalid| (k.to_string(), invalid);
+        assert_eq!(
+            applied(Some(("shop", "echo"))),
+            [
+                key("istio-system/class", false),
+                key("shop/broken", true),
+                key("shop/gateway", false),
+                key("shop/service", false)
+            ]
+        );
+        assert_eq!(
+            applied(None),
+            [
+                key("istio-system/class", false),
+                key("shop/broken", true),
+                key("shop/gateway", false)
+            ]
+        );
+    }
+
+    #[test]
     fn timeouts() {
         assert_eq!(parse_timeout("5s"), Some(Duration::from_secs(5)));
         assert_eq!(parse_timeout("0.25s"), Some(Duration::from_millis(250)));
