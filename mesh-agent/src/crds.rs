@@ -21,7 +21,9 @@ use schemars::generate::SchemaSettings;
 use schemars::transform::{AddNullable, RecursiveTransform};
 use serde::Serialize;
 
-use crate::state::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use crate::state::{
+    AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+};
 
 /// `security.istio.io`.
 const GROUP: &str = AuthorizationPolicyResource::GROUP;
@@ -47,8 +49,8 @@ struct Kind {
     plural: &'static str,
     singular: &'static str,
     short_name: &'static str,
-    /// Istio's printer column besides Age: (name, JSON path, description).
-    column: (&'static str, &'static str, &'static str),
+    /// Istio's printer column besides Age, if it has one: (name, JSON path, description).
+    column: Option<(&'static str, &'static str, &'static str)>,
 }
 
 /// The CustomResourceDefinitions, AuthorizationPolicy first.
@@ -60,7 +62,7 @@ pub fn definitions() -> Result<Vec<CustomResourceDefinition>, CrdError> {
                 plural: AuthorizationPolicyResource::URL_PATH_SEGMENT,
                 singular: "authorizationpolicy",
                 short_name: "ap",
-                column: ("Action", ".spec.action", "The operation to take."),
+                column: Some(("Action", ".spec.action", "The operation to take.")),
             },
             schema::<AuthorizationPolicyResource>(AuthorizationPolicyResource::KIND)?,
         ),
@@ -70,13 +72,23 @@ pub fn definitions() -> Result<Vec<CustomResourceDefinition>, CrdError> {
                 plural: PeerAuthenticationResource::URL_PATH_SEGMENT,
                 singular: "peerauthentication",
                 short_name: "pa",
-                column: (
+                column: Some((
                     "Mode",
                     ".spec.mtls.mode",
                     "Defines the mTLS mode used for peer authentication.",
-                ),
+                )),
             },
             schema::<PeerAuthenticationResource>(PeerAuthenticationResource::KIND)?,
+        ),
+        definition(
+            &Kind {
+                kind: RequestAuthenticationResource::KIND,
+                plural: RequestAuthenticationResource::URL_PATH_SEGMENT,
+                singular: "requestauthentication",
+                short_name: "ra",
+                column: None,
+            },
+            schema::<RequestAuthenticationResource>(RequestAuthenticationResource::KIND)?,
         ),
     ])
 }
@@ -94,22 +106,24 @@ pub fn yaml() -> Result<String, CrdError> {
 }
 
 fn definition(kind: &Kind, schema: JSONSchemaProps) -> CustomResourceDefinition {
-    let (column, path, description) = kind.column;
-    let columns = vec![
-        CustomResourceColumnDefinition {
+    let own = kind.column.map(
+        |(column, path, description)| CustomResourceColumnDefinition {
             name: column.into(),
             json_path: path.into(),
             type_: "string".into(),
             description: Some(description.into()),
             ..Default::default()
         },
-        CustomResourceColumnDefinition {
+    );
+    let columns: Vec<_> = own
+        .into_iter()
+        .chain([CustomResourceColumnDefinition {
             name: "Age".into(),
             json_path: ".metadata.creationTimestamp".into(),
             type_: "date".into(),
             ..Default::default()
-        },
-    ];
+        }])
+        .collect();
     let versions = VERSIONS
         .iter()
         .enumerate()
@@ -249,6 +263,22 @@ spec:
   mtls: {mode: STRICT}
   portLevelMtls:
     "8080": {mode: PERMISSIVE}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  jwtRules:
+  - issuer: https://issuer.example
+    audiences: [shop]
+    jwksUri: https://issuer.example/keys
+    fromHeaders: [{name: x-jwt, prefix: "Bearer "}]
+    fromParams: [token]
+    outputClaimToHeaders: [{header: x-sub, claim: sub}]
+    forwardOriginalToken: true
+    timeout: 2s
+    spaceDelimitedClaims: [roles]
 "#;
 
     fn parsed() -> Vec<CustomResourceDefinition> {
@@ -310,6 +340,11 @@ spec:
                     "peerauthentications.security.istio.io",
                     vec!["v1", "v1beta1"],
                     vec!["pa".to_string()]
+                ),
+                (
+                    "requestauthentications.security.istio.io",
+                    vec!["v1", "v1beta1"],
+                    vec!["ra".to_string()]
                 ),
             ]
         );
@@ -380,12 +415,15 @@ spec:
                 "AuthorizationPolicy" => {
                     serde_json::from_value::<AuthorizationPolicyResource>(policy).map(drop)
                 }
-                _ => serde_json::from_value::<PeerAuthenticationResource>(policy).map(drop),
+                "PeerAuthentication" => {
+                    serde_json::from_value::<PeerAuthenticationResource>(policy).map(drop)
+                }
+                _ => serde_json::from_value::<RequestAuthenticationResource>(policy).map(drop),
             };
             read.expect("the agent reads what the schema accepts");
             checked += 1;
         }
-        assert_eq!(checked, 4);
+        assert_eq!(checked, 5);
     }
 
     #[test]
@@ -399,6 +437,10 @@ spec:
             ),
             (
                 "AuthorizationPolicy",
+                r#"{"spec": {"targetRefs": {"kind": "Service"}}}"#,
+            ),
+            (
+                "AuthorizationPolicy",
                 r#"{"spec": {"targetRefs": [{"kind": "Service"}]}}"#,
             ),
             (
@@ -408,6 +450,14 @@ spec:
             (
                 "PeerAuthentication",
                 r#"{"spec": {"selector": {"matchLabels": {"app": 1}}}}"#,
+            ),
+            (
+                "RequestAuthentication",
+                r#"{"spec": {"jwtRules": [{"issuer": ["x"]}]}}"#,
+            ),
+            (
+                "RequestAuthentication",
+                r#"{"spec": {"jwtRules": [{"fromHeaders": [{"name": 1}]}]}}"#,
             ),
         ];
         for (kind, text) in cases {

@@ -45,6 +45,7 @@ mod path_pattern;
 mod peer_authentication;
 mod policy_target;
 pub mod record;
+mod request_authentication;
 mod service;
 mod small_map;
 mod snapshot;
@@ -68,12 +69,20 @@ pub use http_route::{
     PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, RouteRule, ServiceParent,
     ValueMatch,
 };
-pub use istio::{AuthorizationPolicyResource, PeerAuthenticationResource, WorkloadSelector};
+pub use istio::{
+    AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+    WorkloadSelector,
+};
 pub use namespace::{DEFAULT_NAMESPACE, Namespace};
 pub use object::{Object, Sourced, object_label};
-pub use policy_target::{PolicyTarget, TargetRefError, TargetRefSpec, parse_targets};
 pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
+pub use policy_target::{PolicyTarget, TargetRefError, TargetRefSpec, parse_targets};
 pub use record::{Record, Records};
+pub use request_authentication::{
+    ClaimToHeader, DEFAULT_JWKS_TIMEOUT, Jwks, JwksError, JwtRule, KeySource, MAX_JWKS_BYTES,
+    MAX_JWKS_KEYS, RequestAuthentication, RequestAuthenticationError, TokenLocation,
+    waypoint_request_authentications,
+};
 pub use service::{AppProtocol, Protocol, Service, ServicePort, TargetPort};
 pub use small_map::{Labels, SmallMap};
 pub use snapshot::Snapshot;

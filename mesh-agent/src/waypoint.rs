@@ -17,6 +17,7 @@ pub mod backends;
 pub mod filters;
 pub mod forward;
 pub mod http;
+pub mod jwt;
 pub mod path;
 pub mod routing;
 pub mod tunnel;

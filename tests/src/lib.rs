@@ -41,6 +41,7 @@ pub mod apiserver;
 mod command;
 pub mod cputime;
 pub mod http_echo;
+pub mod jwt;
 pub mod netns;
 pub mod state_gen;
 pub mod state_yaml;

@@ -36,6 +36,7 @@ const WATCHED: &[(&str, &str)] = &[
     ("discovery.k8s.io", "endpointslices"),
     ("security.istio.io", "authorizationpolicies"),
     ("security.istio.io", "peerauthentications"),
+    ("security.istio.io", "requestauthentications"),
     ("gateway.networking.k8s.io", "gateways"),
     ("gateway.networking.k8s.io", "httproutes"),
 ];

@@ -34,7 +34,8 @@ use self::store::Store;
 use super::StateStatus;
 use crate::state::{
     self, AuthorizationPolicy, AuthorizationPolicyResource, Origin, PeerAuthentication, Record,
-    Records, Snapshot, StateError, Workload, WorkloadSelector, record,
+    Records, RequestAuthentication, RequestAuthenticationResource, Snapshot, StateError,
+    TargetRefSpec, Workload, WorkloadSelector, record,
 };
 
 /// The pseudo file that state problems of API objects name.
@@ -174,6 +175,7 @@ struct Stores {
     peer_authentications: Arc<Store<PeerAuthentication>>,
     gateways: Arc<Store<state::Waypoint>>,
     http_routes: Arc<Store<state::HttpRoute>>,
+    request_authentications: Arc<Store<RequestAuthentication>>,
 }
 
 /// The running source: the snapshot, its status and each watch's.
@@ -183,7 +185,7 @@ pub struct KubeSource {
     pub watches: watch::Receiver<Vec<WatchStatus>>,
 }
 
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 9] = [
     "Namespace",
     "Pod",
     "Service",
@@ -192,6 +194,7 @@ const KINDS: [&str; 8] = [
     "PeerAuthentication",
     "Gateway",
     "HTTPRoute",
+    "RequestAuthentication",
 ];
 
 /// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
@@ -221,9 +224,10 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             plural,
         )
     };
-    let (authz, peers) = (
+    let (authz, peers, request_authns) = (
         istio("AuthorizationPolicy", "authorizationpolicies"),
         istio("PeerAuthentication", "peerauthentications"),
+        istio("RequestAuthentication", "requestauthentications"),
     );
     let gateway_api = |kind: &str, plural: &str| {
         ApiResource::from_gvk_with_plural(
@@ -260,9 +264,15 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             &shared,
         ),
         http_routes: spawn_watch(
-            Api::all_with(client, &http_routes),
+            Api::all_with(client.clone(), &http_routes),
             read_http_route,
             7,
+            &shared,
+        ),
+        request_authentications: spawn_watch(
+            Api::all_with(client, &request_authns),
+            read_request_authentication,
+            8,
             &shared,
         ),
     };
@@ -494,6 +504,7 @@ fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
         peer_authentications: stores.peer_authentications.records(),
         gateways: stores.gateways.records(),
         http_routes: stores.http_routes.records(),
+        request_authentications: stores.request_authentications.records(),
     };
     Snapshot::join(&records, Vec::new(), previous)
 }
@@ -544,6 +555,10 @@ fn read_gateway(object: DynamicObject) -> Record<state::Waypoint> {
 /// An HTTPRoute that cannot be read is rejected alone: its Service is routed as if it had none.
 fn read_http_route(object: DynamicObject) -> Record<state::HttpRoute> {
     read_or_reject(object, record::http_route)
+}
+
+fn read_request_authentication(object: DynamicObject) -> Record<RequestAuthentication> {
+    record::request_authentication(origin(), &request_authentication(&object))
 }
 
 /// Reads a custom object as `R`; one that does not fit `R` is a record with no model and one
@@ -601,6 +616,39 @@ fn authorization_policy(object: &DynamicObject) -> AuthorizationPolicyResource {
     }
 }
 
+/// The policy, or, when its spec cannot be read, a resource that fails closed on the targets
+/// that can still be read (each reference on its own; none readable: it attaches nowhere).
+fn request_authentication(object: &DynamicObject) -> RequestAuthenticationResource {
+    match typed::<RequestAuthenticationResource>(object) {
+        Ok(resource) => resource,
+        Err(reason) => {
+            let mut resource = RequestAuthenticationResource {
+                metadata: object.metadata.clone(),
+                ..RequestAuthenticationResource::default()
+            };
+            let spec = &mut resource.spec;
+            let target = |value: &serde_json::Value| {
+                serde_json::from_value::<TargetRefSpec>(value.clone()).ok()
+            };
+            spec.target_ref = object.data.pointer("/spec/targetRef").and_then(target);
+            spec.target_refs = object
+                .data
+                .pointer("/spec/targetRefs")
+                .and_then(serde_json::Value::as_array)
+                .map(|refs| refs.iter().filter_map(target).collect())
+                .unwrap_or_default();
+            let (field, reason) = match reason.split_once(": ") {
+                Some((path, why)) if !path.is_empty() && path != "." => {
+                    (path.to_owned(), why.to_owned())
+                }
+                _ => ("spec".to_owned(), reason),
+            };
+            resource.unreadable = Some((field, reason));
+            resource
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,5 +692,29 @@ mod tests {
         assert_eq!(model.action, crate::state::Action::Deny);
         assert!(model.dry_run);
         assert_eq!(model.rules.len(), 1);
+    }
+
+    #[test]
+    fn a_request_authentication_whose_spec_cannot_be_read_fails_closed_on_its_targets() {
+        let object = dynamic(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "shop"},
+            "spec": {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "web"}, {"kind": 7}],
+                "jwtRules": [{"issuer": ["not", "a", "string"]}]
+            }
+        }));
+        let record = read_request_authentication(object);
+        let model = record.model.as_deref().expect("a fail-closed stand-in");
+        assert_eq!(
+            model.targets,
+            Some(vec![crate::state::PolicyTarget::Service("web".into())])
+        );
+        let reason = model.invalid.as_deref().expect("invalid");
+        assert!(
+            reason.starts_with("spec.jwtRules[0].issuer: invalid type"),
+            "{reason}"
+        );
+        assert_eq!(record.problems.len(), 1);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Only the fields the agent supports are read; others are ignored, as the Kubernetes API server
 //! prunes fields a CRD does not know. `null` is read as absent, like Kubernetes does. Values are
-//! checked later, when the model is built ([`super::authorization`], [`super::peer_authentication`]).
+//! checked later, when the model is built ([`super::authorization`], [`super::peer_authentication`],
+//! [`super::request_authentication`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -185,6 +186,88 @@ pub struct MtlsSpec {
     pub mode: Option<String>,
 }
 
+/// `security.istio.io/v1` `RequestAuthentication`: which JWTs a waypoint accepts.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+pub struct RequestAuthenticationResource {
+    #[serde(default, deserialize_with = "nullable")]
+    #[schemars(skip)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: RequestAuthenticationSpec,
+    /// Set by a source that received the object but could not read its spec (the field and
+    /// why): the policy then fails closed instead of being dropped.
+    #[serde(skip)]
+    pub unreadable: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct RequestAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// Deprecated by Istio for `targetRefs`; read the same way.
+    #[serde(default)]
+    pub target_ref: Option<TargetRefSpec>,
+    /// What the policy attaches to at a waypoint (Gateway, Service, GatewayClass).
+    #[serde(default, deserialize_with = "nullable")]
+    pub target_refs: Vec<TargetRefSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub jwt_rules: Vec<JwtRuleSpec>,
+}
+
+/// One issuer's tokens: where they are, how they are checked and what is passed on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct JwtRuleSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub issuer: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub audiences: Vec<String>,
+    /// A URL the JSON Web Key Set is fetched from.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// The JSON Web Key Set itself, as JSON text; preferred over `jwksUri`.
+    #[serde(default)]
+    pub jwks: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub from_headers: Vec<JwtHeaderSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub from_params: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub from_cookies: Vec<String>,
+    #[serde(default)]
+    pub output_payload_to_header: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub forward_original_token: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    pub output_claim_to_headers: Vec<ClaimToHeaderSpec>,
+    /// How long a `jwksUri` fetch may take (`5s` by default).
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// `fromHeaders[]`: a header carrying the token after `prefix`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct JwtHeaderSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub prefix: String,
+}
+
+/// `outputClaimToHeaders[]`: a claim copied to a request header.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct ClaimToHeaderSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub header: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub claim: String,
+}
+
 /// A string or an integer, kept as text: Istio's ports are strings (`"8080"`) but manifests often
 /// write numbers, which mean the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
@@ -267,6 +350,13 @@ namespaced_resource!(
     "v1",
     "PeerAuthentication",
     "peerauthentications"
+);
+namespaced_resource!(
+    RequestAuthenticationResource,
+    "security.istio.io",
+    "v1",
+    "RequestAuthentication",
+    "requestauthentications"
 );
 
 #[cfg(test)]

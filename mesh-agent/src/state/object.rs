@@ -5,7 +5,9 @@ use k8s_openapi::api::core::v1 as k8s;
 
 use super::error::Origin;
 use super::gateway_api::{GatewayResource, HttpRouteResource};
-use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use super::istio::{
+    AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+};
 
 /// A Kubernetes object of a kind the agent reads.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +18,7 @@ pub enum Object {
     EndpointSlice(Box<k8s_openapi::api::discovery::v1::EndpointSlice>),
     AuthorizationPolicy(Box<AuthorizationPolicyResource>),
     PeerAuthentication(Box<PeerAuthenticationResource>),
+    RequestAuthentication(Box<RequestAuthenticationResource>),
     Gateway(Box<GatewayResource>),
     HttpRoute(Box<HttpRouteResource>),
 }

@@ -16,10 +16,13 @@ use super::endpoint_slice::EndpointSlice;
 use super::error::{Origin, StateError};
 use super::gateway_api::{GatewayResource, HttpRouteResource};
 use super::http_route::HttpRoute;
-use super::istio::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use super::istio::{
+    AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
+};
 use super::namespace::{Namespace, namespace_of};
 use super::object::{Object, Sourced, object_label};
 use super::peer_authentication::PeerAuthentication;
+use super::request_authentication::RequestAuthentication;
 use super::service::Service;
 use super::validate;
 use super::waypoint::{Waypoint, WaypointError};
@@ -96,6 +99,8 @@ pub struct Records {
     pub endpoint_slices: Vec<Arc<Record<EndpointSlice>>>,
     pub authorization_policies: Vec<Arc<Record<AuthorizationPolicy>>>,
     pub peer_authentications: Vec<Arc<Record<PeerAuthentication>>>,
+    /// RequestAuthentications; one that cannot be understood has its fail-closed stand-in.
+    pub request_authentications: Vec<Arc<Record<RequestAuthentication>>>,
     /// Gateways; only waypoints (class `istio-waypoint`) have a model.
     pub gateways: Vec<Arc<Record<Waypoint>>>,
     /// HTTPRoutes; only those attached to a Service have a model.
@@ -114,6 +119,7 @@ impl Records {
             slices: Vec<Sourced<discovery::EndpointSlice>>,
             authorizations: Vec<Sourced<AuthorizationPolicyResource>>,
             peers: Vec<Sourced<PeerAuthenticationResource>>,
+            request_authentications: Vec<Sourced<RequestAuthenticationResource>>,
             gateways: Vec<Sourced<GatewayResource>>,
             http_routes: Vec<Sourced<HttpRouteResource>>,
         }
@@ -144,6 +150,12 @@ impl Records {
                     origin,
                     object: *object,
                 }),
+                Object::RequestAuthentication(object) => {
+                    by_kind.request_authentications.push(Sourced {
+                        origin,
+                        object: *object,
+                    })
+                }
                 Object::Gateway(object) => by_kind.gateways.push(Sourced {
                     origin,
                     object: *object,
@@ -181,6 +193,12 @@ impl Records {
                 &mut errors,
             ),
             peer_authentications: each(&by_kind.peers, true, peer_authentication, &mut errors),
+            request_authentications: each(
+                &by_kind.request_authentications,
+                true,
+                request_authentication,
+                &mut errors,
+            ),
             gateways: each(&by_kind.gateways, true, gateway, &mut errors),
             http_routes: each(&by_kind.http_routes, true, http_route, &mut errors),
         };
@@ -261,4 +279,24 @@ pub fn gateway(origin: Origin, gateway: &GatewayResource) -> Record<Waypoint> {
 /// An HTTPRoute attached only to Gateways (ingress) yields no model and no problem.
 pub fn http_route(origin: Origin, route: &HttpRouteResource) -> Record<HttpRoute> {
     Record::read(origin, route, true, HttpRoute::from_resource)
+}
+
+/// A RequestAuthentication that cannot be understood still yields a model: its fail-closed
+/// stand-in ([`RequestAuthentication::fail_closed`]), beside its problems.
+pub fn request_authentication(
+    origin: Origin,
+    policy: &RequestAuthenticationResource,
+) -> Record<RequestAuthentication> {
+    let mut stand_in = None;
+    let mut record = Record::read(origin, policy, true, |policy| {
+        RequestAuthentication::from_resource(policy)
+            .map(Some)
+            .inspect_err(|problems| {
+                stand_in = Some(RequestAuthentication::fail_closed(policy, problems));
+            })
+    });
+    if record.model.is_none() {
+        record.model = stand_in.map(Arc::new);
+    }
+    record
 }

@@ -17,6 +17,7 @@ use super::namespace::Namespace;
 use super::object::{Object, Sourced};
 use super::peer_authentication::PeerAuthentication;
 use super::record::{Record, Records};
+use super::request_authentication::RequestAuthentication;
 use super::service::Service;
 use super::use_waypoint::{self, Consumer, WaypointRef, WaypointUse};
 use super::validate::{self, ValidationError};
@@ -42,6 +43,8 @@ pub struct Snapshot {
     pub waypoint_uses: Vec<WaypointUse>,
     /// HTTPRoutes attached to Services, sorted by (namespace, name).
     pub http_routes: Vec<Arc<HttpRoute>>,
+    /// Istio `RequestAuthentication`s, sorted by (namespace, name).
+    pub request_authentications: Vec<Arc<RequestAuthentication>>,
     /// The files the snapshot was read from.
     pub files: Vec<PathBuf>,
     /// Positions in `workloads` and `services` by IP: the proxy asks on every connection.
@@ -157,6 +160,10 @@ impl Snapshot {
             admitted(&records.authorization_policies, &namespaces, &mut errors);
         let peer_authentications =
             admitted(&records.peer_authentications, &namespaces, &mut errors);
+        let mut request_authentications =
+            admitted(&records.request_authentications, &namespaces, &mut errors);
+        request_authentications
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let snapshot = Snapshot::new(
             namespaces,
             workloads
@@ -171,6 +178,7 @@ impl Snapshot {
         .with_waypoints(waypoints, uses);
         let snapshot = Snapshot {
             http_routes,
+            request_authentications,
             ..snapshot
         };
         (snapshot, errors)
@@ -231,6 +239,7 @@ impl Snapshot {
             waypoints: Vec::new(),
             waypoint_uses: Vec::new(),
             http_routes: Vec::new(),
+            request_authentications: Vec::new(),
         }
     }
 

@@ -130,6 +130,22 @@ pub const KINDS: &[Kind] = &[
         &[],
     ),
     kind(
+        "security.istio.io",
+        "v1",
+        "requestauthentications",
+        "RequestAuthentication",
+        true,
+        &[],
+    ),
+    kind(
+        "security.istio.io",
+        "v1beta1",
+        "requestauthentications",
+        "RequestAuthentication",
+        true,
+        &[],
+    ),
+    kind(
         "gateway.networking.k8s.io",
         "v1",
         "gateways",

@@ -210,6 +210,10 @@ impl Parsed {
                 .typed(value, origin, &kind, true, |policy| {
                     Object::PeerAuthentication(Box::new(policy))
                 }),
+            (version, "RequestAuthentication") if istio::API_VERSIONS.contains(&version) => self
+                .typed(value, origin, &kind, true, |policy| {
+                    Object::RequestAuthentication(Box::new(policy))
+                }),
             (version, "Gateway") if gateway_api::API_VERSIONS.contains(&version) => {
                 self.typed(value, origin, &kind, true, |gateway| {
                     Object::Gateway(Box::new(gateway))
@@ -220,7 +224,9 @@ impl Parsed {
                     Object::HttpRoute(Box::new(route))
                 })
             }
-            (found, "AuthorizationPolicy" | "PeerAuthentication") if is_istio_security(found) => {
+            (found, "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication")
+                if is_istio_security(found) =>
+            {
                 let label = label_of(map, &kind, true, &origin);
                 let error = DocumentError::WrongApiVersion {
                     kind: kind.clone(),
@@ -431,7 +437,7 @@ mod tests {
 
     #[test]
     fn skips_other_and_later_kinds() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: Sidecar\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
         let parsed = yaml(text);
         assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
         assert!(parsed.objects.is_empty());
@@ -523,7 +529,7 @@ mod tests {
 
     #[test]
     fn reads_istio_security_kinds_of_both_versions() {
-        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthenticationList\nitems:\n- metadata: {name: d}\n";
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\n---\napiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: b}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthenticationList\nitems:\n- metadata: {name: d}\n---\napiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {name: e}\n";
         let parsed = yaml(text);
         assert_eq!(messages(&parsed), Vec::<String>::new());
         let kinds: Vec<bool> = parsed
@@ -531,10 +537,14 @@ mod tests {
             .iter()
             .map(|object| matches!(object.object, Object::AuthorizationPolicy(_)))
             .collect();
-        assert_eq!(kinds, [true, true, false, false]);
+        assert_eq!(kinds, [true, true, false, false, false]);
         assert!(matches!(
             parsed.objects[3].object,
             Object::PeerAuthentication(_)
+        ));
+        assert!(matches!(
+            parsed.objects[4].object,
+            Object::RequestAuthentication(_)
         ));
     }
 
