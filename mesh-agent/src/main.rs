@@ -74,6 +74,10 @@ enum Command {
         /// Where HBONE is accepted.
         #[arg(long, default_value = "0.0.0.0:15008")]
         tunnel_addr: SocketAddr,
+        /// One line per request on standard output, in Istio's default access-log format
+        /// (`--access-log false` turns it off).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        access_log: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -226,6 +230,7 @@ fn main() -> ExitCode {
             pod_namespace,
             pod_name,
             tunnel_addr,
+            access_log,
             common,
         } => {
             mesh_agent::logging::init(common.log_json);
@@ -246,6 +251,7 @@ fn main() -> ExitCode {
                 mesh: common.mesh(),
                 pool: common.pool(),
                 keepalive: common.keepalive(),
+                access_log,
             })
         }
         Command::Status(i) => inspect(View::Status, i),

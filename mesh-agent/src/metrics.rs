@@ -163,6 +163,12 @@ impl Metrics {
         }
     }
 
+    /// The registry, for a process that adds families of its own (the waypoint's request
+    /// metrics, [`crate::waypoint::telemetry`]).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The TCP counters of `labels` (created at zero the first time).
     pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
         let cached = self

@@ -59,7 +59,6 @@ pub use authorization::{
     Action, AuthField, AuthorizationError, AuthorizationPolicy, Condition, ConditionTest,
     DRY_RUN_ANNOTATION, Operation, Rule, Source, Values,
 };
-pub use path_pattern::{PathPattern, PathPatternError};
 pub use cidr::{Cidr, CidrError};
 pub use endpoint_slice::EndpointSlice;
 pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
@@ -75,6 +74,7 @@ pub use istio::{
 };
 pub use namespace::{DEFAULT_NAMESPACE, Namespace};
 pub use object::{Object, Sourced, object_label};
+pub use path_pattern::{PathPattern, PathPatternError};
 pub use peer_authentication::{MtlsMode, PeerAuthentication, PeerAuthenticationError};
 pub use policy_target::{PolicyTarget, TargetRefError, TargetRefSpec, parse_targets};
 pub use record::{Record, Records};

@@ -5,12 +5,15 @@
 //! - [`app`]: the process (state source, certificate, listeners, drain);
 //! - [`tunnel`]: HBONE from node agents, one CONNECT per client connection;
 //! - [`http`]: the HTTP served inside a CONNECT, request by request;
-//! - [`authorization`]: L7 AuthorizationPolicy, by `targetRefs`;
+//! - [`authorization`], [`jwt`]: RequestAuthentication and L7 AuthorizationPolicy, by `targetRefs`;
 //! - [`path`]: the request path as policy and routes see it;
 //! - [`routing`], [`filters`]: which rule a request takes and what its filters do;
 //! - [`forward`]: timeouts, retries and mirrors of a routed request;
-//! - [`backends`]: connections to endpoints, pooled.
+//! - [`backends`]: connections to endpoints, pooled;
+//! - [`telemetry`], [`access_log`], [`trace`]: Istio's request metrics, access log and trace
+//!   context.
 
+pub mod access_log;
 pub mod app;
 pub mod authorization;
 pub mod backends;
@@ -20,6 +23,8 @@ pub mod http;
 pub mod jwt;
 pub mod path;
 pub mod routing;
+pub mod telemetry;
+pub mod trace;
 pub mod tunnel;
 
 use std::{net::Ipv4Addr, sync::Arc};
@@ -50,7 +55,13 @@ pub struct WaypointContext {
     pub pool: Pool,
     pub balancer: ServiceBalancer,
     pub backends: backends::Backends,
+    /// JWT validation, with its cache of fetched key sets.
+    pub authenticator: jwt::Authenticator,
     pub metrics: Arc<Metrics>,
+    /// Istio's request metrics, in `metrics`' registry.
+    pub requests: telemetry::RequestMetrics,
+    /// Whether each request gets an access-log line on standard output.
+    pub access_log: bool,
     pub keepalive: KeepaliveSettings,
     /// Turns true when the process stops: tunnels and HTTP connections are told to go away.
     pub draining: watch::Receiver<bool>,

@@ -32,9 +32,7 @@ pub fn server(listener: TcpListener, namespace: &str, pod: &str) -> Server {
         async move {
             let service = service_fn(move |request| {
                 let (me, log) = (me.clone(), log.clone());
-                async move {
-                    Ok::<_, Infallible>(answer(&me.0, &me.1, peer, request, &log).await)
-                }
+                async move { Ok::<_, Infallible>(answer(&me.0, &me.1, peer, request, &log).await) }
             });
             auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

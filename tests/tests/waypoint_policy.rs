@@ -41,7 +41,11 @@ async fn waypoint_metrics(mesh: &Mesh) -> Result<String> {
         .netns()
         .http_get("127.0.0.1:15020".parse()?, "/metrics")
         .await?;
-    ensure!(response.status == 200, "waypoint metrics: HTTP {}", response.status);
+    ensure!(
+        response.status == 200,
+        "waypoint metrics: HTTP {}",
+        response.status
+    );
     Ok(response.body)
 }
 
@@ -134,9 +138,23 @@ async fn l7_authorization_by_target() -> Result<()> {
     );
     // Methods and a header condition.
     let post = mesh.curl_service("echo", 80, "/anything", &["-X", "POST"])?;
-    ensure!(post.status == 403, "a POST without x-role: HTTP {}", post.status);
-    let post = mesh.curl_service("echo", 80, "/anything", &["-X", "POST", "-H", "x-role: writer"])?;
-    ensure!(post.status == 200, "a POST with x-role: writer: HTTP {} {}", post.status, post.body);
+    ensure!(
+        post.status == 403,
+        "a POST without x-role: HTTP {}",
+        post.status
+    );
+    let post = mesh.curl_service(
+        "echo",
+        80,
+        "/anything",
+        &["-X", "POST", "-H", "x-role: writer"],
+    )?;
+    ensure!(
+        post.status == 200,
+        "a POST with x-role: writer: HTTP {} {}",
+        post.status,
+        post.body
+    );
     // Counted under the deciding policy; the default denial (no ALLOW matched) as `default`.
     ensure!(
         denied_by(&mesh, &format!("{NS}/echo-deny")).await? >= 1.0
@@ -190,9 +208,11 @@ async fn tcp_through_the_waypoint_is_authorized() -> Result<()> {
         ),
     )
     .await?;
-    common::eventually(common::SETTLE, "the waypoint to deny TCP to echo-v2:9090", || {
-        Ok(futures_block(common::exchange(client, tcp))?.outcome != common::Outcome::Echoed)
-    })
+    common::eventually(
+        common::SETTLE,
+        "the waypoint to deny TCP to echo-v2:9090",
+        || Ok(futures_block(common::exchange(client, tcp))?.outcome != common::Outcome::Echoed),
+    )
     .await?;
     common::expect_reset(client, tcp).await?;
     mesh.expect(&Case {
@@ -212,4 +232,151 @@ async fn tcp_through_the_waypoint_is_authorized() -> Result<()> {
 /// Runs a future to completion from a synchronous closure (the test runtime has two workers).
 fn futures_block<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+/// Serves `body` as `application/json` at any path on `listener` (a key set at a `jwksUri`),
+/// counting the requests.
+fn serve_json(
+    listener: tokio::net::TcpListener,
+    body: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (body, count) = (body.clone(), count.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut response = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body.clone()),
+                    ));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (task, served)
+}
+
+/// Istio's TestL7JWT outcomes at a waypoint: a RequestAuthentication (inline `jwks`) and an
+/// AuthorizationPolicy requiring one subject, both attached to the Service, with `/healthz`
+/// open. No token: 403; the allowed subject: 200; an expired token: 401; another subject: 403;
+/// `/healthz` without a token: 200; a token of an issuer that only a selector policy names:
+/// 401. A second issuer's keys come from a `jwksUri`, fetched once and cached. The token is
+/// taken out before the endpoint and a claim is passed on as a header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_outcomes_as_istio() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let inline = mesh_tests::jwt::Issuer::new("https://inline.example", "k1")?;
+    let remote = mesh_tests::jwt::Issuer::new("https://remote.example", "k2")?;
+    let ignored = mesh_tests::jwt::Issuer::new("https://selector-only.example", "k3")?;
+    // The remote issuer's keys, served from echo-v2's pod (the waypoint's own pod is not
+    // captured, so it fetches them directly).
+    let echo_v2 = mesh.cluster.pod(NS, "echo-v2");
+    let (_jwks_server, fetched) = serve_json(echo_v2.listen(8099).await?, remote.jwks_text());
+    let jwks_uri = format!("http://{}:8099/keys", echo_v2.ip);
+    let state = [
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  jwtRules:\n  - issuer: {}\n    jwks: '{}'\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n  - issuer: {}\n    jwksUri: {jwks_uri}\n",
+            inline.issuer,
+            inline.jwks_text(),
+            remote.issuer,
+        ),
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: by-selector, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: namespace}}}}\n  jwtRules:\n  - issuer: {}\n    jwks: '{}'\n",
+            ignored.issuer,
+            ignored.jwks_text(),
+        ),
+        policy(
+            "require-jwt",
+            &format!(
+                "  targetRefs: [{{kind: Service, group: \"\", name: echo}}]\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"{}/allowed\", \"{}/remote-user\"]}}}}]\n  - to: [{{operation: {{paths: [/healthz]}}}}]\n",
+                inline.issuer,
+                remote.issuer
+            ),
+        ),
+    ]
+    .concat();
+    common::apply(&mesh.cluster, "policy.yaml", &state).await?;
+    let bearer = |token: &str| format!("Authorization: Bearer {token}");
+    let allowed = bearer(&inline.token_for("allowed", &serde_json::json!({}))?);
+    let other = bearer(&inline.token_for("someone-else", &serde_json::json!({}))?);
+    let now = mesh_tests::jwt::now();
+    let expired = bearer(&inline.token_for(
+        "allowed",
+        &serde_json::json!({"iat": now - 7200, "exp": now - 3600}),
+    )?);
+    let unknown = bearer(&ignored.token_for("allowed", &serde_json::json!({}))?);
+    let remote_user = bearer(&remote.token_for("remote-user", &serde_json::json!({}))?);
+    // In force once a request without a token is refused.
+    mesh.expect(&Case {
+        status: 403,
+        body: Some("RBAC: access denied"),
+        ..Case::default()
+    })
+    .await?;
+    let cases: [(&str, Option<&str>, u16, &str); 6] = [
+        ("/", None, 403, "RBAC: access denied"),
+        ("/", Some(&allowed), 200, ""),
+        ("/", Some(&expired), 401, "Jwt is expired"),
+        ("/", Some(&other), 403, "RBAC: access denied"),
+        ("/healthz", None, 200, ""),
+        ("/", Some(&unknown), 401, "Jwt issuer is not configured"),
+    ];
+    for (path, header, status, body) in cases {
+        let args: Vec<&str> = header.iter().flat_map(|h| ["-H", *h]).collect();
+        let reply = mesh.curl_service("echo", 80, path, &args)?;
+        ensure!(
+            reply.status == status && (body.is_empty() || reply.body == body),
+            "GET {path} with {:?}: HTTP {} {:?}, not {status} {body:?}",
+            header.map(|h| &h[..30.min(h.len())]),
+            reply.status,
+            reply.body
+        );
+        if status == 200 && header.is_some() {
+            let echo = reply.echo()?;
+            ensure!(
+                echo.header("authorization").is_none()
+                    && echo.header("x-jwt-sub").as_deref() == Some("allowed"),
+                "the endpoint saw authorization {:?} and x-jwt-sub {:?}",
+                echo.header("authorization"),
+                echo.header("x-jwt-sub")
+            );
+        }
+    }
+    // The jwksUri issuer: its keys are fetched once and then cached.
+    for _ in 0..3 {
+        let reply = mesh.curl_service("echo", 80, "/", &["-H", &remote_user])?;
+        ensure!(
+            reply.status == 200,
+            "a token of the jwksUri issuer: HTTP {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    let fetches = fetched.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        fetches == 1,
+        "the jwksUri was fetched {fetches} times for 3 requests"
+    );
+    ensure!(
+        denied_by(&mesh, "default").await? >= 2.0,
+        "denials not counted:\n{}",
+        waypoint_metrics(&mesh).await?
+    );
+    Ok(())
 }

@@ -41,17 +41,34 @@ async fn retries_are_seen_at_the_backend() -> Result<()> {
         "echo",
         80,
         "/retry",
-        &["-H", "x-echo-status: 503", "-H", "x-request-id: retried-503"],
+        &[
+            "-H",
+            "x-echo-status: 503",
+            "-H",
+            "x-request-id: retried-503",
+        ],
     )?;
-    ensure!(reply.status == 503, "HTTP {}, not the echo's 503", reply.status);
+    ensure!(
+        reply.status == 503,
+        "HTTP {}, not the echo's 503",
+        reply.status
+    );
     let seen = arrivals(&mesh, 0, "retried-503").len();
-    ensure!(seen == 3, "echo-v1 saw the retried request {seen} times, not 3");
+    ensure!(
+        seen == 3,
+        "echo-v1 saw the retried request {seen} times, not 3"
+    );
     // A status the rule does not list is not retried; nor is anything without a retry.
     mesh.curl_service(
         "echo",
         80,
         "/retry",
-        &["-H", "x-echo-status: 500", "-H", "x-request-id: unlisted-500"],
+        &[
+            "-H",
+            "x-echo-status: 500",
+            "-H",
+            "x-request-id: unlisted-500",
+        ],
     )?;
     mesh.curl_service(
         "echo",
@@ -69,13 +86,23 @@ async fn retries_are_seen_at_the_backend() -> Result<()> {
         "echo",
         80,
         "/retry",
-        &["-H", "x-echo-status: 503", "-H", "x-request-id: with-body", "--data", "twelve bytes"],
+        &[
+            "-H",
+            "x-echo-status: 503",
+            "-H",
+            "x-request-id: with-body",
+            "--data",
+            "twelve bytes",
+        ],
     )?;
     let bodies: Vec<u64> = arrivals(&mesh, 0, "with-body")
         .iter()
         .filter_map(|r| r["bodyBytes"].as_u64())
         .collect();
-    ensure!(bodies == [12, 12, 12], "the retried POST arrived with bodies {bodies:?}");
+    ensure!(
+        bodies == [12, 12, 12],
+        "the retried POST arrived with bodies {bodies:?}"
+    );
     Ok(())
 }
 
@@ -174,7 +201,9 @@ async fn mirrored_requests_reach_the_mirror() -> Result<()> {
         copy["path"] == "/mirrored?x=1"
             && copy["method"] == "POST"
             && copy["bodyBytes"] == 7
-            && copy["host"].as_str().is_some_and(|h| h.starts_with("echo-shadow")),
+            && copy["host"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("echo-shadow")),
         "the mirror saw {copy}"
     );
     ensure!(

@@ -36,8 +36,8 @@ pub fn authorize(
     destination: &Workload,
     conn: &ConnectionAttributes,
 ) -> Decision {
-    let policies = authorization_policies(snapshot, root_namespace, destination)
-        .map(|(policy, _)| policy);
+    let policies =
+        authorization_policies(snapshot, root_namespace, destination).map(|(policy, _)| policy);
     decide_all(policies, Attributes::Connection(conn))
 }
 
@@ -585,9 +585,7 @@ mod tests {
         fn decide(policies: &[String], ask: &Ask) -> Decision {
             let (state, errors) = crate::policy::testing::assembled(&policies.concat());
             assert!(
-                errors
-                    .iter()
-                    .all(|e| e.to_string().contains("shop/broken")),
+                errors.iter().all(|e| e.to_string().contains("shop/broken")),
                 "{errors:?}"
             );
             let conn = ConnectionAttributes::mtls(
@@ -639,7 +637,11 @@ mod tests {
                 ),
             )];
             let cases = [
-                (get("/"), false, "denied: no ALLOW policy matched (1 applied)"),
+                (
+                    get("/"),
+                    false,
+                    "denied: no ALLOW policy matched (1 applied)",
+                ),
                 (
                     get("/").token("allowed", serde_json::json!({})),
                     true,
@@ -677,20 +679,44 @@ mod tests {
                 )]
             };
             let denied = |operation: &str, ask: &Ask| !decide(&deny(operation), ask).allowed;
-            assert!(denied("{methods: [DELETE]}", &Ask { method: "DELETE", ..get("/") }));
+            assert!(denied(
+                "{methods: [DELETE]}",
+                &Ask {
+                    method: "DELETE",
+                    ..get("/")
+                }
+            ));
             assert!(!denied("{methods: [DELETE]}", &get("/")));
-            assert!(denied("{notMethods: [GET]}", &Ask { method: "POST", ..get("/") }));
+            assert!(denied(
+                "{notMethods: [GET]}",
+                &Ask {
+                    method: "POST",
+                    ..get("/")
+                }
+            ));
             assert!(denied("{paths: [/admin*]}", &get("/admin/users")));
             assert!(!denied("{paths: [/admin*]}", &get("/public")));
-            assert!(denied("{paths: [\"/users/{*}/orders\"]}", &get("/users/7/orders")));
-            assert!(!denied("{paths: [\"/users/{*}/orders\"]}", &get("/users/7/x/orders")));
+            assert!(denied(
+                "{paths: [\"/users/{*}/orders\"]}",
+                &get("/users/7/orders")
+            ));
+            assert!(!denied(
+                "{paths: [\"/users/{*}/orders\"]}",
+                &get("/users/7/x/orders")
+            ));
             assert!(denied("{paths: [\"/files/{**}\"]}", &get("/files/a/b")));
             assert!(denied("{notPaths: [/public*]}", &get("/private")));
             // Hosts ignore case and, when the pattern has none, the port.
             assert!(denied("{hosts: [ECHO.shop.svc.cluster.local]}", &get("/")));
             assert!(denied("{hosts: [\"*.svc.cluster.local\"]}", &get("/")));
-            assert!(denied("{hosts: [\"echo.shop.svc.cluster.local:80\"]}", &get("/")));
-            assert!(!denied("{hosts: [\"echo.shop.svc.cluster.local:8080\"]}", &get("/")));
+            assert!(denied(
+                "{hosts: [\"echo.shop.svc.cluster.local:80\"]}",
+                &get("/")
+            ));
+            assert!(!denied(
+                "{hosts: [\"echo.shop.svc.cluster.local:8080\"]}",
+                &get("/")
+            ));
             assert!(!denied("{hosts: [other.example]}", &get("/")));
             // Ports are the Service port the client dialed.
             assert!(denied("{ports: [\"80\"]}", &get("/")));
@@ -706,8 +732,14 @@ mod tests {
                 )]
             };
             let allowed = |source: &str, ask: &Ask| decide(&allow(source), ask).allowed;
-            assert!(allowed("{principals: [cluster.local/ns/shop/sa/cart]}", &get("/")));
-            assert!(!allowed("{principals: [cluster.local/ns/shop/sa/web]}", &get("/")));
+            assert!(allowed(
+                "{principals: [cluster.local/ns/shop/sa/cart]}",
+                &get("/")
+            ));
+            assert!(!allowed(
+                "{principals: [cluster.local/ns/shop/sa/web]}",
+                &get("/")
+            ));
             assert!(allowed("{namespaces: [shop]}", &get("/")));
             assert!(allowed("{ipBlocks: [10.0.1.0/24]}", &get("/")));
             assert!(!allowed("{ipBlocks: [10.0.2.0/24]}", &get("/")));
@@ -733,12 +765,29 @@ mod tests {
                     &format!("rules: [{{when: [{{key: \"{key}\", {values}}}]}}]"),
                 )]
             };
-            let allowed = |key: &str, values: &str, ask: &Ask| decide(&allow(key, values), ask).allowed;
+            let allowed =
+                |key: &str, values: &str, ask: &Ask| decide(&allow(key, values), ask).allowed;
             let admin = || get("/").header("x-user", "admin");
-            assert!(allowed("request.headers[X-User]", "values: [admin]", &admin()));
-            assert!(allowed("request.headers[x-user]", "values: [\"adm*\"]", &admin()));
-            assert!(!allowed("request.headers[x-user]", "values: [admin]", &get("/")));
-            assert!(allowed("request.headers[x-user]", "notValues: [admin]", &get("/")));
+            assert!(allowed(
+                "request.headers[X-User]",
+                "values: [admin]",
+                &admin()
+            ));
+            assert!(allowed(
+                "request.headers[x-user]",
+                "values: [\"adm*\"]",
+                &admin()
+            ));
+            assert!(!allowed(
+                "request.headers[x-user]",
+                "values: [admin]",
+                &get("/")
+            ));
+            assert!(allowed(
+                "request.headers[x-user]",
+                "notValues: [admin]",
+                &get("/")
+            ));
             // Repeated headers are matched joined with a comma, as Envoy does.
             assert!(allowed(
                 "request.headers[x-user]",
@@ -751,14 +800,42 @@ mod tests {
                     serde_json::json!({"groups": ["dev", "ops"], "org": {"team": "pay"}}),
                 )
             };
-            assert!(allowed("request.auth.claims[groups]", "values: [ops]", &token()));
-            assert!(!allowed("request.auth.claims[groups]", "values: [admin]", &token()));
-            assert!(allowed("request.auth.claims[org][team]", "values: [pay]", &token()));
-            assert!(!allowed("request.auth.claims[groups]", "values: [ops]", &get("/")));
-            assert!(allowed("request.auth.principal", "values: [\"https://issuer.example/alice\"]", &token()));
-            assert!(allowed("request.auth.audiences", "values: [shop]", &token()));
+            assert!(allowed(
+                "request.auth.claims[groups]",
+                "values: [ops]",
+                &token()
+            ));
+            assert!(!allowed(
+                "request.auth.claims[groups]",
+                "values: [admin]",
+                &token()
+            ));
+            assert!(allowed(
+                "request.auth.claims[org][team]",
+                "values: [pay]",
+                &token()
+            ));
+            assert!(!allowed(
+                "request.auth.claims[groups]",
+                "values: [ops]",
+                &get("/")
+            ));
+            assert!(allowed(
+                "request.auth.principal",
+                "values: [\"https://issuer.example/alice\"]",
+                &token()
+            ));
+            assert!(allowed(
+                "request.auth.audiences",
+                "values: [shop]",
+                &token()
+            ));
             assert!(allowed("source.namespace", "values: [shop]", &get("/")));
-            assert!(allowed("source.serviceAccount", "values: [shop/cart]", &get("/")));
+            assert!(allowed(
+                "source.serviceAccount",
+                "values: [shop/cart]",
+                &get("/")
+            ));
             assert!(allowed("destination.port", "values: [\"80\"]", &get("/")));
             assert!(allowed("destination.ip", "values: [10.96.0.10]", &get("/")));
             // What the mesh cannot evaluate never allows, and always denies.
@@ -777,7 +854,8 @@ mod tests {
                 "by-selector",
                 "{selector: {matchLabels: {gateway.networking.k8s.io/gateway-name: wp}}, action: DENY, rules: [{}]}",
             );
-            let namespace_wide = authorization("shop", "namespace-wide", "{action: DENY, rules: [{}]}");
+            let namespace_wide =
+                authorization("shop", "namespace-wide", "{action: DENY, rules: [{}]}");
             let other_service = authorization(
                 "shop",
                 "other",
@@ -799,12 +877,17 @@ mod tests {
 
         #[test]
         fn a_targeted_policy_that_cannot_be_understood_denies_at_its_targets() {
-            let broken = on_echo("broken", "rules: [{to: [{operation: {paths: [\"/a{*}\"]}}]}]");
+            let broken = on_echo(
+                "broken",
+                "rules: [{to: [{operation: {paths: [\"/a{*}\"]}}]}]",
+            );
             let decision = decide(&[broken], &get("/"));
             assert!(!decision.allowed);
             assert!(
                 decision.reason.contains("shop/broken cannot be understood")
-                    && decision.reason.contains("spec.rules[0].to[0].operation.paths[0]"),
+                    && decision
+                        .reason
+                        .contains("spec.rules[0].to[0].operation.paths[0]"),
                 "{}",
                 decision.reason
             );
@@ -813,7 +896,8 @@ mod tests {
         /// A node agent never applies a targeted policy, even one that denies everything.
         #[test]
         fn node_agents_leave_targeted_policies_alone() {
-            let state = crate::policy::testing::snapshot(&on_echo("deny", "action: DENY, rules: [{}]"));
+            let state =
+                crate::policy::testing::snapshot(&on_echo("deny", "action: DENY, rules: [{}]"));
             let decision = authorize(
                 &state,
                 "istio-system",

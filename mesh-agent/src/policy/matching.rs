@@ -23,8 +23,8 @@ use std::net::IpAddr;
 use http::HeaderMap;
 
 use crate::state::{
-    Action, AuthField, AuthorizationPolicy, Cidr, Condition, ConditionTest, Operation,
-    PathPattern, Rule, Source, StringMatch, Values,
+    Action, AuthField, AuthorizationPolicy, Cidr, Condition, ConditionTest, Operation, PathPattern,
+    Rule, Source, StringMatch, Values,
 };
 
 use super::connection::ConnectionAttributes;

@@ -13,8 +13,8 @@ use super::istio::{
     AuthorizationPolicyResource, ConditionSpec, OperationSpec, RuleSpec, Scalar, SourceSpec,
 };
 use super::namespace::namespace_of;
-use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
 use super::path_pattern::{PathPattern, PathPatternError};
+use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
 use super::string_match::StringMatch;
 
 /// The annotation that makes a policy report what it would do instead of doing it.
@@ -606,7 +606,10 @@ impl Check {
                     .map(|mut names| names.remove(0).to_ascii_lowercase())
                     .filter(|name| http::HeaderName::from_bytes(name.as_bytes()).is_ok());
                 let Some(name) = name else {
-                    self.fail(&format!("{field}.key"), AuthorizationError::HeaderKey(key.into()));
+                    self.fail(
+                        &format!("{field}.key"),
+                        AuthorizationError::HeaderKey(key.into()),
+                    );
                     return None;
                 };
                 ConditionTest::RequestHeader {
@@ -616,7 +619,10 @@ impl Check {
             }
             key if key.starts_with("request.auth.claims") => {
                 let Some(path) = bracketed(key, "request.auth.claims") else {
-                    self.fail(&format!("{field}.key"), AuthorizationError::ClaimKey(key.into()));
+                    self.fail(
+                        &format!("{field}.key"),
+                        AuthorizationError::ClaimKey(key.into()),
+                    );
                     return None;
                 };
                 ConditionTest::RequestClaim {
@@ -840,9 +846,7 @@ spec:
             ("AUDIT", Ok(Action::Audit)),
             (
                 "CUSTOM",
-                Err(
-                    "spec.action: CUSTOM is not supported: the mesh has no external authorization",
-                ),
+                Err("spec.action: CUSTOM is not supported: the mesh has no external authorization"),
             ),
             (
                 "allow",

@@ -60,8 +60,7 @@ impl TargetRefError {
     pub fn field(&self) -> &'static str {
         match self {
             TargetRefError::EmptyName | TargetRefError::OtherClass(_) => ".name",
-            TargetRefError::UnknownKind { .. }
-            | TargetRefError::ServiceEntry => ".kind",
+            TargetRefError::UnknownKind { .. } | TargetRefError::ServiceEntry => ".kind",
             TargetRefError::OtherNamespace(_) => ".namespace",
             TargetRefError::SelectorAndTargets => "",
         }
@@ -71,7 +70,11 @@ impl TargetRefError {
 impl PolicyTarget {
     /// Reads one reference of a policy in `namespace`.
     pub fn parse(spec: &TargetRefSpec, namespace: &str) -> Result<Self, TargetRefError> {
-        if let Some(other) = spec.namespace.as_deref().filter(|ns| !ns.is_empty() && *ns != namespace) {
+        if let Some(other) = spec
+            .namespace
+            .as_deref()
+            .filter(|ns| !ns.is_empty() && *ns != namespace)
+        {
             return Err(TargetRefError::OtherNamespace(other.to_string()));
         }
         if spec.name.is_empty() {
@@ -167,11 +170,17 @@ mod tests {
             Ok(PolicyTarget::Service("echo".into()))
         );
         assert_eq!(
-            parse(&spec(GATEWAY_GROUP, "GatewayClass", "istio-waypoint"), "istio-system"),
+            parse(
+                &spec(GATEWAY_GROUP, "GatewayClass", "istio-waypoint"),
+                "istio-system"
+            ),
             Ok(PolicyTarget::GatewayClass)
         );
         assert_eq!(
-            parse(&spec(GATEWAY_GROUP, "GatewayClass", "istio"), "istio-system"),
+            parse(
+                &spec(GATEWAY_GROUP, "GatewayClass", "istio"),
+                "istio-system"
+            ),
             Err(TargetRefError::OtherClass("istio".into()))
         );
         assert_eq!(
@@ -205,10 +214,22 @@ mod tests {
         };
         assert!(attaches(PolicyTarget::Gateway("wp".into()), "shop", echo));
         assert!(!attaches(PolicyTarget::Gateway("wp".into()), "batch", echo));
-        assert!(!attaches(PolicyTarget::Gateway("other".into()), "shop", echo));
+        assert!(!attaches(
+            PolicyTarget::Gateway("other".into()),
+            "shop",
+            echo
+        ));
         assert!(attaches(PolicyTarget::Service("echo".into()), "shop", echo));
-        assert!(!attaches(PolicyTarget::Service("echo".into()), "batch", echo));
-        assert!(!attaches(PolicyTarget::Service("echo".into()), "shop", None));
+        assert!(!attaches(
+            PolicyTarget::Service("echo".into()),
+            "batch",
+            echo
+        ));
+        assert!(!attaches(
+            PolicyTarget::Service("echo".into()),
+            "shop",
+            None
+        ));
         assert!(attaches(PolicyTarget::GatewayClass, "istio-system", None));
         assert!(!attaches(PolicyTarget::GatewayClass, "shop", echo));
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{WaypointContext, tunnel};
+use super::{WaypointContext, telemetry::RequestMetrics, tunnel};
 use crate::{
     admin,
     app::{Opened, Signals, certificates, open_source},
@@ -40,6 +40,7 @@ pub struct WaypointConfig {
     pub mesh: MeshConfig,
     pub pool: PoolSettings,
     pub keepalive: KeepaliveSettings,
+    pub access_log: bool,
 }
 
 pub fn run(config: WaypointConfig) -> anyhow::Result<()> {
@@ -94,7 +95,9 @@ fn me(snapshot: &Snapshot, config: &WaypointConfig) -> Result<Me, String> {
 async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
     let Opened { snapshot, .. } = open_source(&config.source).await?;
     let certs = certificates(&config.identity)?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    let requests = RequestMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (ready_tx, ready) = watch::channel(false);
     let readiness = admin::Bound::new("readiness", config.readiness_addr)?.into_server()?;
@@ -144,7 +147,10 @@ async fn serve(config: WaypointConfig) -> anyhow::Result<()> {
         certs,
         balancer: Default::default(),
         backends: Default::default(),
+        authenticator: Default::default(),
         metrics,
+        requests,
+        access_log: config.access_log,
         keepalive: config.keepalive,
         draining: shutdown.clone(),
     });

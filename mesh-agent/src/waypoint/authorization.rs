@@ -1,19 +1,71 @@
-//! L7 authorization at the waypoint: a request's attributes, Istio's decision over the
-//! AuthorizationPolicies attached to this waypoint, the Service or the `istio-waypoint` class,
-//! and what the client is told when it is denied.
+//! Authentication and L7 authorization at the waypoint, in Istio's filter order: the JWT
+//! RequestAuthentications attached to this waypoint, the Service or the `istio-waypoint` class
+//! validate the request's token, then the AuthorizationPolicies attached there decide it on its
+//! attributes. Refusals are logged and counted with their reason.
 
 use http::request::Parts;
 use tracing::warn;
 
-use super::{WaypointContext, http::Downstream};
+use super::{WaypointContext, http::Downstream, jwt::JwtError};
 use crate::{
     identity::Identity,
     metrics::DenialLabels,
-    policy::{self, ConnectionAttributes, Decision, RequestAttributes, RequestAuth, WaypointTarget},
+    policy::{
+        self, ConnectionAttributes, Decision, RequestAttributes, RequestAuth, WaypointTarget,
+    },
+    state::{RequestAuthentication, waypoint_request_authentications},
 };
 
 /// The body of Istio's denial, the text its tests look for.
 pub const DENIED_BODY: &str = "RBAC: access denied";
+
+/// Validates the request's JWT against the RequestAuthentications attached here: the identity
+/// it gives, or why it is refused (401). Without attached policies nothing is looked at.
+pub async fn authenticate(
+    ctx: &WaypointContext,
+    downstream: &Downstream,
+    parts: &mut Parts,
+) -> Result<Option<RequestAuth>, JwtError> {
+    let snapshot = ctx.snapshot();
+    let policies: Vec<&RequestAuthentication> = waypoint_request_authentications(
+        &snapshot,
+        &ctx.mesh.root_namespace,
+        WaypointTarget {
+            gateway: &ctx.gateway,
+            service: Some((&downstream.namespace, &downstream.name)),
+        },
+    )
+    .collect();
+    if policies.is_empty() {
+        return Ok(None);
+    }
+    let authenticated = ctx.authenticator.authenticate(&policies, parts).await;
+    if let Err(e) = &authenticated {
+        warn!(
+            src = %downstream.client,
+            dst = %downstream.address,
+            service = %format!("{}/{}", downstream.namespace, downstream.name),
+            path = %parts.uri.path(),
+            error = %e,
+            "request refused: bad token"
+        );
+        let decision = Decision {
+            allowed: false,
+            policy: None,
+            rule: None,
+            reason: e.to_string(),
+            dry_run: Vec::new(),
+        };
+        count(
+            ctx,
+            &decision,
+            Some((&downstream.namespace, &downstream.name)),
+            &downstream.client_identity,
+            "jwt",
+        );
+    }
+    authenticated
+}
 
 /// Decides `parts` (its path already normalized) with `auth` from its JWT, if any. A denial is
 /// logged and counted with the deciding policy's name.
@@ -46,7 +98,13 @@ pub fn authorize(
             reason = %decision.reason,
             "request denied"
         );
-        count(ctx, &decision, Some((&downstream.namespace, &downstream.name)), &downstream.client_identity, "authorization");
+        count(
+            ctx,
+            &decision,
+            Some((&downstream.namespace, &downstream.name)),
+            &downstream.client_identity,
+            "authorization",
+        );
     }
     decision
 }

@@ -74,10 +74,9 @@ impl Replay {
     fn next(&mut self) -> Option<Request<Body>> {
         match self {
             Replay::Once(request) => request.take(),
-            Replay::Kept(parts, body) => Some(Request::from_parts(
-                copy_parts(parts),
-                full(body.clone()),
-            )),
+            Replay::Kept(parts, body) => {
+                Some(Request::from_parts(copy_parts(parts), full(body.clone())))
+            }
         }
     }
 
@@ -190,7 +189,10 @@ fn retriable_response(retry: &Retry, response: &Response<Body>) -> bool {
         return true;
     }
     matches!(
-        response.headers().get("grpc-status").map(HeaderValue::as_bytes),
+        response
+            .headers()
+            .get("grpc-status")
+            .map(HeaderValue::as_bytes),
         Some(b"14" | b"1")
     )
 }
@@ -323,7 +325,12 @@ mod tests {
         let mut replay = Replay::of(small).await;
         for _ in 0..3 {
             let request = replay.next().expect("kept");
-            let body = request.into_body().collect().await.expect("body").to_bytes();
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
             assert_eq!(&body[..], b"hello");
         }
         let large = Request::new(full(Bytes::from(vec![0u8; REPLAY_LIMIT as usize + 1])));

@@ -3,7 +3,7 @@
 //! chosen rule's filters and sent to an endpoint of the backend it picks; the answer comes back
 //! with the response filters applied. No route attached: the Service itself is the backend.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{
@@ -21,11 +21,14 @@ use tracing::{debug, warn};
 
 use super::{
     WaypointContext,
+    access_log::AccessLog,
     authorization,
     backends::{Body, Io, Target, Version},
     filters::{self, Origin},
     forward::{self, ForwardError, Sending},
     routing::{self, RequestView, Selection},
+    telemetry::{CountedRequest, Exchange, RequestLabels, workload_labels},
+    trace,
 };
 use crate::{
     identity::Identity,
@@ -49,6 +52,8 @@ pub struct Downstream {
     pub client_identity: Identity,
     /// The connection as policy sees it (the client's address and principal, the VIP:port).
     pub connection: ConnectionAttributes,
+    /// Istio's labels of the client's pod, found once per connection ([`workload_labels`]).
+    pub source: [String; 6],
 }
 
 impl Downstream {
@@ -73,14 +78,92 @@ impl Downstream {
             client,
             client_identity,
             connection,
+            source: std::array::from_fn(|_| "unknown".to_string()),
         }
+    }
+
+    /// The request's labels as far as they are known before it is answered.
+    fn labels(&self, grpc: bool) -> RequestLabels {
+        let [workload, namespace, app, version, canonical, revision] = self.source.clone();
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: workload,
+            source_workload_namespace: namespace,
+            source_principal: self.client_identity.to_string(),
+            source_app: app,
+            source_version: version,
+            source_canonical_service: canonical,
+            source_canonical_revision: revision,
+            source_cluster: CLUSTER,
+            destination_workload: "unknown".into(),
+            destination_workload_namespace: "unknown".into(),
+            destination_principal: "unknown".into(),
+            destination_app: "unknown".into(),
+            destination_version: "unknown".into(),
+            destination_service: self.host(),
+            destination_service_name: self.name.clone(),
+            destination_service_namespace: self.namespace.clone(),
+            destination_canonical_service: "unknown".into(),
+            destination_canonical_revision: "unknown".into(),
+            destination_cluster: CLUSTER,
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: 0,
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    /// Fills the destination labels from the pod at `endpoint`.
+    fn label_destination(
+        &self,
+        ctx: &WaypointContext,
+        labels: &mut RequestLabels,
+        endpoint: SocketAddr,
+    ) {
+        let snapshot = ctx.snapshot();
+        let workload = match endpoint.ip() {
+            std::net::IpAddr::V4(ip) => snapshot.workload_by_ip(ip),
+            std::net::IpAddr::V6(_) => None,
+        };
+        if let Some(identity) = workload.and_then(|w| ctx.identity_of(w)) {
+            labels.destination_principal = identity.to_string();
+        }
+        let [workload, namespace, app, version, canonical, revision] = workload_labels(workload);
+        labels.destination_workload = workload;
+        labels.destination_workload_namespace = namespace;
+        labels.destination_app = app;
+        labels.destination_version = version;
+        labels.destination_canonical_service = canonical;
+        labels.destination_canonical_revision = revision;
+    }
+
+    /// The Service's host name, as Istio names it.
+    fn host(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// Istio's name for the waypoint's cluster of this Service port.
+    fn cluster_name(&self) -> String {
+        format!("inbound-vip|{}|http|{}", self.port, self.host())
     }
 }
 
+/// Istio's default cluster name, for `*_cluster` labels.
+const CLUSTER: &str = "Kubernetes";
+
 /// Serves HTTP on `io` until the client closes it; on drain, HTTP/1.1 connections close after
 /// the request in flight and HTTP/2 ones get GOAWAY.
-pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, downstream: Downstream) {
+pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, mut downstream: Downstream) {
     let mut draining = ctx.draining.clone();
+    downstream.source = {
+        let snapshot = ctx.snapshot();
+        let client = match downstream.client.ip() {
+            std::net::IpAddr::V4(ip) => snapshot.workload_by_ip(ip),
+            std::net::IpAddr::V6(_) => None,
+        };
+        workload_labels(client)
+    };
     let downstream = Arc::new(downstream);
     let service = {
         let downstream = downstream.clone();
@@ -104,27 +187,102 @@ pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, downstream: Downstrea
     }
 }
 
-/// One request, start to end.
+/// One request, start to end, recorded when its answer has been sent.
 async fn handle(
     ctx: &Arc<WaypointContext>,
     downstream: &Downstream,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let (mut parts, body) = request.into_parts();
-    normalize_path(&mut parts);
-    let decision = authorization::authorize(ctx, downstream, &parts, None);
-    if !decision.allowed {
-        return Own::Forbidden {
-            grpc: is_grpc(&parts),
+    let (parts, body) = request.into_parts();
+    let mut exchange = Exchange::new(
+        ctx.requests.clone(),
+        downstream.labels(is_grpc(&parts)),
+        ctx.access_log
+            .then(|| AccessLog::of_request(&parts, downstream.address, downstream.client)),
+    );
+    let body = CountedRequest {
+        body,
+        received: exchange.received.clone(),
+    }
+    .boxed();
+    let started = exchange.started;
+    let (response, outcome) = respond(ctx, downstream, parts, body).await;
+    if let Some(endpoint) = outcome.upstream {
+        exchange.upstream_time = Some(started.elapsed().as_millis() as u64);
+        downstream.label_destination(ctx, &mut exchange.labels, endpoint);
+    }
+    exchange.labels.response_flags = outcome.flags;
+    if let Some(log) = exchange.log.as_mut() {
+        log.details = outcome.details;
+        log.upstream_host = outcome.upstream;
+        log.route = outcome.route;
+        log.upstream_cluster = Some(downstream.cluster_name());
+    }
+    exchange.finish(response)
+}
+
+/// How a request ended, for its telemetry.
+struct Outcome {
+    /// Envoy's response flags.
+    flags: &'static str,
+    /// Envoy's response code details.
+    details: Cow<'static, str>,
+    /// The endpoint that answered.
+    upstream: Option<SocketAddr>,
+    route: Option<String>,
+}
+
+impl Outcome {
+    fn own(flags: &'static str, details: impl Into<Cow<'static, str>>) -> Outcome {
+        Outcome {
+            flags,
+            details: details.into(),
+            upstream: None,
+            route: None,
         }
-        .response();
+    }
+}
+
+/// Authenticates, authorizes, routes and forwards one request; the answer and how it came.
+async fn respond(
+    ctx: &Arc<WaypointContext>,
+    downstream: &Downstream,
+    mut parts: Parts,
+    body: Body,
+) -> (Response<Body>, Outcome) {
+    normalize_path(&mut parts);
+    let auth = match authorization::authenticate(ctx, downstream, &mut parts).await {
+        Ok(auth) => auth,
+        Err(e) => {
+            let details = format!("jwt_authn_access_denied{{{e}}}");
+            let own = Own::Unauthenticated {
+                grpc: is_grpc(&parts),
+                why: e.to_string(),
+            };
+            return (own.response(), Outcome::own("-", details));
+        }
+    };
+    let decision = authorization::authorize(ctx, downstream, &parts, auth.as_ref());
+    if !decision.allowed {
+        let details = format!(
+            "rbac_access_denied_matched_policy[{}]",
+            decision.policy.as_deref().unwrap_or("none")
+        );
+        let own = Own::Forbidden {
+            grpc: is_grpc(&parts),
+        };
+        return (own.response(), Outcome::own("-", details));
     }
     let plan = match plan(ctx, downstream, &mut parts) {
         Ok(plan) => plan,
-        Err(own) => return own.response(),
+        Err(own) => {
+            let outcome = own.outcome();
+            return (own.response(), outcome);
+        }
     };
     ensure_request_id(&mut parts.headers);
-    let request = upstream_request(parts, body.boxed(), plan.version);
+    trace::propagate(&mut parts.headers);
+    let request = upstream_request(parts, body, plan.version);
     let sent = forward::forward(
         ctx,
         &plan.targets,
@@ -135,22 +293,52 @@ async fn handle(
         plan.mirrors,
     )
     .await;
+    let route = plan.route;
     match sent {
         Ok((target, response)) => {
             debug!(src = %downstream.client, dst = %downstream.address, endpoint = %target.address, status = response.status().as_u16(), "request served");
-            downstream_response(response, &plan.response_headers)
+            let outcome = Outcome {
+                flags: "-",
+                details: Cow::Borrowed("via_upstream"),
+                upstream: Some(target.address),
+                route,
+            };
+            (
+                downstream_response(response, &plan.response_headers),
+                outcome,
+            )
         }
         Err(ForwardError::Timeout) => {
             warn!(src = %downstream.client, dst = %downstream.address, "request timed out");
-            text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            let outcome = Outcome {
+                route,
+                ..Outcome::own("UT", "upstream_response_timeout")
+            };
+            (
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                outcome,
+            )
         }
         Err(ForwardError::Backend(e)) => {
             warn!(src = %downstream.client, dst = %downstream.address, error = %e, "request failed");
-            if e.is_connect_failure() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+            let (response, flags, details) = if e.is_connect_failure() {
+                (
+                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+                    "UF",
+                    "upstream_reset_before_response_started{connection_failure}",
+                )
             } else {
-                text(StatusCode::BAD_GATEWAY, "upstream request failed")
-            }
+                (
+                    text(StatusCode::BAD_GATEWAY, "upstream request failed"),
+                    "UR",
+                    "upstream_reset_before_response_started{remote_reset}",
+                )
+            };
+            let outcome = Outcome {
+                route,
+                ..Outcome::own(flags, details)
+            };
+            (response, outcome)
         }
     }
 }
@@ -165,6 +353,8 @@ struct Plan {
     sending: Sending,
     /// Where copies go (RequestMirror filters that drew this request).
     mirrors: Vec<(Vec<Target>, Version)>,
+    /// `<namespace>.<route>.<rule>`, when an HTTPRoute routed the request.
+    route: Option<String>,
 }
 
 /// An answer of the waypoint's own, instead of an endpoint's.
@@ -172,17 +362,46 @@ enum Own {
     Status(StatusCode, &'static str),
     Redirect(StatusCode, String),
     /// Denied by policy: 403, or gRPC's PERMISSION_DENIED for a gRPC request.
-    Forbidden { grpc: bool },
+    Forbidden {
+        grpc: bool,
+    },
+    /// A token that is not valid: 401 (gRPC's UNAUTHENTICATED) saying why.
+    Unauthenticated {
+        grpc: bool,
+        why: String,
+    },
 }
 
 impl Own {
+    /// Envoy's response flags and details for this answer.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Own::Status(_, "route not found") => Outcome::own("NR", "route_not_found"),
+            Own::Status(_, "no healthy upstream") => Outcome::own("UH", "no_healthy_upstream"),
+            Own::Status(..) => Outcome::own("-", "cluster_not_found"),
+            Own::Redirect(..) => Outcome::own("-", "direct_response"),
+            Own::Forbidden { .. } | Own::Unauthenticated { .. } => Outcome::own("-", "-"),
+        }
+    }
+
     fn response(self) -> Response<Body> {
         match self {
             Own::Status(status, body) => text(status, body),
             Own::Forbidden { grpc: false } => {
                 text(StatusCode::FORBIDDEN, authorization::DENIED_BODY)
             }
-            Own::Forbidden { grpc: true } => grpc_status(GRPC_PERMISSION_DENIED, authorization::DENIED_BODY),
+            Own::Forbidden { grpc: true } => grpc_status(
+                GRPC_PERMISSION_DENIED,
+                authorization::DENIED_BODY.to_owned(),
+            ),
+            Own::Unauthenticated { grpc: false, why } => {
+                let mut response = text(StatusCode::UNAUTHORIZED, "");
+                *response.body_mut() = Full::new(Bytes::from(why))
+                    .map_err(|never| match never {})
+                    .boxed();
+                response
+            }
+            Own::Unauthenticated { grpc: true, why } => grpc_status(GRPC_UNAUTHENTICATED, why),
             Own::Redirect(status, location) => {
                 let mut response = Response::new(empty());
                 *response.status_mut() = status;
@@ -218,11 +437,16 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
     );
     let mut changes = Changes::default();
     let mut sending = Sending::default();
+    let mut route = None;
     let (backend, port) = match selection {
         Selection::Unrouted => (service, downstream.port),
         Selection::NoMatch => return Err(Own::Status(StatusCode::NOT_FOUND, "route not found")),
         Selection::Matched(matched) => {
             let rule = matched.rule;
+            route = Some(format!(
+                "{}.{}.{}",
+                matched.route.namespace, matched.route.name, matched.rule_index
+            ));
             let path_match = &matched.matched.path;
             apply_filters(&rule.filters, parts, path_match, downstream, &mut changes)?;
             let chosen = filters::choose_backend(&rule.backends, rand::random())
@@ -255,6 +479,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
         response_headers: changes.response_headers,
         sending,
         mirrors,
+        route,
     })
 }
 
@@ -527,10 +752,11 @@ fn is_grpc(parts: &Parts) -> bool {
 }
 
 const GRPC_PERMISSION_DENIED: u16 = 7;
+const GRPC_UNAUTHENTICATED: u16 = 16;
 
 /// A gRPC answer with no message ("trailers only"): HTTP 200, the status in the headers, as
 /// Envoy turns its own 403 and 401 into gRPC statuses.
-fn grpc_status(code: u16, message: &'static str) -> Response<Body> {
+fn grpc_status(code: u16, message: String) -> Response<Body> {
     let mut response = Response::new(empty());
     let headers = response.headers_mut();
     headers.insert(
@@ -538,7 +764,9 @@ fn grpc_status(code: u16, message: &'static str) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert("grpc-status", HeaderValue::from(code));
-    headers.insert("grpc-message", HeaderValue::from_static(message));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
     response
 }
 
@@ -547,7 +775,10 @@ fn grpc_status(code: u16, message: &'static str) -> Response<Body> {
 /// is `/admin` to both and to the endpoint.
 fn normalize_path(parts: &mut Parts) {
     let path = parts.uri.path();
-    if !path.split('/').any(|segment| segment == "." || segment == "..") {
+    if !path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return;
     }
     let normalized = super::path::remove_dot_segments(path);
