@@ -70,8 +70,11 @@ impl Server {
 
     /// Serves the admin API until `shutdown` turns true.
     pub async fn run_admin(self, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
-        self.run(shutdown, move |req| admin_route(&state, req))
-            .await
+        self.run(shutdown, move |req| {
+            let state = state.clone();
+            async move { admin_route(&state, req).await }
+        })
+        .await
     }
 
     /// Serves `/metrics` (Prometheus text format).
@@ -81,19 +84,7 @@ impl Server {
         shutdown: watch::Receiver<bool>,
     ) {
         self.run(shutdown, move |req| {
-            if req.uri().path() != "/metrics" {
-                return text(StatusCode::NOT_FOUND, "not found\n");
-            }
-            match metrics.encode() {
-                Ok(body) => Response::builder()
-                    .header(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-            }
+            std::future::ready(metrics_route(&metrics, &req))
         })
         .await
     }
@@ -105,21 +96,21 @@ impl Server {
         shutdown: watch::Receiver<bool>,
     ) {
         self.run(shutdown, move |req| {
-            if req.uri().path() != "/healthz/ready" {
-                return text(StatusCode::NOT_FOUND, "not found\n");
-            }
-            if *ready.borrow() {
+            std::future::ready(if req.uri().path() != "/healthz/ready" {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            } else if *ready.borrow() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
+            })
         })
         .await
     }
 
-    async fn run<F>(self, mut shutdown: watch::Receiver<bool>, route: F)
+    async fn run<F, R>(self, mut shutdown: watch::Receiver<bool>, route: F)
     where
-        F: Fn(Request<hyper::body::Incoming>) -> Response<Body> + Send + Sync + Clone + 'static,
+        F: Fn(Request<hyper::body::Incoming>) -> R + Send + Sync + Clone + 'static,
+        R: std::future::Future<Output = Response<Body>> + Send + 'static,
     {
         if let Ok(addr) = self.address() {
             info!(component = self.name, address = %addr, "listener established");
@@ -139,7 +130,7 @@ impl Server {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let response = route(req);
-                    async move { Ok::<_, Infallible>(response) }
+                    async move { Ok::<_, Infallible>(response.await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -149,7 +140,24 @@ impl Server {
     }
 }
 
-fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Body> {
+/// `/metrics`: the Prometheus text of `metrics`.
+fn metrics_route<B>(metrics: &crate::metrics::Metrics, req: &Request<B>) -> Response<Body> {
+    if req.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match metrics.encode() {
+        Ok(body) => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+async fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -169,7 +177,11 @@ fn admin_route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                     "explain needs ?from=<pod|ip>&to=<ip:port>\n",
                 );
             };
-            match state.explain(from, to) {
+            let request = match http_request(req.uri().query().unwrap_or_default()) {
+                Ok(request) => request,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            };
+            match state.explain(from, to, request).await {
                 Ok(explanation) => serde_json::to_vec_pretty(&explanation),
                 Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             }
@@ -194,6 +206,52 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
+}
+
+/// The request `explain` is asked about, if any: `method`, `path`, `header` (each
+/// `name: value`) and `token` (sent as `authorization: Bearer`).
+fn http_request(query: &str) -> Result<Option<crate::waypoint::explain::HttpRequest>, String> {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let wanted = |key: &'static str| pairs.iter().filter(move |(k, _)| k == key).map(|(_, v)| v);
+    let asked = ["method", "path", "header", "token"]
+        .iter()
+        .any(|key| wanted(key).next().is_some());
+    if !asked {
+        return Ok(None);
+    }
+    let method = match wanted("method").next() {
+        Some(method) => method
+            .parse::<Method>()
+            .map_err(|_| format!("method {method:?} is not an HTTP method"))?,
+        None => Method::GET,
+    };
+    let path = wanted("path").next().cloned().unwrap_or_else(|| "/".into());
+    if path.parse::<hyper::Uri>().is_err() || !path.starts_with('/') {
+        return Err(format!("path {path:?} is not an absolute path"));
+    }
+    let mut headers = hyper::HeaderMap::new();
+    for header in wanted("header") {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| format!("header {header:?} is not name: value"))?;
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("header name {name:?} is not valid"))?;
+        let value = hyper::header::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("header value of {name} is not valid"))?;
+        headers.append(name, value);
+    }
+    if let Some(token) = wanted("token").next() {
+        let value = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the token is not a valid header value".to_string())?;
+        headers.insert(hyper::header::AUTHORIZATION, value);
+    }
+    Ok(Some(crate::waypoint::explain::HttpRequest {
+        method,
+        path,
+        headers,
+    }))
 }
 
 /// `a=1&b=x%2Fy` as a map, percent-decoded (values here are pod names and addresses).

@@ -141,6 +141,7 @@ async fn serve(
             ready: ready.clone(),
             handovers: handovers.clone(),
             open_files,
+            authenticator: Default::default(),
         });
         let admin_thread = spawn_admin(&sockets, admin_state, metrics.clone(), ready.clone(), shutdown.clone())?;
 

@@ -17,6 +17,17 @@ pub enum Output {
     Json,
 }
 
+/// An HTTP request to explain at the waypoint in front of the destination; all empty: none.
+#[derive(Debug, Clone, Default)]
+pub struct HttpQuestion {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// `name: value`, each.
+    pub headers: Vec<String>,
+    /// A JWT, sent as `authorization: Bearer`.
+    pub token: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub enum View {
     Status,
@@ -24,7 +35,11 @@ pub enum View {
     Connections,
     Certs,
     Policies,
-    Explain { from: String, to: String },
+    Explain {
+        from: String,
+        to: String,
+        http: HttpQuestion,
+    },
     Bpf,
 }
 
@@ -36,24 +51,26 @@ impl View {
             View::Connections => "/connections".into(),
             View::Certs => "/certs".into(),
             View::Policies => "/policies".into(),
-            View::Explain { from, to } => {
-                format!("/explain?from={}&to={}", encode(from), encode(to))
+            View::Explain { from, to, http } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query.append_pair("from", from).append_pair("to", to);
+                if let Some(method) = &http.method {
+                    query.append_pair("method", method);
+                }
+                if let Some(path) = &http.path {
+                    query.append_pair("path", path);
+                }
+                for header in &http.headers {
+                    query.append_pair("header", header);
+                }
+                if let Some(token) = &http.token {
+                    query.append_pair("token", token);
+                }
+                format!("/explain?{}", query.finish())
             }
             View::Bpf => "/bpf".into(),
         }
     }
-}
-
-/// Percent-encodes everything but unreserved characters (pod names, addresses).
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 pub async fn show(admin: SocketAddr, view: View, output: Output) -> anyhow::Result<String> {
@@ -472,7 +489,57 @@ fn explain(v: &Value) -> String {
             out.push_str(&format!("dry-run: {}\n", s(note)));
         }
     }
+    out.push_str(&explain_http(&v["http"]));
     out
+}
+
+/// The waypoint's side of `explain`, when a request was asked about.
+fn explain_http(h: &Value) -> String {
+    if h.is_null() {
+        return String::new();
+    }
+    if let Some(why) = h["not_http"].as_str() {
+        return format!("HTTP:    not looked at: {why}\n");
+    }
+    let backends: Vec<String> = h["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} (weight {})", s(&b["service"]), s(&b["weight"])))
+        .collect();
+    format!(
+        "HTTP:    {} {} at waypoint {} for {}:{}\n  token:    {}{}\n  policy:   {}\n  route:    {}\n  backends: {}\n  answer:   {}\n  verdict:  {}\n",
+        s(&h["method"]),
+        s(&h["path"]),
+        s(&h["waypoint"]),
+        s(&h["service"]),
+        s(&h["port"]),
+        s(&h["authentication"]),
+        match h["request_principal"].as_str() {
+            Some(principal) => format!(" ({principal})"),
+            None => String::new(),
+        },
+        match &h["decision"] {
+            Value::Null => "-".into(),
+            decision => format!(
+                "{} (policy {}, rule {})",
+                s(&decision["reason"]),
+                s(&decision["policy"]),
+                s(&decision["rule"])
+            ),
+        },
+        s(&h["route"]),
+        if backends.is_empty() {
+            "-".into()
+        } else {
+            backends.join(", ")
+        },
+        match h["status"].as_u64() {
+            Some(status) => format!("{status} from the waypoint"),
+            None => "forwarded to a backend".into(),
+        },
+        s(&h["summary"]),
+    )
 }
 
 fn bpf(v: &Value) -> String {

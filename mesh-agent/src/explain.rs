@@ -8,7 +8,11 @@ use serde::Serialize;
 use crate::{
     policy::{self, Decision, MtlsMode},
     proxy::{MeshConfig, upstream::ServiceBalancer},
-    state::{Snapshot, Workload},
+    state::{AppProtocol, Snapshot, Workload},
+    waypoint::{
+        explain::{HttpExplanation, HttpRequest, explain_request},
+        jwt::Authenticator,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,18 @@ pub struct Explanation {
     pub paths: Vec<PathExplanation>,
     /// One line for humans.
     pub summary: String,
+    /// What the waypoint would do with the HTTP request asked about, if one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpVerdict>,
+}
+
+/// The HTTP side of an explanation: the waypoint's verdict on the request, or why no
+/// waypoint looks at HTTP on this path.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum HttpVerdict {
+    Explained(HttpExplanation),
+    NotHttp { not_http: String },
 }
 
 #[derive(Debug, Serialize)]
@@ -139,7 +155,65 @@ pub fn explain(
         waypoint: resolved.waypoint.map(|used| used.waypoint.to_string()),
         paths,
         summary,
+        http: None,
     })
+}
+
+/// What the waypoint in front of `explanation`'s destination would do with `request`, with the
+/// waypoint's own functions ([`crate::waypoint::explain`]).
+pub async fn explain_http(
+    snapshot: &Snapshot,
+    mesh: &MeshConfig,
+    explanation: &Explanation,
+    request: HttpRequest,
+    authenticator: &Authenticator,
+) -> HttpVerdict {
+    let not_http = |why: &str| HttpVerdict::NotHttp {
+        not_http: why.to_string(),
+    };
+    let to = explanation.destination;
+    let service = match to {
+        SocketAddr::V4(v4) => snapshot.service_by_ip(*v4.ip()),
+        SocketAddr::V6(_) => None,
+    };
+    let Some(service) = service else {
+        return not_http("the destination is not a Service address: no waypoint looks at its HTTP");
+    };
+    let Some(port) = service.ports.iter().find(|p| p.port == to.port()) else {
+        return not_http("the Service has no such port");
+    };
+    let Some(used) = snapshot.service_waypoint(service).filter(|u| u.is_usable()) else {
+        return not_http("the Service uses no waypoint: only L4 policy applies");
+    };
+    if !explanation.source.enrolled {
+        return not_http("the source is not in the mesh: its traffic does not reach the waypoint");
+    }
+    if !matches!(
+        port.app_protocol,
+        AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc
+    ) {
+        return not_http(
+            "the port is not HTTP (appProtocol or name): it passes the waypoint as TCP",
+        );
+    }
+    let conn = crate::proxy::connection_attributes(
+        explanation.source.ip.into(),
+        explanation.source.identity.as_deref(),
+        to,
+    );
+    HttpVerdict::Explained(
+        explain_request(
+            snapshot,
+            &mesh.root_namespace,
+            &used.waypoint,
+            service,
+            port.port,
+            &conn,
+            request,
+            authenticator,
+        )
+        .await,
+    )
 }
 
 /// A path through a waypoint pod: the node sends the connection there over HBONE; what happens

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use mesh_agent::{
     app,
-    cli::{self, Output, View},
+    cli::{self, HttpQuestion, Output, View},
     config::Config,
     identity::IdentityConfig,
     lifecycle::uninstall,
@@ -99,6 +99,19 @@ enum Command {
         /// Destination `ip:port` (a pod or a Service address).
         #[arg(long)]
         to: String,
+        /// Explain an HTTP request too, at the waypoint in front of the destination: its
+        /// method (GET when only other request flags are given).
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path and query.
+        #[arg(long)]
+        path: Option<String>,
+        /// A request header, `name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// A JWT the request carries as `authorization: Bearer`.
+        #[arg(long)]
+        token: Option<String>,
         #[command(flatten)]
         inspect: Inspect,
     },
@@ -260,8 +273,20 @@ fn main() -> ExitCode {
         Command::Explain {
             from,
             to,
+            method,
+            path,
+            headers,
+            token,
             inspect: i,
-        } => inspect(View::Explain { from, to }, i),
+        } => {
+            let http = HttpQuestion {
+                method,
+                path,
+                headers,
+                token,
+            };
+            inspect(View::Explain { from, to, http }, i)
+        }
         Command::Workloads(i) => inspect(View::Workloads, i),
         Command::Connections(i) => inspect(View::Connections, i),
         Command::Bpf(i) => inspect(View::Bpf, i),

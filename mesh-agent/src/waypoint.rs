@@ -10,6 +10,7 @@
 //! - [`routing`], [`filters`]: which rule a request takes and what its filters do;
 //! - [`forward`]: timeouts, retries and mirrors of a routed request;
 //! - [`backends`]: connections to endpoints, pooled;
+//! - [`explain`]: what the waypoint would do with a request, for `mesh-agent explain`;
 //! - [`telemetry`], [`access_log`], [`trace`]: Istio's request metrics, access log and trace
 //!   context.
 
@@ -17,6 +18,7 @@ pub mod access_log;
 pub mod app;
 pub mod authorization;
 pub mod backends;
+pub mod explain;
 pub mod filters;
 pub mod forward;
 pub mod http;

@@ -121,6 +121,26 @@ async fn l7_authorization_by_target() -> Result<()> {
         },
     ])
     .await?;
+    // `explain` agrees, naming the deciding policy and rule.
+    let said = explain(&mesh, "/public/secret/key", None)?;
+    ensure!(
+        said["status"] == 403
+            && said["decision"]["policy"] == format!("{NS}/echo-deny").as_str()
+            && said["decision"]["rule"] == 0,
+        "explain of a denied request: {said:#}"
+    );
+    let said = explain(&mesh, "/items/7", None)?;
+    ensure!(
+        said["status"].is_null()
+            && said["decision"]["policy"] == format!("{NS}/echo-allow").as_str()
+            && said["backends"][0]["service"] == format!("{NS}/echo:80").as_str(),
+        "explain of an allowed request: {said:#}"
+    );
+    let said = explain(&mesh, "/public/../private", None)?;
+    ensure!(
+        said["status"] == 403 && said["path"] == "/private",
+        "explain of a path with dot segments: {said:#}"
+    );
     // Dot segments are resolved before policy sees the path (curl must not resolve them).
     let reply = mesh.curl_service("echo", 80, "/public/../private", &["--path-as-is"])?;
     ensure!(
@@ -234,6 +254,21 @@ fn futures_block<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
 
+/// `mesh-agent explain` on node 0 of a GET of `path` from echo-v1 to Service `echo` port 80,
+/// with `header` (a whole `authorization: Bearer ...` line) if any: its HTTP section.
+fn explain(mesh: &Mesh, path: &str, header: Option<&str>) -> Result<serde_json::Value> {
+    let from = format!("{NS}/echo-v1");
+    let to = format!("{}:80", mesh.vip("echo"));
+    let mut args = vec!["explain", "--from", &from, "--to", &to, "--path", path, "-o", "json"];
+    if let Some(header) = header {
+        args.extend(["-H", header]);
+    }
+    let explanation = mesh.cluster.cli_json(0, &args)?;
+    let http = explanation["http"].clone();
+    ensure!(http.is_object(), "explain gave no HTTP verdict: {explanation:#}");
+    Ok(http)
+}
+
 /// Serves `body` as `application/json` at any path on `listener` (a key set at a `jwksUri`),
 /// counting the requests.
 fn serve_json(
@@ -340,6 +375,14 @@ async fn jwt_outcomes_as_istio() -> Result<()> {
     for (path, header, status, body) in cases {
         let args: Vec<&str> = header.iter().flat_map(|h| ["-H", *h]).collect();
         let reply = mesh.curl_service("echo", 80, path, &args)?;
+        // `explain` on node 0, asked the same request, must say the same.
+        let explained = explain(&mesh, path, header)?;
+        let said = explained["status"].as_u64().map_or(200, |s| s as u16);
+        ensure!(
+            said == status,
+            "explain says {said} for GET {path} ({}), curl got {status}: {explained:#}",
+            if header.is_some() { "with a token" } else { "no token" }
+        );
         ensure!(
             reply.status == status && (body.is_empty() || reply.body == body),
             "GET {path} with {:?}: HTTP {} {:?}, not {status} {body:?}",

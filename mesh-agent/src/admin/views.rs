@@ -40,6 +40,8 @@ pub struct AdminState {
     pub handovers: watch::Receiver<crate::lifecycle::Handovers>,
     /// The open-files limit raised at start.
     pub open_files: crate::limits::OpenFiles,
+    /// JWT validation for `explain` of HTTP requests (its own cache of fetched key sets).
+    pub authenticator: crate::waypoint::jwt::Authenticator,
 }
 
 #[derive(Debug, Serialize)]
@@ -280,7 +282,12 @@ impl AdminState {
             .collect()
     }
 
-    pub fn explain(&self, from: &str, to: &str) -> Result<Explanation, String> {
+    pub async fn explain(
+        &self,
+        from: &str,
+        to: &str,
+        request: Option<crate::waypoint::explain::HttpRequest>,
+    ) -> Result<Explanation, String> {
         let to = to
             .parse()
             .map_err(|_| format!("--to {to:?} is not an ip:port"))?;
@@ -290,7 +297,7 @@ impl AdminState {
             node: &self.proxy.node,
             addresses: &addresses,
         };
-        explain::explain(
+        let mut explanation = explain::explain(
             &snapshot,
             &self.proxy.mesh,
             &self.proxy.services,
@@ -298,7 +305,20 @@ impl AdminState {
             from,
             to,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        if let Some(request) = request {
+            explanation.http = Some(
+                explain::explain_http(
+                    &snapshot,
+                    &self.proxy.mesh,
+                    &explanation,
+                    request,
+                    &self.authenticator,
+                )
+                .await,
+            );
+        }
+        Ok(explanation)
     }
 
     pub fn bpf(&self) -> Option<CaptureStatus> {

@@ -76,7 +76,7 @@ pub fn authorize(
     auth: Option<&RequestAuth>,
 ) -> Decision {
     let snapshot = ctx.snapshot();
-    let request = attributes(downstream, parts, auth);
+    let request = request_attributes(&downstream.connection, parts, auth);
     let decision = policy::authorize_request(
         &snapshot,
         &ctx.mesh.root_namespace,
@@ -163,15 +163,16 @@ pub fn count(
 }
 
 /// What policy sees of a request: the client's connection as the tunnel told it, and the
-/// request line, host and headers.
-pub fn attributes<'a>(
-    downstream: &'a Downstream,
+/// request line, host and headers. The remote IP is the source IP: the mesh trusts no proxy
+/// hop in front of the client.
+pub fn request_attributes<'a>(
+    connection: &'a ConnectionAttributes,
     parts: &'a Parts,
     auth: Option<&'a RequestAuth>,
 ) -> RequestAttributes<'a> {
     RequestAttributes {
-        connection: &downstream.connection,
-        remote_ip: downstream.client.ip(),
+        connection,
+        remote_ip: connection.source_ip.into(),
         method: parts.method.as_str(),
         path: parts.uri.path(),
         host: super::http::request_host(parts).unwrap_or_default(),

@@ -14,7 +14,7 @@ use http::{
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tracing::{debug, warn};
@@ -172,8 +172,8 @@ pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, mut downstream: Downs
             async move { Ok::<_, Infallible>(handle(&ctx, &downstream, request).await) }
         })
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let server = server();
+    let connection = server.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,
@@ -185,6 +185,37 @@ pub async fn serve(ctx: Arc<WaypointContext>, io: impl Io, mut downstream: Downs
     if let Err(e) = served {
         debug!(src = %downstream.client, dst = %downstream.address, error = %e, "HTTP connection ended");
     }
+}
+
+/// Request headers beyond this many bytes are refused with 431 (the request line and headers
+/// of HTTP/1.1, the decoded header list of HTTP/2), as Envoy's 60 KiB default does.
+const MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Request headers beyond this many are refused with 431 (Envoy's default).
+const MAX_HEADERS: usize = 100;
+/// The time a client has to send a request's headers (slow clients hold nothing longer).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Concurrent requests on one HTTP/2 connection, as Istio's waypoint allows.
+const MAX_STREAMS: u32 = 100;
+/// Streams a client may open and reset before they are even served: past this, the connection
+/// is closed with GOAWAY (ENHANCE_YOUR_CALM), the HTTP/2 rapid-reset defence (CVE-2023-44487).
+const MAX_PENDING_RESETS: usize = 20;
+
+/// The HTTP server of one client connection, with its limits.
+fn server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
+    builder
 }
 
 /// One request, start to end, recorded when its answer has been sent.
@@ -773,7 +804,7 @@ fn grpc_status(code: u16, message: String) -> Response<Body> {
 /// Removes `.` and `..` segments from the request's path (RFC 3986 section 5.2.4), as Istio's
 /// default path normalization does before policy and routing see it, so `/public/../admin`
 /// is `/admin` to both and to the endpoint.
-fn normalize_path(parts: &mut Parts) {
+pub fn normalize_path(parts: &mut Parts) {
     let path = parts.uri.path();
     if !path
         .split('/')
