@@ -302,6 +302,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reads_the_http_request_to_explain() {
+        assert!(
+            http_request("from=a%2Fb&to=10.0.0.1%3A80")
+                .expect("no request")
+                .is_none()
+        );
+        let request = http_request(
+            "from=a&to=b&path=%2Fx%3Fy%3D1&header=x-user%3A+admin&header=x-user%3A+root&token=abc",
+        )
+        .expect("valid")
+        .expect("a request");
+        assert_eq!(request.method, Method::GET);
+        assert_eq!(request.path, "/x?y=1");
+        let users: Vec<_> = request.headers.get_all("x-user").iter().collect();
+        assert_eq!(users, ["admin", "root"]);
+        assert_eq!(request.headers["authorization"], "Bearer abc");
+        let post = http_request("method=POST")
+            .expect("valid")
+            .expect("a request");
+        assert_eq!((post.method, post.path.as_str()), (Method::POST, "/"));
+        for bad in [
+            "path=relative",
+            "header=no-colon",
+            "method=%20",
+            "header=bad%20name%3A+x",
+        ] {
+            assert!(http_request(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn decodes_queries() {
         let q = query_pairs("from=shop%2Fweb-1&to=10.0.2.10%3A8080&x");
         assert_eq!(q["from"], "shop/web-1");

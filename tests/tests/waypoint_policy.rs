@@ -259,13 +259,18 @@ fn futures_block<F: std::future::Future>(future: F) -> F::Output {
 fn explain(mesh: &Mesh, path: &str, header: Option<&str>) -> Result<serde_json::Value> {
     let from = format!("{NS}/echo-v1");
     let to = format!("{}:80", mesh.vip("echo"));
-    let mut args = vec!["explain", "--from", &from, "--to", &to, "--path", path, "-o", "json"];
+    let mut args = vec![
+        "explain", "--from", &from, "--to", &to, "--path", path, "-o", "json",
+    ];
     if let Some(header) = header {
         args.extend(["-H", header]);
     }
     let explanation = mesh.cluster.cli_json(0, &args)?;
     let http = explanation["http"].clone();
-    ensure!(http.is_object(), "explain gave no HTTP verdict: {explanation:#}");
+    ensure!(
+        http.is_object(),
+        "explain gave no HTTP verdict: {explanation:#}"
+    );
     Ok(http)
 }
 
@@ -381,7 +386,11 @@ async fn jwt_outcomes_as_istio() -> Result<()> {
         ensure!(
             said == status,
             "explain says {said} for GET {path} ({}), curl got {status}: {explained:#}",
-            if header.is_some() { "with a token" } else { "no token" }
+            if header.is_some() {
+                "with a token"
+            } else {
+                "no token"
+            }
         );
         ensure!(
             reply.status == status && (body.is_empty() || reply.body == body),

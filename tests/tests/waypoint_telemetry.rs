@@ -17,12 +17,20 @@ async fn waypoint_metrics(mesh: &Mesh) -> Result<String> {
         .netns()
         .http_get("127.0.0.1:15020".parse()?, "/metrics")
         .await?;
-    ensure!(response.status == 200, "waypoint metrics: HTTP {}", response.status);
+    ensure!(
+        response.status == 200,
+        "waypoint metrics: HTTP {}",
+        response.status
+    );
     Ok(response.body)
 }
 
 /// The samples of `family` whose labels include all of `with`.
-fn matching(text: &str, family: &str, with: &[(&str, &str)]) -> Vec<(BTreeMap<String, String>, f64)> {
+fn matching(
+    text: &str,
+    family: &str,
+    with: &[(&str, &str)],
+) -> Vec<(BTreeMap<String, String>, f64)> {
     common::samples(text, family)
         .into_iter()
         .filter(|(labels, _)| {
@@ -52,12 +60,18 @@ async fn request_metrics_with_istio_labels() -> Result<()> {
         ("reporter", "waypoint"),
         ("source_workload", "echo-v1"),
         ("source_workload_namespace", NS),
-        ("source_principal", &format!("spiffe://cluster.local/ns/{NS}/sa/default")),
+        (
+            "source_principal",
+            &format!("spiffe://cluster.local/ns/{NS}/sa/default"),
+        ),
         ("source_app", "echo"),
         ("source_version", "v1"),
         ("destination_workload", "echo-v2"),
         ("destination_workload_namespace", NS),
-        ("destination_principal", &format!("spiffe://cluster.local/ns/{NS}/sa/default")),
+        (
+            "destination_principal",
+            &format!("spiffe://cluster.local/ns/{NS}/sa/default"),
+        ),
         ("destination_app", "echo"),
         ("destination_version", "v2"),
         ("destination_service", &service),
@@ -74,20 +88,47 @@ async fn request_metrics_with_istio_labels() -> Result<()> {
         requests.len() == 1 && requests[0].1 == 6.0,
         "istio_requests_total for echo-v2: {requests:?}\n{text}"
     );
-    let buckets: Vec<String> = matching(&text, "istio_request_duration_milliseconds_bucket", expected)
-        .into_iter()
-        .filter_map(|(labels, _)| labels.get("le").cloned())
-        .collect();
+    let buckets: Vec<String> = matching(
+        &text,
+        "istio_request_duration_milliseconds_bucket",
+        expected,
+    )
+    .into_iter()
+    .filter_map(|(labels, _)| labels.get("le").cloned())
+    .collect();
     let envoy = [
-        "0.5", "1.0", "5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0",
-        "2500.0", "5000.0", "10000.0", "30000.0", "60000.0", "300000.0", "600000.0", "1800000.0",
-        "3600000.0", "+Inf",
+        "0.5",
+        "1.0",
+        "5.0",
+        "10.0",
+        "25.0",
+        "50.0",
+        "100.0",
+        "250.0",
+        "500.0",
+        "1000.0",
+        "2500.0",
+        "5000.0",
+        "10000.0",
+        "30000.0",
+        "60000.0",
+        "300000.0",
+        "600000.0",
+        "1800000.0",
+        "3600000.0",
+        "+Inf",
     ];
     ensure!(buckets == envoy, "duration buckets {buckets:?}");
     let count = matching(&text, "istio_request_duration_milliseconds_count", expected);
-    ensure!(count.first().map(|s| s.1) == Some(6.0), "duration count {count:?}");
+    ensure!(
+        count.first().map(|s| s.1) == Some(6.0),
+        "duration count {count:?}"
+    );
     let sent = matching(&text, "istio_request_bytes_sum", expected);
-    ensure!(sent.first().map(|s| s.1) == Some(100.0), "request bytes {sent:?}");
+    ensure!(
+        sent.first().map(|s| s.1) == Some(100.0),
+        "request bytes {sent:?}"
+    );
     let received = matching(&text, "istio_response_bytes_sum", expected);
     ensure!(
         received.first().is_some_and(|s| s.1 > 600.0),
@@ -117,7 +158,12 @@ async fn access_log_lines_as_istio() -> Result<()> {
     )
     .await?;
     let mark = mesh.waypoint.log_mark();
-    mesh.echo("echo", 80, "/logged/a?b=c", &["-H", "x-request-id: logged-1", "-A", "telemetry-test"])?;
+    mesh.echo(
+        "echo",
+        80,
+        "/logged/a?b=c",
+        &["-H", "x-request-id: logged-1", "-A", "telemetry-test"],
+    )?;
     let missing = mesh.curl_service("echo", 80, "/elsewhere", &["-H", "x-request-id: logged-2"])?;
     ensure!(missing.status == 404, "HTTP {}", missing.status);
     let echo_v1 = mesh.cluster.pod(NS, "echo-v1");
@@ -129,7 +175,10 @@ async fn access_log_lines_as_istio() -> Result<()> {
                 "\"GET /logged/a?b=c HTTP/1.1\" 200 - via_upstream - \"-\" 0 ".to_string(),
                 "\"telemetry-test\" \"logged-1\" \"echo\"".to_string(),
                 format!("\"{}\"", echo_v1.addr(8080)),
-                format!("inbound-vip|80|http|echo.{NS}.svc.cluster.local - {vip}:80 {}:", echo_v1.ip),
+                format!(
+                    "inbound-vip|80|http|echo.{NS}.svc.cluster.local - {vip}:80 {}:",
+                    echo_v1.ip
+                ),
                 format!(" - {NS}.logged.0"),
             ],
         ),
@@ -145,25 +194,38 @@ async fn access_log_lines_as_istio() -> Result<()> {
     let from = format!("{NS}/echo-v1");
     let to = format!("{vip}:80");
     let explain = |path: &str| -> Result<serde_json::Value> {
-        let args = ["explain", "--from", &from, "--to", &to, "--path", path, "-o", "json"];
+        let args = [
+            "explain", "--from", &from, "--to", &to, "--path", path, "-o", "json",
+        ];
         Ok(mesh.cluster.cli_json(0, &args)?["http"].clone())
     };
     let routed = explain("/logged/a?b=c")?;
     ensure!(
         routed["route"] == format!("{NS}.logged.0").as_str()
-            && routed["backends"] == serde_json::json!([{"service": format!("{NS}/echo-v1:8080"), "weight": 1}])
+            && routed["backends"]
+                == serde_json::json!([{"service": format!("{NS}/echo-v1:8080"), "weight": 1}])
             && routed["status"].is_null(),
         "explain of a routed request: {routed:#}"
     );
     let unrouted = explain("/elsewhere")?;
-    ensure!(unrouted["status"] == 404, "explain of an unmatched request: {unrouted:#}");
+    ensure!(
+        unrouted["status"] == 404,
+        "explain of an unmatched request: {unrouted:#}"
+    );
     for (id, parts) in wanted {
         let lines = mesh.waypoint.log_lines_since(mark, &format!("\"{id}\""));
-        ensure!(lines.len() == 1, "{} access-log lines for {id}: {lines:?}", lines.len());
+        ensure!(
+            lines.len() == 1,
+            "{} access-log lines for {id}: {lines:?}",
+            lines.len()
+        );
         let line = &lines[0];
         ensure!(line.starts_with('['), "{line}");
         for part in parts {
-            ensure!(line.contains(&part), "the line for {id} lacks {part:?}:\n{line}");
+            ensure!(
+                line.contains(&part),
+                "the line for {id} lacks {part:?}:\n{line}"
+            );
         }
     }
     Ok(())
@@ -182,9 +244,16 @@ async fn trace_context_is_carried_with_a_new_span() -> Result<()> {
         "echo",
         80,
         "/",
-        &["-H", &format!("traceparent: {parent}"), "-H", "tracestate: vendor=abc"],
+        &[
+            "-H",
+            &format!("traceparent: {parent}"),
+            "-H",
+            "tracestate: vendor=abc",
+        ],
     )?;
-    let seen = echo.header("traceparent").context("no traceparent at the endpoint")?;
+    let seen = echo
+        .header("traceparent")
+        .context("no traceparent at the endpoint")?;
     let fields: Vec<&str> = seen.split('-').collect();
     ensure!(
         fields.len() == 4
@@ -200,7 +269,12 @@ async fn trace_context_is_carried_with_a_new_span() -> Result<()> {
         "tracestate {:?}",
         echo.header("tracestate")
     );
-    let bad = mesh.echo("echo", 80, "/", &["-H", "traceparent: nonsense", "-H", "tracestate: x=1"])?;
+    let bad = mesh.echo(
+        "echo",
+        80,
+        "/",
+        &["-H", "traceparent: nonsense", "-H", "tracestate: x=1"],
+    )?;
     ensure!(
         bad.header("traceparent").is_none() && bad.header("tracestate").is_none(),
         "a malformed traceparent went on: {:?}",

@@ -192,7 +192,10 @@ pub async fn explain_request(
 fn parts_of(request: HttpRequest) -> Parts {
     let mut built = Request::new(());
     *built.method_mut() = request.method;
-    *built.uri_mut() = request.path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *built.uri_mut() = request
+        .path
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
     *built.headers_mut() = request.headers;
     built.into_parts().0
 }
