@@ -45,7 +45,7 @@ pub struct Explanation {
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum HttpVerdict {
-    Explained(HttpExplanation),
+    Explained(Box<HttpExplanation>),
     NotHttp { not_http: String },
 }
 
@@ -201,7 +201,7 @@ pub async fn explain_http(
         explanation.source.identity.as_deref(),
         to,
     );
-    HttpVerdict::Explained(
+    HttpVerdict::Explained(Box::new(
         explain_request(
             snapshot,
             &mesh.root_namespace,
@@ -213,7 +213,7 @@ pub async fn explain_http(
             authenticator,
         )
         .await,
-    )
+    ))
 }
 
 /// A path through a waypoint pod: the node sends the connection there over HBONE; what happens

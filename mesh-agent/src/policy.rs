@@ -16,7 +16,7 @@ mod request;
 mod scope;
 
 pub use crate::state::MtlsMode;
-pub use attachment::{Targeted, WaypointTarget, waypoint_authorization_policies};
+pub use attachment::{Targeted, WaypointTarget, attached, waypoint_authorization_policies};
 pub use authorize::{Decision, authorize, authorize_at_waypoint, authorize_request};
 pub use connection::{ConnectionAttributes, namespace_of_principal};
 pub use explain::{AppliedPolicy, policies_for};

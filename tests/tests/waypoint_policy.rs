@@ -7,7 +7,7 @@
 mod common;
 
 use anyhow::{Result, ensure};
-use common::conformance::{Case, Mesh, NS, WAYPOINT_POD, conformance_mesh};
+use common::conformance::{Case, Mesh, NS, conformance_mesh};
 
 fn policy(name: &str, spec: &str) -> String {
     format!(
@@ -33,25 +33,9 @@ fn allowed(path: &'static str) -> Case<'static> {
     }
 }
 
-/// The waypoint's Prometheus text (its pod's :15020).
-async fn waypoint_metrics(mesh: &Mesh) -> Result<String> {
-    let response = mesh
-        .cluster
-        .pod(NS, WAYPOINT_POD)
-        .netns()
-        .http_get("127.0.0.1:15020".parse()?, "/metrics")
-        .await?;
-    ensure!(
-        response.status == 200,
-        "waypoint metrics: HTTP {}",
-        response.status
-    );
-    Ok(response.body)
-}
-
 /// Requests the waypoint denied under `policy`.
 async fn denied_by(mesh: &Mesh, policy: &str) -> Result<f64> {
-    let text = waypoint_metrics(mesh).await?;
+    let text = mesh.waypoint_metrics().await?;
     Ok(common::samples(&text, "mesh_agent_requests_denied_total")
         .iter()
         .filter(|(labels, _)| {
@@ -181,7 +165,7 @@ async fn l7_authorization_by_target() -> Result<()> {
             && denied_by(&mesh, &format!("{NS}/waypoint-deny")).await? >= 2.0
             && denied_by(&mesh, "default").await? >= 2.0,
         "denials not counted by policy:\n{}",
-        waypoint_metrics(&mesh).await?
+        mesh.waypoint_metrics().await?
     );
     Ok(())
 }
@@ -244,7 +228,7 @@ async fn tcp_through_the_waypoint_is_authorized() -> Result<()> {
     ensure!(
         denied_by(&mesh, &format!("{NS}/no-tcp")).await? >= 1.0,
         "the TCP denial was not counted:\n{}",
-        waypoint_metrics(&mesh).await?
+        mesh.waypoint_metrics().await?
     );
     Ok(())
 }
@@ -428,7 +412,7 @@ async fn jwt_outcomes_as_istio() -> Result<()> {
     ensure!(
         denied_by(&mesh, "default").await? >= 2.0,
         "denials not counted:\n{}",
-        waypoint_metrics(&mesh).await?
+        mesh.waypoint_metrics().await?
     );
     Ok(())
 }

@@ -8,22 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, ensure};
-use common::conformance::{Case, Mesh, NS, WAYPOINT_POD, conformance_mesh, route};
-
-async fn waypoint_metrics(mesh: &Mesh) -> Result<String> {
-    let response = mesh
-        .cluster
-        .pod(NS, WAYPOINT_POD)
-        .netns()
-        .http_get("127.0.0.1:15020".parse()?, "/metrics")
-        .await?;
-    ensure!(
-        response.status == 200,
-        "waypoint metrics: HTTP {}",
-        response.status
-    );
-    Ok(response.body)
-}
+use common::conformance::{Case, NS, conformance_mesh, route};
 
 /// The samples of `family` whose labels include all of `with`.
 fn matching(
@@ -54,7 +39,7 @@ async fn request_metrics_with_istio_labels() -> Result<()> {
     let body = "x".repeat(100);
     let post = mesh.curl_service("echo-v2", 80, "/posted", &["--data", &body])?;
     ensure!(post.status == 200, "POST: HTTP {}", post.status);
-    let text = waypoint_metrics(&mesh).await?;
+    let text = mesh.waypoint_metrics().await?;
     let service = format!("echo-v2.{NS}.svc.cluster.local");
     let expected: &[(&str, &str)] = &[
         ("reporter", "waypoint"),

@@ -2,6 +2,8 @@
 //! the Service the request is for, or (from the root namespace) the `istio-waypoint` class.
 //! Selector and namespace-wide policies never apply at a waypoint (Istio's `ShouldAttachPolicy`).
 
+use std::sync::Arc;
+
 use crate::state::{AuthorizationPolicy, PolicyTarget, Snapshot, WaypointRef};
 
 /// A policy that can attach to waypoints by `targetRefs`.
@@ -42,17 +44,24 @@ impl WaypointTarget<'_> {
     }
 }
 
+/// The policies of `list` that attach at `target`, in list order.
+pub fn attached<'a, T: Targeted>(
+    list: &'a [Arc<T>],
+    root: &'a str,
+    target: WaypointTarget<'a>,
+) -> impl Iterator<Item = &'a T> + 'a {
+    list.iter()
+        .map(|policy| &**policy)
+        .filter(move |policy| target.attaches(*policy, root))
+}
+
 /// The `AuthorizationPolicy`s the waypoint applies at `target`, in snapshot order.
 pub fn waypoint_authorization_policies<'a>(
     snapshot: &'a Snapshot,
     root: &'a str,
     target: WaypointTarget<'a>,
 ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
-    snapshot
-        .authorization_policies
-        .iter()
-        .map(|policy| &**policy)
-        .filter(move |policy| target.attaches(*policy, root))
+    attached(&snapshot.authorization_policies, root, target)
 }
 
 #[cfg(test)]

@@ -265,8 +265,8 @@ fn trust_domain(principal: Option<&str>) -> Option<&str> {
     principal.and_then(|p| p.split_once('/')).map(|(td, _)| td)
 }
 
-fn service_account(expected: &String, (namespace, account): (&str, &str)) -> bool {
-    expected.split_once('/') == Some((namespace, account))
+fn service_account<S: AsRef<str>>(expected: &S, (namespace, account): (&str, &str)) -> bool {
+    expected.as_ref().split_once('/') == Some((namespace, account))
 }
 
 /// Hosts ignore case (the request's is lowercased by the caller, patterns when read) and, for a

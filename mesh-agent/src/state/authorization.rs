@@ -14,7 +14,7 @@ use super::istio::{
 };
 use super::namespace::namespace_of;
 use super::path_pattern::{PathPattern, PathPatternError};
-use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
+use super::policy_target::{Attachment, PolicyTarget, TargetRefError};
 use super::string_match::StringMatch;
 
 /// The annotation that makes a policy report what it would do instead of doing it.
@@ -309,7 +309,10 @@ impl AuthorizationPolicy {
         }
         let mut check = Check::default();
         let spec = &resource.spec;
-        let targets = targets_of(resource, &mut check);
+        let (targets, target_errors) = attachment(resource).targets();
+        for (field, error) in target_errors {
+            check.fail(&field, error.into());
+        }
         let action = match spec.action.as_deref() {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,
@@ -348,7 +351,7 @@ impl AuthorizationPolicy {
         Ok(AuthorizationPolicy {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector: selector_of(resource),
+            selector: attachment(resource).selector(),
             targets,
             action,
             rules,
@@ -373,8 +376,8 @@ impl AuthorizationPolicy {
         AuthorizationPolicy {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector: selector_of(resource),
-            targets: targets_of(resource, &mut Check::default()),
+            selector: attachment(resource).selector(),
+            targets: attachment(resource).targets().0,
             action: Action::Deny,
             rules: vec![Rule::default()],
             dry_run: false,
@@ -393,38 +396,14 @@ impl AuthorizationPolicy {
     }
 }
 
-/// `spec.selector.matchLabels`; empty (the whole namespace) without one.
-fn selector_of(resource: &AuthorizationPolicyResource) -> Labels {
-    resource
-        .spec
-        .selector
-        .as_ref()
-        .map(|selector| selector.match_labels.clone().into())
-        .unwrap_or_default()
-}
-
-/// `targetRef` and `targetRefs`: `None` when neither is written. A selector beside them is an
-/// error (Istio's validation refuses both); a reference that cannot be read attaches nowhere.
-fn targets_of(
-    resource: &AuthorizationPolicyResource,
-    check: &mut Check,
-) -> Option<Vec<PolicyTarget>> {
-    let spec = &resource.spec;
-    if spec.target_ref.is_none() && spec.target_refs.is_empty() {
-        return None;
+/// What the policy applies to, as written.
+fn attachment(resource: &AuthorizationPolicyResource) -> Attachment<'_> {
+    Attachment {
+        selector: resource.spec.selector.as_ref(),
+        target_ref: resource.spec.target_ref.as_ref(),
+        target_refs: &resource.spec.target_refs,
+        namespace: namespace_of(&resource.metadata),
     }
-    if spec.selector.is_some() {
-        check.fail("spec.selector", TargetRefError::SelectorAndTargets.into());
-    }
-    let (targets, errors) = parse_targets(
-        spec.target_ref.as_ref(),
-        &spec.target_refs,
-        namespace_of(&resource.metadata),
-    );
-    for (field, error) in errors {
-        check.fail(&field, error.into());
-    }
-    Some(targets)
 }
 
 /// Reads the dry-run annotation with Go's `strconv.ParseBool` spellings, as Istio does; anything

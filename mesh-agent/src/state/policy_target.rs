@@ -5,7 +5,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::istio::nullable;
+use super::istio::{WorkloadSelector, nullable};
+use super::small_map::Labels;
 use super::waypoint::WAYPOINT_CLASS;
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -110,6 +111,42 @@ impl PolicyTarget {
             PolicyTarget::Service(name) => service == Some((namespace, name.as_str())),
             PolicyTarget::GatewayClass => namespace == root,
         }
+    }
+}
+
+/// What a policy applies to, as written: `selector`, `targetRef` and `targetRefs`.
+pub struct Attachment<'a> {
+    pub selector: Option<&'a WorkloadSelector>,
+    pub target_ref: Option<&'a TargetRefSpec>,
+    pub target_refs: &'a [TargetRefSpec],
+    /// The policy's namespace.
+    pub namespace: &'a str,
+}
+
+impl Attachment<'_> {
+    /// `spec.selector.matchLabels`; empty (the whole namespace) without one.
+    pub fn selector(&self) -> Labels {
+        self.selector
+            .map(|selector| selector.match_labels.clone().into())
+            .unwrap_or_default()
+    }
+
+    /// The targets: `None` when neither reference is written. A selector beside them is an
+    /// error (Istio's validation refuses both); a reference that cannot be read attaches
+    /// nowhere. Every problem comes back with its field.
+    pub fn targets(&self) -> (Option<Vec<PolicyTarget>>, Vec<(String, TargetRefError)>) {
+        if self.target_ref.is_none() && self.target_refs.is_empty() {
+            return (None, Vec::new());
+        }
+        let (targets, mut errors) =
+            parse_targets(self.target_ref, self.target_refs, self.namespace);
+        if self.selector.is_some() {
+            errors.insert(
+                0,
+                ("spec.selector".into(), TargetRefError::SelectorAndTargets),
+            );
+        }
+        (Some(targets), errors)
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::istio::{JwtRuleSpec, RequestAuthenticationResource};
 use super::namespace::namespace_of;
-use super::policy_target::{PolicyTarget, TargetRefError, parse_targets};
+use super::policy_target::{Attachment, PolicyTarget, TargetRefError};
 use super::small_map::Labels;
 use crate::policy::{Targeted, WaypointTarget};
 use crate::state::Snapshot;
@@ -210,7 +210,12 @@ impl RequestAuthentication {
             )]);
         }
         let mut errors = FieldErrors::new();
-        let targets = targets_of(resource, &mut errors);
+        let (targets, target_errors) = attachment(resource).targets();
+        errors.extend(
+            target_errors
+                .into_iter()
+                .map(|(field, error)| (field, error.into())),
+        );
         let rules = resource
             .spec
             .jwt_rules
@@ -224,7 +229,7 @@ impl RequestAuthentication {
         Ok(RequestAuthentication {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector: selector_of(resource),
+            selector: attachment(resource).selector(),
             targets,
             rules,
             invalid: None,
@@ -245,8 +250,8 @@ impl RequestAuthentication {
         RequestAuthentication {
             name: resource.metadata.name.clone().unwrap_or_default(),
             namespace: namespace_of(&resource.metadata).to_string(),
-            selector: selector_of(resource),
-            targets: targets_of(resource, &mut FieldErrors::new()),
+            selector: attachment(resource).selector(),
+            targets: attachment(resource).targets().0,
             rules: Vec::new(),
             invalid: Some(reason),
         }
@@ -274,49 +279,17 @@ pub fn waypoint_request_authentications<'a>(
     root: &'a str,
     target: WaypointTarget<'a>,
 ) -> impl Iterator<Item = &'a RequestAuthentication> + 'a {
-    snapshot
-        .request_authentications
-        .iter()
-        .map(|policy| &**policy)
-        .filter(move |policy| target.attaches(*policy, root))
+    crate::policy::attached(&snapshot.request_authentications, root, target)
 }
 
-fn selector_of(resource: &RequestAuthenticationResource) -> Labels {
-    resource
-        .spec
-        .selector
-        .as_ref()
-        .map(|selector| selector.match_labels.clone().into())
-        .unwrap_or_default()
-}
-
-/// `targetRef` and `targetRefs`, read as for an AuthorizationPolicy: `None` when neither is
-/// written; a selector beside them is an error; a reference that cannot be read attaches nowhere.
-fn targets_of(
-    resource: &RequestAuthenticationResource,
-    errors: &mut FieldErrors,
-) -> Option<Vec<PolicyTarget>> {
-    let spec = &resource.spec;
-    if spec.target_ref.is_none() && spec.target_refs.is_empty() {
-        return None;
+/// What the policy applies to, as written (read as for an AuthorizationPolicy).
+fn attachment(resource: &RequestAuthenticationResource) -> Attachment<'_> {
+    Attachment {
+        selector: resource.spec.selector.as_ref(),
+        target_ref: resource.spec.target_ref.as_ref(),
+        target_refs: &resource.spec.target_refs,
+        namespace: namespace_of(&resource.metadata),
     }
-    if spec.selector.is_some() {
-        errors.push((
-            "spec.selector".into(),
-            TargetRefError::SelectorAndTargets.into(),
-        ));
-    }
-    let (targets, problems) = parse_targets(
-        spec.target_ref.as_ref(),
-        &spec.target_refs,
-        namespace_of(&resource.metadata),
-    );
-    errors.extend(
-        problems
-            .into_iter()
-            .map(|(field, error)| (field, error.into())),
-    );
-    Some(targets)
 }
 
 fn jwt_rule(field: &str, spec: &JwtRuleSpec, errors: &mut FieldErrors) -> JwtRule {

@@ -91,6 +91,24 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// The waypoint's Prometheus text (its pod's `:15020/metrics`, which must answer 200).
+    pub async fn waypoint_metrics(&self) -> Result<String> {
+        let response = self
+            .cluster
+            .pod(NS, WAYPOINT_POD)
+            .netns()
+            .http_get("127.0.0.1:15020".parse()?, "/metrics")
+            .await?;
+        ensure!(
+            response.status == 200,
+            "waypoint metrics: HTTP {}",
+            response.status
+        );
+        Ok(response.body)
+    }
+}
+
 /// What curl printed: status, headers (lower-case names) and body.
 #[derive(Debug)]
 pub struct Reply {
