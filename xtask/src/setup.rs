@@ -14,7 +14,8 @@ use crate::{
 };
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool/iproute2 for the agent and tests, tcpdump to
-/// debug, curl and nghttp2's clients (nghttp, h2load) as the HTTP clients of the waypoint tests.
+/// debug, curl and nghttp2's clients (nghttp, h2load) as the HTTP clients of the waypoint tests,
+/// haproxy as the L7 proxy the waypoint is benchmarked against.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "curl",
     "nghttp2-client",
+    "haproxy",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
