@@ -15,7 +15,8 @@ use crate::{
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool/iproute2 for the agent and tests, tcpdump to
 /// debug, curl and nghttp2's clients (nghttp, h2load) as the HTTP clients of the waypoint tests,
-/// Python's h2 for the tests' HTTP/2 misbehaviour (rapid reset).
+/// Python's h2 for the tests' HTTP/2 misbehaviour (rapid reset), haproxy as the L7 proxy the
+/// waypoint is benchmarked against.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -28,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "nghttp2-client",
     "python3-h2",
+    "haproxy",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

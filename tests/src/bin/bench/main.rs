@@ -4,11 +4,15 @@
 //! baseline), then between two pods of the enrolled `shop` namespace with an agent per node;
 //! [`ROUNDS`] times in turn, and prints the medians with their mesh/plain ratios.
 //!
+//! `MESH_BENCH_ONLY=l7` (also part of the default run) measures the waypoint at L7 against no
+//! proxy and against haproxy: see [`l7`].
+//!
 //! The servers run as separate processes in their pods (this binary, `bench serve`), the client
 //! in this process, as real applications would: the baseline then includes the cross-process
 //! wake-ups every real request pays, and the mesh figures are not flattered by a baseline
 //! whose client and server share one thread.
 
+mod l7;
 mod state;
 mod upgrade;
 
@@ -50,8 +54,8 @@ struct Results {
 }
 
 /// Which figures to measure: all, or those `MESH_BENCH_ONLY` names (comma-separated:
-/// `throughput`, `latency`, `connections`, `state`, `upgrade`) — for quicker runs while working
-/// on one of them.
+/// `throughput`, `latency`, `connections`, `state`, `upgrade`, `l7`) — for quicker runs while
+/// working on one of them.
 #[derive(Clone, Copy)]
 struct Figures {
     throughput: bool,
@@ -61,6 +65,8 @@ struct Figures {
     state: bool,
     /// An agent replaced under load: by a takeover, and by a restart for comparison.
     upgrade: bool,
+    /// HTTP through the waypoint, against no proxy and against haproxy.
+    l7: bool,
 }
 
 impl Figures {
@@ -72,6 +78,7 @@ impl Figures {
                 connections: true,
                 state: true,
                 upgrade: true,
+                l7: true,
             });
         };
         let mut figures = Self {
@@ -80,6 +87,7 @@ impl Figures {
             connections: false,
             state: false,
             upgrade: false,
+            l7: false,
         };
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
@@ -88,13 +96,14 @@ impl Figures {
                 "connections" => figures.connections = true,
                 "state" => figures.state = true,
                 "upgrade" => figures.upgrade = true,
+                "l7" => figures.l7 = true,
                 _ => anyhow::bail!(
-                    "MESH_BENCH_ONLY: unknown figure {name:?} (throughput, latency, connections, state, upgrade)"
+                    "MESH_BENCH_ONLY: unknown figure {name:?} (throughput, latency, connections, state, upgrade, l7)"
                 ),
             }
         }
         ensure!(
-            figures.data_path() || figures.state || figures.upgrade,
+            figures.data_path() || figures.state || figures.upgrade || figures.l7,
             "MESH_BENCH_ONLY names no figure"
         );
         Ok(figures)
@@ -110,8 +119,10 @@ impl Figures {
 // and the second core stays free for the agents and the kernel's softirq work.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("serve") {
-        return serve().await;
+    match std::env::args().nth(1).as_deref() {
+        Some("serve") => return serve().await,
+        Some("serve-http") => return l7::serve_http(std::env::args().nth(2)).await,
+        _ => {}
     }
     if !is_root() {
         eprintln!("bench: needs root (network namespaces, eBPF); run it as root or with sudo");
@@ -140,6 +151,9 @@ async fn run() -> Result<bool> {
     }
     if figures.upgrade {
         complete &= upgrade::run(rounds).await?;
+    }
+    if figures.l7 {
+        complete &= l7::run(rounds).await?;
     }
     println!("bench took {:.0} s", started.elapsed().as_secs_f64());
     Ok(complete)
