@@ -187,7 +187,14 @@ fn test(extra: &[String]) -> Result<(), Failure> {
 
 /// The end-to-end test files that run a second time with their state served by the test
 /// Kubernetes API server (`MESH_TESTS_SOURCE=kubernetes`).
-const API_SOURCE_TESTS: [&str; 5] = ["capture", "tunnel", "policy", "services", "waypoint"];
+const API_SOURCE_TESTS: [&str; 6] = [
+    "capture",
+    "tunnel",
+    "policy",
+    "services",
+    "waypoint",
+    "waypoint_grpc",
+];
 
 /// Runs one of the harness binaries (`demo`, `bench`, `soak`) built by [`build`].
 fn run_binary(name: &str) -> Result<(), Failure> {

@@ -155,7 +155,9 @@ fn method_path(
                 return None;
             }
             match (service, method) {
-                (Some(service), Some(method)) => Some(PathMatch::Exact(format!("/{service}/{method}"))),
+                (Some(service), Some(method)) => {
+                    Some(PathMatch::Exact(format!("/{service}/{method}")))
+                }
                 (Some(service), None) => Some(PathMatch::Prefix(format!("/{service}"))),
                 (None, Some(method)) => {
                     let source = format!("/{ANY_SEGMENT}/{}", regex::escape(method));
@@ -330,7 +332,9 @@ spec:
         .expect_err("not a method name");
         assert_eq!(
             fields(problems),
-            ["spec.rules[0].matches[0].method.method: \"Get.*\" is not a gRPC method name (letters, digits and `_`)"]
+            [
+                "spec.rules[0].matches[0].method.method: \"Get.*\" is not a gRPC method name (letters, digits and `_`)"
+            ]
         );
     }
 

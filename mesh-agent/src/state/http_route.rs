@@ -293,26 +293,26 @@ pub(super) fn read_parents(
     problems: &mut Problems,
 ) -> Vec<ServiceParent> {
     refs.iter()
-            .enumerate()
-            .filter(|(_, p)| is_service(p.group.as_deref(), p.kind.as_deref(), false))
-            .filter_map(|(i, p)| {
-                let port = match p.port {
-                    None => None,
-                    Some(port) => Some(
-                        port_of(port)
-                            .map_err(|e| {
-                                problems.push((format!("spec.parentRefs[{i}].port"), e));
-                            })
-                            .ok()?,
-                    ),
-                };
-                Some(ServiceParent {
-                    namespace: p.namespace.clone().unwrap_or_else(|| namespace.to_string()),
-                    name: p.name.clone(),
-                    port,
-                })
+        .enumerate()
+        .filter(|(_, p)| is_service(p.group.as_deref(), p.kind.as_deref(), false))
+        .filter_map(|(i, p)| {
+            let port = match p.port {
+                None => None,
+                Some(port) => Some(
+                    port_of(port)
+                        .map_err(|e| {
+                            problems.push((format!("spec.parentRefs[{i}].port"), e));
+                        })
+                        .ok()?,
+                ),
+            };
+            Some(ServiceParent {
+                namespace: p.namespace.clone().unwrap_or_else(|| namespace.to_string()),
+                name: p.name.clone(),
+                port,
             })
-            .collect()
+        })
+        .collect()
 }
 
 /// Whether a reference is to a core Service: `group` empty or `core`, `kind` Service. Parents

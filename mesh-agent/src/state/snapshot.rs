@@ -155,9 +155,8 @@ impl Snapshot {
         let services = admitted(&records.services, &namespaces, &mut errors);
         let mut http_routes = admitted(&records.http_routes, &namespaces, &mut errors);
         http_routes.extend(admitted(&records.grpc_routes, &namespaces, &mut errors));
-        http_routes.sort_by(|a, b| {
-            (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind))
-        });
+        http_routes
+            .sort_by(|a, b| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)));
         let endpoint_slices = admitted(&records.endpoint_slices, &namespaces, &mut errors);
         let authorization_policies =
             admitted(&records.authorization_policies, &namespaces, &mut errors);
