@@ -37,6 +37,7 @@ mod endpoint_slice;
 mod enrollment;
 mod error;
 pub mod gateway_api;
+mod grpc_route;
 mod http_route;
 pub mod istio;
 mod namespace;
@@ -65,8 +66,8 @@ pub use enrollment::{Enrollment, ISTIO_MODE_LABEL, MODE_LABEL};
 pub use error::{Origin, StateError, StateErrors};
 pub use http_route::{
     Backend, BackendService, Filter, HeaderModifier, HttpRoute, HttpRouteError, Mirror, PathMatch,
-    PathModifier, Pattern, Redirect, Retry, Rewrite, RouteMatch, RouteRule, ServiceParent,
-    ValueMatch,
+    PathModifier, Pattern, Redirect, Retry, Rewrite, RouteKind, RouteMatch, RouteRule,
+    ServiceParent, ValueMatch,
 };
 pub use istio::{
     AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,

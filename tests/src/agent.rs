@@ -37,8 +37,8 @@ pub fn watches_synced(status: &serde_json::Value) -> bool {
 }
 
 /// The kinds the agent's Kubernetes source watches: Namespace, Pod, Service, EndpointSlice,
-/// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, RequestAuthentication.
-pub const WATCHED_KINDS: usize = 9;
+/// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, RequestAuthentication, GRPCRoute.
+pub const WATCHED_KINDS: usize = 10;
 
 pub fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = env::var_os("MESH_AGENT_BIN") {

@@ -40,6 +40,7 @@ pub mod agent;
 pub mod apiserver;
 mod command;
 pub mod cputime;
+pub mod grpc_echo;
 pub mod http_echo;
 pub mod jwt;
 pub mod netns;

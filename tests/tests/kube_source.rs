@@ -230,6 +230,7 @@ async fn without_istio_kinds_the_agent_is_ready_and_enforces_no_policy() -> Resu
         "Gateway",
         "HTTPRoute",
         "RequestAuthentication",
+        "GRPCRoute",
     ] {
         ensure!(
             watches

@@ -187,7 +187,7 @@ fn test(extra: &[String]) -> Result<(), Failure> {
 
 /// The end-to-end test files that run a second time with their state served by the test
 /// Kubernetes API server (`MESH_TESTS_SOURCE=kubernetes`).
-const API_SOURCE_TESTS: [&str; 8] = [
+const API_SOURCE_TESTS: [&str; 9] = [
     "capture",
     "tunnel",
     "policy",
@@ -196,6 +196,7 @@ const API_SOURCE_TESTS: [&str; 8] = [
     "waypoint_policy",
     "waypoint_traffic",
     "waypoint_telemetry",
+    "waypoint_grpc",
 ];
 
 /// Runs one of the harness binaries (`demo`, `bench`, `soak`) built by [`build`].

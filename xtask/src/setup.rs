@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "python3-h2",
     "haproxy",
+    // The gRPC client and echo of the gRPC conformance tests (tests/grpc/), for /usr/bin/python3.
+    "python3-grpcio",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -39,6 +39,7 @@ const WATCHED: &[(&str, &str)] = &[
     ("security.istio.io", "requestauthentications"),
     ("gateway.networking.k8s.io", "gateways"),
     ("gateway.networking.k8s.io", "httproutes"),
+    ("gateway.networking.k8s.io", "grpcroutes"),
 ];
 const READ_VERBS: &[&str] = &["get", "list", "watch"];
 

@@ -175,6 +175,7 @@ struct Stores {
     peer_authentications: Arc<Store<PeerAuthentication>>,
     gateways: Arc<Store<state::Waypoint>>,
     http_routes: Arc<Store<state::HttpRoute>>,
+    grpc_routes: Arc<Store<state::HttpRoute>>,
     request_authentications: Arc<Store<RequestAuthentication>>,
 }
 
@@ -185,7 +186,7 @@ pub struct KubeSource {
     pub watches: watch::Receiver<Vec<WatchStatus>>,
 }
 
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "Namespace",
     "Pod",
     "Service",
@@ -195,6 +196,7 @@ const KINDS: [&str; 9] = [
     "Gateway",
     "HTTPRoute",
     "RequestAuthentication",
+    "GRPCRoute",
 ];
 
 /// Starts a watch per kind and the rebuild loop on the current runtime, and returns once every
@@ -235,9 +237,10 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             plural,
         )
     };
-    let (gateways, http_routes) = (
+    let (gateways, http_routes, grpc_routes) = (
         gateway_api("Gateway", "gateways"),
         gateway_api("HTTPRoute", "httproutes"),
+        gateway_api("GRPCRoute", "grpcroutes"),
     );
     let probe = Api::<Namespace>::all(client.clone());
     let stores = Stores {
@@ -270,9 +273,15 @@ pub async fn start(client: Client, api_server: &http::Uri, connection: &Connecti
             &shared,
         ),
         request_authentications: spawn_watch(
-            Api::all_with(client, &request_authns),
+            Api::all_with(client.clone(), &request_authns),
             read_request_authentication,
             8,
+            &shared,
+        ),
+        grpc_routes: spawn_watch(
+            Api::all_with(client, &grpc_routes),
+            read_grpc_route,
+            9,
             &shared,
         ),
     };
@@ -504,6 +513,7 @@ fn build(stores: &Stores, previous: &Snapshot) -> (Snapshot, Vec<StateError>) {
         peer_authentications: stores.peer_authentications.records(),
         gateways: stores.gateways.records(),
         http_routes: stores.http_routes.records(),
+        grpc_routes: stores.grpc_routes.records(),
         request_authentications: stores.request_authentications.records(),
     };
     Snapshot::join(&records, Vec::new(), previous)
@@ -555,6 +565,11 @@ fn read_gateway(object: DynamicObject) -> Record<state::Waypoint> {
 /// An HTTPRoute that cannot be read is rejected alone: its Service is routed as if it had none.
 fn read_http_route(object: DynamicObject) -> Record<state::HttpRoute> {
     read_or_reject(object, record::http_route)
+}
+
+/// A GRPCRoute that cannot be read is rejected alone, as an HTTPRoute is.
+fn read_grpc_route(object: DynamicObject) -> Record<state::HttpRoute> {
+    read_or_reject(object, record::grpc_route)
 }
 
 fn read_request_authentication(object: DynamicObject) -> Record<RequestAuthentication> {

@@ -307,3 +307,66 @@ namespaced_resource!(
     "HTTPRoute",
     "httproutes"
 );
+
+/// `gateway.networking.k8s.io/v1` `GRPCRoute`: its filters and backendRefs have HTTPRoute's
+/// shape (with fewer filter types, checked when the model is built).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GrpcRouteResource {
+    #[serde(default, deserialize_with = "nullable")]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: GrpcRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    #[serde(default, deserialize_with = "nullable")]
+    pub parent_refs: Vec<ParentRefSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub hostnames: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rules: Vec<GrpcRouteRuleSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRuleSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub matches: Vec<GrpcRouteMatchSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub filters: Vec<HttpRouteFilterSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub backend_refs: Vec<BackendRefSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GrpcRouteMatchSpec {
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatchSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub headers: Vec<NameValueMatchSpec>,
+}
+
+/// A match on the gRPC service and method (the request path `/<service>/<method>`); at least
+/// one of the two is set.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct GrpcMethodMatchSpec {
+    /// `Exact` when unset, or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+namespaced_resource!(
+    GrpcRouteResource,
+    "gateway.networking.k8s.io",
+    "v1",
+    "GRPCRoute",
+    "grpcroutes"
+);

@@ -11,7 +11,7 @@ use serde::{Serialize, Serializer};
 
 use super::gateway_api::{
     BackendRefSpec, HeaderModifierSpec, HttpRouteFilterSpec, HttpRouteMatchSpec, HttpRouteResource,
-    HttpRouteRuleSpec, NameValueMatchSpec, PathModifierSpec,
+    HttpRouteRuleSpec, NameValueMatchSpec, ParentRefSpec, PathModifierSpec,
 };
 use super::namespace::namespace_of;
 
@@ -19,12 +19,36 @@ use super::namespace::namespace_of;
 pub struct HttpRoute {
     pub name: String,
     pub namespace: String,
+    /// The kind it was written as: a GRPCRoute is read into the same model
+    /// ([`super::grpc_route`]).
+    pub kind: RouteKind,
     /// Ties between equally specific matches go to the oldest route.
     #[serde(skip)]
     pub created: Option<Time>,
     /// The Services it attaches to.
     pub parents: Vec<ServiceParent>,
     pub rules: Vec<RouteRule>,
+}
+
+/// The Gateway API kind a route was written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum RouteKind {
+    #[serde(rename = "HTTPRoute")]
+    Http,
+    #[serde(rename = "GRPCRoute")]
+    Grpc,
+}
+
+impl RouteKind {
+    /// The filter types a rule or backendRef of this kind may have.
+    fn filters(self) -> &'static str {
+        match self {
+            RouteKind::Http => {
+                "RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror"
+            }
+            RouteKind::Grpc => "RequestHeaderModifier, ResponseHeaderModifier, RequestMirror",
+        }
+    }
 }
 
 /// A parentRef to a Service: the route applies to traffic for that Service (on one port, or
@@ -76,7 +100,7 @@ pub enum ValueMatch {
 pub struct Pattern(regex::Regex);
 
 impl Pattern {
-    fn new(source: &str) -> Result<Pattern, regex::Error> {
+    pub(super) fn new(source: &str) -> Result<Pattern, regex::Error> {
         regex::Regex::new(&format!("^(?:{source})$")).map(Pattern)
     }
 
@@ -184,10 +208,8 @@ const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 /// An HTTPRoute that cannot be used, with the field it names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpRouteError {
-    #[error(
-        "filter type {0:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)"
-    )]
-    UnsupportedFilter(String),
+    #[error("filter type {0:?} is not supported ({1})")]
+    UnsupportedFilter(String, &'static str),
     #[error("is required for filter type {0}")]
     MissingFilterField(&'static str),
     #[error("{0:?} is not a supported match type")]
@@ -218,40 +240,23 @@ pub enum HttpRouteError {
     BackendWithoutPort,
     #[error("{0} is not a percentage")]
     BadPercent(i64),
+    #[error("needs a service, a method or both")]
+    EmptyMethodMatch,
+    #[error("{0:?} is not a gRPC service name (letters, digits, `_` and `.`)")]
+    BadGrpcService(String),
+    #[error("{0:?} is not a gRPC method name (letters, digits and `_`)")]
+    BadGrpcMethod(String),
 }
 
 /// Problems with the field each names.
-type Problems = Vec<(String, HttpRouteError)>;
+pub(super) type Problems = Vec<(String, HttpRouteError)>;
 
 impl HttpRoute {
     /// The route's model; `Ok(None)` when none of its parents is a Service (an ingress route).
     pub fn from_resource(route: &HttpRouteResource) -> Result<Option<HttpRoute>, Problems> {
         let namespace = namespace_of(&route.metadata).to_string();
         let mut problems = Vec::new();
-        let parents: Vec<ServiceParent> = route
-            .spec
-            .parent_refs
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| is_service(p.group.as_deref(), p.kind.as_deref(), false))
-            .filter_map(|(i, p)| {
-                let port = match p.port {
-                    None => None,
-                    Some(port) => Some(
-                        port_of(port)
-                            .map_err(|e| {
-                                problems.push((format!("spec.parentRefs[{i}].port"), e));
-                            })
-                            .ok()?,
-                    ),
-                };
-                Some(ServiceParent {
-                    namespace: p.namespace.clone().unwrap_or_else(|| namespace.clone()),
-                    name: p.name.clone(),
-                    port,
-                })
-            })
-            .collect();
+        let parents = read_parents(&route.spec.parent_refs, &namespace, &mut problems);
         if parents.is_empty() && problems.is_empty() {
             return Ok(None);
         }
@@ -273,11 +278,41 @@ impl HttpRoute {
         Ok(Some(HttpRoute {
             name: route.metadata.name.clone().unwrap_or_default(),
             namespace,
+            kind: RouteKind::Http,
             created: route.metadata.creation_timestamp.clone(),
             parents,
             rules,
         }))
     }
+}
+
+/// The parentRefs that are Services; the others (Gateways) are not the mesh's.
+pub(super) fn read_parents(
+    refs: &[ParentRefSpec],
+    namespace: &str,
+    problems: &mut Problems,
+) -> Vec<ServiceParent> {
+    refs.iter()
+        .enumerate()
+        .filter(|(_, p)| is_service(p.group.as_deref(), p.kind.as_deref(), false))
+        .filter_map(|(i, p)| {
+            let port = match p.port {
+                None => None,
+                Some(port) => Some(
+                    port_of(port)
+                        .map_err(|e| {
+                            problems.push((format!("spec.parentRefs[{i}].port"), e));
+                        })
+                        .ok()?,
+                ),
+            };
+            Some(ServiceParent {
+                namespace: p.namespace.clone().unwrap_or_else(|| namespace.to_string()),
+                name: p.name.clone(),
+                port,
+            })
+        })
+        .collect()
 }
 
 /// Whether a reference is to a core Service: `group` empty or `core`, `kind` Service. Parents
@@ -314,6 +349,7 @@ fn read_rule(
         &format!("{field}.filters"),
         &rule.filters,
         namespace,
+        RouteKind::Http,
         problems,
     );
     let prefix_only = matches
@@ -342,7 +378,13 @@ fn read_rule(
         .iter()
         .enumerate()
         .filter_map(|(i, b)| {
-            read_backend(&format!("{field}.backendRefs[{i}]"), b, namespace, problems)
+            read_backend(
+                &format!("{field}.backendRefs[{i}]"),
+                b,
+                namespace,
+                RouteKind::Http,
+                problems,
+            )
         })
         .collect();
     let duration = |name: &str, value: Option<&String>, problems: &mut Problems| {
@@ -456,41 +498,13 @@ fn read_match(
             }
         }
     };
-    let mut values = |kind: &str, list: &[NameValueMatchSpec], lower: bool| {
-        list.iter()
-            .enumerate()
-            .filter_map(|(i, m)| {
-                let name = if lower {
-                    m.name.to_ascii_lowercase()
-                } else {
-                    m.name.clone()
-                };
-                let matcher = match m.kind.as_deref().unwrap_or("Exact") {
-                    "Exact" => ValueMatch::Exact(m.value.clone()),
-                    "RegularExpression" => match Pattern::new(&m.value) {
-                        Ok(pattern) => ValueMatch::Regex(pattern),
-                        Err(e) => {
-                            problems.push((
-                                format!("{field}.{kind}[{i}].value"),
-                                HttpRouteError::BadRegex(e.to_string()),
-                            ));
-                            return None;
-                        }
-                    },
-                    other => {
-                        problems.push((
-                            format!("{field}.{kind}[{i}].type"),
-                            HttpRouteError::UnknownMatchType(other.into()),
-                        ));
-                        return None;
-                    }
-                };
-                Some((name, matcher))
-            })
-            .collect::<Vec<_>>()
-    };
-    let headers = values("headers", &spec.headers, true);
-    let query_params = values("queryParams", &spec.query_params, false);
+    let headers = read_value_matches(&format!("{field}.headers"), &spec.headers, true, problems);
+    let query_params = read_value_matches(
+        &format!("{field}.queryParams"),
+        &spec.query_params,
+        false,
+        problems,
+    );
     (problems.len() == before).then(|| RouteMatch {
         path,
         headers,
@@ -499,10 +513,52 @@ fn read_match(
     })
 }
 
-fn read_filters(
+/// Header (names in lower case) or query parameter matches: Exact or RegularExpression.
+pub(super) fn read_value_matches(
+    field: &str,
+    list: &[NameValueMatchSpec],
+    lower: bool,
+    problems: &mut Problems,
+) -> Vec<(String, ValueMatch)> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let name = if lower {
+                m.name.to_ascii_lowercase()
+            } else {
+                m.name.clone()
+            };
+            let matcher = match m.kind.as_deref().unwrap_or("Exact") {
+                "Exact" => ValueMatch::Exact(m.value.clone()),
+                "RegularExpression" => match Pattern::new(&m.value) {
+                    Ok(pattern) => ValueMatch::Regex(pattern),
+                    Err(e) => {
+                        problems.push((
+                            format!("{field}[{i}].value"),
+                            HttpRouteError::BadRegex(e.to_string()),
+                        ));
+                        return None;
+                    }
+                },
+                other => {
+                    problems.push((
+                        format!("{field}[{i}].type"),
+                        HttpRouteError::UnknownMatchType(other.into()),
+                    ));
+                    return None;
+                }
+            };
+            Some((name, matcher))
+        })
+        .collect()
+}
+
+/// The filters of a rule or backendRef; a type `kind` does not have makes the route invalid.
+pub(super) fn read_filters(
     field: &str,
     filters: &[HttpRouteFilterSpec],
     namespace: &str,
+    kind: RouteKind,
     problems: &mut Problems,
 ) -> Vec<Filter> {
     filters
@@ -510,6 +566,13 @@ fn read_filters(
         .enumerate()
         .filter_map(|(i, f)| {
             let field = format!("{field}[{i}]");
+            if !kind.filters().split(", ").any(|t| t == f.kind) {
+                problems.push((
+                    format!("{field}.type"),
+                    HttpRouteError::UnsupportedFilter(f.kind.clone(), kind.filters()),
+                ));
+                return None;
+            }
             let missing = |problems: &mut Problems, name: &'static str, key: &str| {
                 problems.push((
                     format!("{field}.{key}"),
@@ -605,7 +668,7 @@ fn read_filters(
                 other => {
                     problems.push((
                         format!("{field}.type"),
-                        HttpRouteError::UnsupportedFilter(other.into()),
+                        HttpRouteError::UnsupportedFilter(other.into(), kind.filters()),
                     ));
                     None
                 }
@@ -696,10 +759,11 @@ fn backend_service(
     })
 }
 
-fn read_backend(
+pub(super) fn read_backend(
     field: &str,
     spec: &BackendRefSpec,
     namespace: &str,
+    kind: RouteKind,
     problems: &mut Problems,
 ) -> Option<Backend> {
     let service = backend_service(field, spec, namespace, problems)?;
@@ -715,6 +779,7 @@ fn read_backend(
         &format!("{field}.filters"),
         &spec.filters,
         namespace,
+        kind,
         problems,
     );
     Some(Backend {

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1 as k8s;
 
 use super::error::Origin;
-use super::gateway_api::{GatewayResource, HttpRouteResource};
+use super::gateway_api::{GatewayResource, GrpcRouteResource, HttpRouteResource};
 use super::istio::{
     AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
 };
@@ -21,6 +21,7 @@ pub enum Object {
     RequestAuthentication(Box<RequestAuthenticationResource>),
     Gateway(Box<GatewayResource>),
     HttpRoute(Box<HttpRouteResource>),
+    GrpcRoute(Box<GrpcRouteResource>),
 }
 
 /// An object with the place it came from, so later checks can name the file.

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::authorization::AuthorizationPolicy;
 use super::endpoint_slice::EndpointSlice;
 use super::error::{Origin, StateError};
-use super::gateway_api::{GatewayResource, HttpRouteResource};
+use super::gateway_api::{GatewayResource, GrpcRouteResource, HttpRouteResource};
 use super::http_route::HttpRoute;
 use super::istio::{
     AuthorizationPolicyResource, PeerAuthenticationResource, RequestAuthenticationResource,
@@ -105,6 +105,9 @@ pub struct Records {
     pub gateways: Vec<Arc<Record<Waypoint>>>,
     /// HTTPRoutes; only those attached to a Service have a model.
     pub http_routes: Vec<Arc<Record<HttpRoute>>>,
+    /// GRPCRoutes, in the HTTPRoute model (kind GRPCRoute); only those attached to a Service
+    /// have a model.
+    pub grpc_routes: Vec<Arc<Record<HttpRoute>>>,
 }
 
 impl Records {
@@ -122,6 +125,7 @@ impl Records {
             request_authentications: Vec<Sourced<RequestAuthenticationResource>>,
             gateways: Vec<Sourced<GatewayResource>>,
             http_routes: Vec<Sourced<HttpRouteResource>>,
+            grpc_routes: Vec<Sourced<GrpcRouteResource>>,
         }
         let mut by_kind = ByKind::default();
         for Sourced { origin, object } in objects {
@@ -164,6 +168,10 @@ impl Records {
                     origin,
                     object: *object,
                 }),
+                Object::GrpcRoute(object) => by_kind.grpc_routes.push(Sourced {
+                    origin,
+                    object: *object,
+                }),
             }
         }
         fn each<K, M>(
@@ -201,6 +209,7 @@ impl Records {
             ),
             gateways: each(&by_kind.gateways, true, gateway, &mut errors),
             http_routes: each(&by_kind.http_routes, true, http_route, &mut errors),
+            grpc_routes: each(&by_kind.grpc_routes, true, grpc_route, &mut errors),
         };
         (records, errors)
     }
@@ -279,6 +288,12 @@ pub fn gateway(origin: Origin, gateway: &GatewayResource) -> Record<Waypoint> {
 /// An HTTPRoute attached only to Gateways (ingress) yields no model and no problem.
 pub fn http_route(origin: Origin, route: &HttpRouteResource) -> Record<HttpRoute> {
     Record::read(origin, route, true, HttpRoute::from_resource)
+}
+
+/// A GRPCRoute, read into the same model as HTTPRoutes; one attached only to Gateways yields no
+/// model and no problem.
+pub fn grpc_route(origin: Origin, route: &GrpcRouteResource) -> Record<HttpRoute> {
+    Record::read(origin, route, true, HttpRoute::from_grpc_resource)
 }
 
 /// A RequestAuthentication that cannot be understood still yields a model: its fail-closed

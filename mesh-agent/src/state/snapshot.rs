@@ -41,7 +41,7 @@ pub struct Snapshot {
     pub waypoints: Vec<Arc<Waypoint>>,
     /// The Services and pods that name a waypoint, sorted by (kind, namespace, name).
     pub waypoint_uses: Vec<WaypointUse>,
-    /// HTTPRoutes attached to Services, sorted by (namespace, name).
+    /// HTTPRoutes and GRPCRoutes attached to Services, sorted by (namespace, name, kind).
     pub http_routes: Vec<Arc<HttpRoute>>,
     /// Istio `RequestAuthentication`s, sorted by (namespace, name).
     pub request_authentications: Vec<Arc<RequestAuthentication>>,
@@ -154,7 +154,9 @@ impl Snapshot {
         let uses = waypoint_uses(records, &workloads, &namespaces, &waypoints, &mut errors);
         let services = admitted(&records.services, &namespaces, &mut errors);
         let mut http_routes = admitted(&records.http_routes, &namespaces, &mut errors);
-        http_routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        http_routes.extend(admitted(&records.grpc_routes, &namespaces, &mut errors));
+        http_routes
+            .sort_by(|a, b| (&a.namespace, &a.name, a.kind).cmp(&(&b.namespace, &b.name, b.kind)));
         let endpoint_slices = admitted(&records.endpoint_slices, &namespaces, &mut errors);
         let authorization_policies =
             admitted(&records.authorization_policies, &namespaces, &mut errors);

@@ -177,6 +177,14 @@ pub const KINDS: &[Kind] = &[
         true,
         &[],
     ),
+    kind(
+        "gateway.networking.k8s.io",
+        "v1",
+        "grpcroutes",
+        "GRPCRoute",
+        true,
+        &[],
+    ),
 ];
 
 pub fn kind_by_path(group: &str, version: &str, plural: &str) -> Option<&'static Kind> {

@@ -4,8 +4,8 @@
 //!
 //! The setup is the suite's (`conformance/mesh/manifests.yaml`): namespace
 //! `gateway-conformance-mesh` with pods `echo-v1` (node 0) and `echo-v2` (node 1) running the
-//! conformance echo on 8080, Services `echo` (both), `echo-v1` and `echo-v2` with ports 80→8080
-//! and 8080 (HTTP) and 9090 (TCP), and — as Istio's ambient run of the suite does — the
+//! conformance echo on 8080 and a gRPC echo on 7070, Services `echo` (both), `echo-v1` and
+//! `echo-v2` with ports 80→8080 and 8080 (HTTP), 9090 (TCP) and 7070 (gRPC), and — as Istio's ambient run of the suite does — the
 //! namespace labelled `istio.io/use-waypoint=namespace` with a waypoint Gateway `namespace`,
 //! whose pod `namespace-0` runs `mesh-agent waypoint` on node 1. Requests are made with curl
 //! from inside `echo-v1`, as the suite's client runs in the echo-v1 pod.
@@ -13,11 +13,16 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_tests::{Agent, Cluster, ClusterSpec, PodSpec, Server, http_echo::canonical, waypoint};
+use mesh_tests::{
+    Agent, Cluster, ClusterSpec, PodSpec, Server, grpc_echo::GrpcEcho, http_echo::canonical,
+    waypoint,
+};
 use serde_json::Value;
 
 pub const NS: &str = "gateway-conformance-mesh";
 pub const WAYPOINT_POD: &str = "namespace-0";
+/// The Services' gRPC port, where the gRPC echo listens too.
+pub const GRPC_PORT: u16 = 7070;
 
 /// The conformance namespace behind its waypoint, running.
 pub struct Mesh {
@@ -26,6 +31,8 @@ pub struct Mesh {
     pub waypoint: Agent,
     /// The echo servers: echo-v1's HTTP (8080) and TCP (9090), then echo-v2's.
     pub servers: Vec<Server>,
+    /// The gRPC echoes on 7070: echo-v1's, then echo-v2's.
+    pub grpc_servers: Vec<GrpcEcho>,
 }
 
 impl Mesh {
@@ -207,17 +214,18 @@ pub fn vip(cluster: &Cluster, service: &str) -> Ipv4Addr {
 
 /// The Services and the waypoint Gateway of the conformance setup.
 pub fn manifests(cluster: &Cluster) -> String {
-    let service = |name: &str, selector: &str| {
+    // As the suite's: gRPC by the port's name, and h2c for `echo`'s.
+    let service = |name: &str, selector: &str, grpc: &str| {
         format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  clusterIP: {}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  - name: http-alt\n    port: 8080\n  - name: tcp\n    port: 9090\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  clusterIP: {}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  - name: http-alt\n    port: 8080\n  - name: tcp\n    port: 9090\n  - name: grpc\n    port: 7070\n{grpc}",
             vip(cluster, name)
         )
     };
     [
         waypoint::gateway_yaml(NS, "namespace", None),
-        service("echo", "app: echo"),
-        service("echo-v1", "version: v1"),
-        service("echo-v2", "version: v2"),
+        service("echo", "app: echo", "    appProtocol: kubernetes.io/h2c\n"),
+        service("echo-v1", "version: v1", ""),
+        service("echo-v2", "version: v2", ""),
     ]
     .join("")
 }
@@ -258,12 +266,17 @@ pub async fn conformance_mesh() -> Result<Option<Mesh>> {
         servers.push(pod.http_echo_server(8080).await?);
         servers.push(pod.echo_server(9090).await?);
     }
+    let mut grpc_servers = Vec::new();
+    for pod in ["echo-v1", "echo-v2"] {
+        grpc_servers.push(cluster.pod(NS, pod).grpc_echo_server(GRPC_PORT).await?);
+    }
     let waypoint = cluster.start_waypoint(NS, WAYPOINT_POD).await?;
     Ok(Some(Mesh {
         cluster,
         agents,
         waypoint,
         servers,
+        grpc_servers,
     }))
 }
 

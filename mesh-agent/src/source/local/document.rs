@@ -224,6 +224,12 @@ impl Parsed {
                     Object::HttpRoute(Box::new(route))
                 })
             }
+            // GRPCRoute has no v1beta1.
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+                self.typed(value, origin, &kind, true, |route| {
+                    Object::GrpcRoute(Box::new(route))
+                })
+            }
             (found, "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication")
                 if is_istio_security(found) =>
             {
@@ -437,7 +443,7 @@ mod tests {
 
     #[test]
     fn skips_other_and_later_kinds() {
-        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: Sidecar\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: security.istio.io/v1\nkind: Sidecar\nmetadata: {name: p}\n---\napiVersion: example.com/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {name: g}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: [not, checked]\n";
         let parsed = yaml(text);
         assert!(parsed.errors.is_empty(), "{:?}", messages(&parsed));
         assert!(parsed.objects.is_empty());
