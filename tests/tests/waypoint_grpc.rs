@@ -283,6 +283,47 @@ async fn mesh_grpc_route_request_header_modifier() -> Result<()> {
     expect_through_the_waypoint(&mesh, &last).await
 }
 
+/// A call no rule of the Service's GRPCRoute matches is answered by the waypoint in gRPC's
+/// terms, as Envoy maps its 404: UNIMPLEMENTED, with the waypoint's reason; the routed method
+/// still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrouted_call_is_unimplemented() -> Result<()> {
+    let Some(mesh) = conformance_mesh().await? else {
+        return Ok(());
+    };
+    let routes = grpc_route(
+        "only-echo",
+        "  - matches:\n    - method: {service: gateway_api_conformance.echo_basic.grpcecho.GrpcEcho, method: Echo}\n    backendRefs:\n    - {name: echo-v1, port: 7070}\n",
+    );
+    common::apply(&mesh.cluster, "route.yaml", &routes).await?;
+    let other = "/gateway_api_conformance.echo_basic.grpcecho.GrpcEcho/Other";
+    let call = |method| -> Result<GrpcReply> {
+        mesh.cluster
+            .pod(NS, "echo-v1")
+            .grpc_call(&GrpcCall {
+                authority: Some(AUTHORITY),
+                ..GrpcCall::new(echo_address(&mesh), method)
+            })?
+            .pop()
+            .context("no reply")
+    };
+    common::eventually(common::SETTLE, "the route to be in force", || {
+        Ok(call(other)?.code == "UNIMPLEMENTED")
+    })
+    .await?;
+    let unrouted = call(other)?;
+    ensure!(
+        unrouted.details.as_deref() == Some("route not found"),
+        "an unrouted call: {unrouted:?}"
+    );
+    let routed = call(METHOD)?;
+    ensure!(
+        routed.code == "OK" && routed.pod() == Some("echo-v1"),
+        "the routed method: {routed:?}"
+    );
+    Ok(())
+}
+
 /// A status the echo answers with comes back to the client through the waypoint: 14 is
 /// UNAVAILABLE, with the echo's message, and a call without it still succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

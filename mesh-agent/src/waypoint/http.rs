@@ -282,15 +282,16 @@ async fn respond(
     body: Body,
 ) -> (Response<Body>, Outcome) {
     normalize_path(&mut parts);
+    let grpc = is_grpc(&parts);
     let auth = match authorization::authenticate(ctx, downstream, &mut parts).await {
         Ok(auth) => auth,
         Err(e) => {
             let details = format!("jwt_authn_access_denied{{{e}}}");
             let own = Own::Unauthenticated {
-                grpc: is_grpc(&parts),
+                grpc,
                 why: e.to_string(),
             };
-            return (own.response(), Outcome::own("-", details));
+            return (own.response(false), Outcome::own("-", details));
         }
     };
     let decision = authorization::authorize(ctx, downstream, &parts, auth.as_ref());
@@ -299,16 +300,14 @@ async fn respond(
             "rbac_access_denied_matched_policy[{}]",
             decision.policy.as_deref().unwrap_or("none")
         );
-        let own = Own::Forbidden {
-            grpc: is_grpc(&parts),
-        };
-        return (own.response(), Outcome::own("-", details));
+        let own = Own::Forbidden { grpc };
+        return (own.response(false), Outcome::own("-", details));
     }
     let plan = match plan(ctx, downstream, &mut parts) {
         Ok(plan) => plan,
         Err(own) => {
             let outcome = own.outcome();
-            return (own.response(), outcome);
+            return (own.response(grpc), outcome);
         }
     };
     ensure_request_id(&mut parts.headers);
@@ -346,7 +345,11 @@ async fn respond(
                 ..Outcome::own("UT", "upstream_response_timeout")
             };
             (
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                local_reply(
+                    grpc,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                ),
                 outcome,
             )
         }
@@ -354,13 +357,17 @@ async fn respond(
             warn!(src = %downstream.client, dst = %downstream.address, error = %e, "request failed");
             let (response, flags, details) = if e.is_connect_failure() {
                 (
-                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+                    local_reply(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error",
+                    ),
                     "UF",
                     "upstream_reset_before_response_started{connection_failure}",
                 )
             } else {
                 (
-                    text(StatusCode::BAD_GATEWAY, "upstream request failed"),
+                    local_reply(grpc, StatusCode::BAD_GATEWAY, "upstream request failed"),
                     "UR",
                     "upstream_reset_before_response_started{remote_reset}",
                 )
@@ -415,9 +422,11 @@ impl Own {
         }
     }
 
-    fn response(self) -> Response<Body> {
+    /// The answer; `grpc`: the request is gRPC and a status of the waypoint's own is told in
+    /// gRPC's terms (Forbidden and Unauthenticated know that themselves).
+    fn response(self, grpc: bool) -> Response<Body> {
         match self {
-            Own::Status(status, body) => text(status, body),
+            Own::Status(status, body) => local_reply(grpc, status, body),
             Own::Forbidden { grpc: false } => {
                 text(StatusCode::FORBIDDEN, authorization::DENIED_BODY)
             }
@@ -782,6 +791,24 @@ fn is_grpc(parts: &Parts) -> bool {
         .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The waypoint's own answer: text, or for a gRPC request a gRPC status with the text as its
+/// message, by Envoy's mapping of HTTP statuses to gRPC ones (a client reading only gRPC
+/// statuses sees 404 as UNIMPLEMENTED, a refused or failed upstream as UNAVAILABLE).
+fn local_reply(grpc: bool, status: StatusCode, body: &'static str) -> Response<Body> {
+    if !grpc {
+        return text(status, body);
+    }
+    let code = match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => GRPC_PERMISSION_DENIED,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    grpc_status(code, body.to_owned())
+}
+
 const GRPC_PERMISSION_DENIED: u16 = 7;
 const GRPC_UNAUTHENTICATED: u16 = 16;
 
@@ -875,6 +902,25 @@ mod tests {
             id,
             "a given id is kept"
         );
+    }
+
+    #[test]
+    fn the_waypoints_own_answers_are_grpc_statuses_for_grpc() {
+        for (status, code) in [
+            (StatusCode::NOT_FOUND, "12"),
+            (StatusCode::SERVICE_UNAVAILABLE, "14"),
+            (StatusCode::GATEWAY_TIMEOUT, "14"),
+            (StatusCode::INTERNAL_SERVER_ERROR, "2"),
+        ] {
+            let reply = local_reply(true, status, "route not found");
+            assert_eq!(reply.status(), StatusCode::OK, "{status}");
+            assert_eq!(reply.headers()["grpc-status"], code, "{status}");
+            assert_eq!(reply.headers()["grpc-message"], "route not found");
+            assert_eq!(reply.headers()["content-type"], "application/grpc");
+        }
+        let plain = local_reply(false, StatusCode::NOT_FOUND, "route not found");
+        assert_eq!(plain.status(), StatusCode::NOT_FOUND);
+        assert!(!plain.headers().contains_key("grpc-status"));
     }
 
     #[test]
