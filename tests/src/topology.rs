@@ -924,8 +924,24 @@ impl Drop for Cluster {
         // data plane they pinned, which outlives them by design.
         self.agents.kill_all();
         for node in 0..self.nodes.len() {
-            if let Err(e) = self.uninstall(node) {
-                warn!("mesh-tests: uninstalling from node {node}: {e:#}");
+            // A killed agent's handover socket can answer a moment longer on a loaded machine,
+            // and uninstall refuses while it does: try again for a while rather than leave the
+            // pins (and the programs they hold) behind.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match self.uninstall(node) {
+                    Ok(_) => break,
+                    Err(e)
+                        if format!("{e:#}").contains("an agent is serving this node")
+                            && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => {
+                        warn!("mesh-tests: uninstalling from node {node}: {e:#}");
+                        break;
+                    }
+                }
             }
         }
         // Then the namespaces (fields drop after this), then the temp dir unless kept.
