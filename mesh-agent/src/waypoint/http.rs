@@ -397,7 +397,13 @@ struct Plan {
 
 /// An answer of the waypoint's own, instead of an endpoint's.
 enum Own {
-    Status(StatusCode, &'static str),
+    /// No rule of the attached routes matches: 404.
+    NoRoute,
+    /// No ready endpoint (or the Service is gone): 503.
+    NoHealthyUpstream,
+    /// The chosen rule's backend cannot be used (no backend, an unknown Service or port): 500,
+    /// saying which.
+    NoBackend(&'static str),
     Redirect(StatusCode, String),
     /// Denied by policy: 403, or gRPC's PERMISSION_DENIED for a gRPC request.
     Forbidden {
@@ -414,9 +420,9 @@ impl Own {
     /// Envoy's response flags and details for this answer.
     fn outcome(&self) -> Outcome {
         match self {
-            Own::Status(_, "route not found") => Outcome::own("NR", "route_not_found"),
-            Own::Status(_, "no healthy upstream") => Outcome::own("UH", "no_healthy_upstream"),
-            Own::Status(..) => Outcome::own("-", "cluster_not_found"),
+            Own::NoRoute => Outcome::own("NR", "route_not_found"),
+            Own::NoHealthyUpstream => Outcome::own("UH", "no_healthy_upstream"),
+            Own::NoBackend(_) => Outcome::own("-", "cluster_not_found"),
             Own::Redirect(..) => Outcome::own("-", "direct_response"),
             Own::Forbidden { .. } | Own::Unauthenticated { .. } => Outcome::own("-", "-"),
         }
@@ -426,7 +432,11 @@ impl Own {
     /// gRPC's terms (Forbidden and Unauthenticated know that themselves).
     fn response(self, grpc: bool) -> Response<Body> {
         match self {
-            Own::Status(status, body) => local_reply(grpc, status, body),
+            Own::NoRoute => local_reply(grpc, StatusCode::NOT_FOUND, "route not found"),
+            Own::NoHealthyUpstream => {
+                local_reply(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+            }
+            Own::NoBackend(why) => local_reply(grpc, StatusCode::INTERNAL_SERVER_ERROR, why),
             Own::Forbidden { grpc: false } => {
                 text(StatusCode::FORBIDDEN, authorization::DENIED_BODY)
             }
@@ -460,10 +470,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
     let snapshot = ctx.snapshot();
     let service = snapshot
         .service(&downstream.namespace, &downstream.name)
-        .ok_or(Own::Status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-        ))?;
+        .ok_or(Own::NoHealthyUpstream)?;
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
     let selection = routing::select(
@@ -480,7 +487,7 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
     let mut route = None;
     let (backend, port) = match selection {
         Selection::Unrouted => (service, downstream.port),
-        Selection::NoMatch => return Err(Own::Status(StatusCode::NOT_FOUND, "route not found")),
+        Selection::NoMatch => return Err(Own::NoRoute),
         Selection::Matched(matched) => {
             let rule = matched.rule;
             route = Some(format!(
@@ -490,15 +497,12 @@ fn plan(ctx: &WaypointContext, downstream: &Downstream, parts: &mut Parts) -> Re
             let path_match = &matched.matched.path;
             apply_filters(&rule.filters, parts, path_match, downstream, &mut changes)?;
             let chosen = filters::choose_backend(&rule.backends, rand::random())
-                .ok_or(Own::Status(StatusCode::INTERNAL_SERVER_ERROR, "no backend"))?;
+                .ok_or(Own::NoBackend("no backend"))?;
             apply_filters(&chosen.filters, parts, path_match, downstream, &mut changes)?;
             sending = sending_of(rule);
             let backend = snapshot
                 .service(&chosen.service.namespace, &chosen.service.name)
-                .ok_or(Own::Status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "backend service not found",
-                ))?;
+                .ok_or(Own::NoBackend("backend service not found"))?;
             (backend, chosen.service.port.unwrap_or(downstream.port))
         }
     };
@@ -557,10 +561,7 @@ fn endpoints(
         .ports
         .iter()
         .find(|p| p.port == port)
-        .ok_or(Own::Status(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "backend port not found",
-        ))?;
+        .ok_or(Own::NoBackend("backend port not found"))?;
     let version = match port.app_protocol {
         AppProtocol::Http2 | AppProtocol::Grpc => Version::Http2,
         AppProtocol::Http | AppProtocol::Tcp => Version::Http1,
@@ -572,10 +573,7 @@ fn endpoints(
         .map(|endpoint| Target::of(ctx, endpoint))
         .collect();
     if targets.is_empty() {
-        return Err(Own::Status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-        ));
+        return Err(Own::NoHealthyUpstream);
     }
     Ok((targets, version))
 }
